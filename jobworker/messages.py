@@ -1,0 +1,64 @@
+"""Frozen record types shared by daemon and client: what a job looks like on the wire."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Job states.  ``lost`` is reserved for jobs a restarted daemon can no longer account for.
+RUNNING = "running"
+EXITED = "exited"
+STOPPED = "stopped"
+FAILED = "failed"
+LOST = "lost"
+STATES = (RUNNING, EXITED, STOPPED, FAILED, LOST)
+ENDED_STATES = (EXITED, STOPPED, FAILED, LOST)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as clients see it; ``to_wire`` is exactly what ``jwclient --json`` prints."""
+
+    id: str
+    pid: int | None
+    command: str
+    args: list[str]
+    dir: str
+    owner: str
+    state: str
+    exit_code: int | None
+    signal: str | None
+    error: str | None
+    started_at: str
+    ended_at: str | None
+    log_dir: str
+    timed_out: bool = False
+    timeout: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> JobRecord:
+        """Build from a decoded map, ignoring fields a newer daemon may add."""
+        if not isinstance(value, dict):
+            raise ValueError("job record must be a map")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in names})
+
+    def exit_status(self) -> int:
+        """The shell-style status: exit code, or 128+N when killed by signal N."""
+        import signal as _signal
+
+        if self.exit_code is not None:
+            return self.exit_code
+        if self.signal:
+            try:
+                return 128 + int(_signal.Signals[self.signal])
+            except KeyError:
+                return 128
+        return 1

@@ -62,3 +62,10 @@ class JobRecord:
             except KeyError:
                 return 128
         return 1
+
+
+def iso8601(timestamp: float) -> str:
+    """UTC ISO 8601 with microseconds and a trailing Z, as every record and log line uses."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,46 @@
+# Two entry points for a fresh machine with only python3: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PKI ?= .dev-pki
+STATE ?= jobworker-state
+LISTEN ?= tcp:8443:interface=127.0.0.1
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean install pki
+
+install: $(STAMP)
+
+# Editable in "compat" mode puts the checkout on sys.path, so twistd finds the
+# twisted/plugins dropin from the working tree; a plain `pip install .` works too.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,lint]' --config-settings editable_mode=compat
+	touch $@
+
+pki: $(PKI)/ca.pem
+
+$(PKI)/ca.pem: | $(STAMP)
+	$(VENV)/bin/jobworker-certs init $(PKI)
+	$(VENV)/bin/jobworker-certs client $(PKI) admin --role admin
+	$(VENV)/bin/jobworker-certs client $(PKI) alice --role user
+	$(VENV)/bin/jobworker-certs client $(PKI) bob --role user
+	$(VENV)/bin/jobworker-certs client $(PKI) auditor --role viewer
+
+run: $(STAMP) $(PKI)/ca.pem
+	$(VENV)/bin/twistd --nodaemon --pidfile= jobworker --pki $(PKI) --state-dir $(STATE) --listen $(LISTEN)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jobworker tests bench twisted
+	$(VENV)/bin/mypy jobworker
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,lint,bench]' --config-settings editable_mode=compat
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

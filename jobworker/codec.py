@@ -1,0 +1,224 @@
+"""msgpack encoding with strict limits, and the schema checks every frame passes.
+
+Nothing here imports Twisted: these are the wire values shared by daemon and client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+from jobworker.errors import BadRequest
+
+#: Default cap on one frame's payload; the daemon's ``--max-frame``.
+DEFAULT_MAX_FRAME = 64 * 1024
+#: Deepest nesting of containers accepted in one frame.
+MAX_DEPTH = 8
+#: Most elements in one array, and entries in one map.  Small, so that a frame of
+#: a million empty containers is refused at once instead of being built.
+MAX_ARRAY_LEN = 4096
+MAX_MAP_LEN = 64
+MAX_ID = 2**53
+
+
+def _no_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate map key")
+    return result
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError("msgpack extension types are not accepted")
+
+
+def encode(value: Any) -> bytes:
+    """Encode one frame payload: str stays str, bytes stays bin."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def decode(payload: bytes, max_len: int = DEFAULT_MAX_FRAME) -> Any:
+    """Decode one frame payload or raise L{BadRequest}; never anything else."""
+    if len(payload) > max_len:
+        raise BadRequest(f"frame of {len(payload)} bytes is over the {max_len}-byte limit")
+    try:
+        value = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=max_len,
+            max_bin_len=max_len,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"undecodable frame: {e or type(e).__name__}") from None
+    except Exception as e:  # msgpack raises a few odd types on truncation
+        raise BadRequest(f"undecodable frame: {type(e).__name__}") from None
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_DEPTH:
+                raise BadRequest(f"frame nests deeper than {MAX_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+# -- frames ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    method: str
+    params: dict[str, Any]
+
+
+def _check_id(frame: dict[str, Any]) -> int:
+    rid = frame.get("id")
+    if type(rid) is not int or not 0 <= rid < MAX_ID:
+        raise BadRequest("'id' must be an integer from 0 to 2**53")
+    return rid
+
+
+def parse_request(value: Any) -> Request:
+    """Check the envelope of a request frame."""
+    if not isinstance(value, dict):
+        raise BadRequest("a frame must be a map")
+    rid = _check_id(value)
+    extra = set(value) - {"id", "method", "params"}
+    if extra:
+        raise BadRequest(f"unexpected request fields: {', '.join(sorted(map(str, extra)))}")
+    method = value.get("method")
+    if not isinstance(method, str) or not 0 < len(method) <= 64:
+        raise BadRequest("'method' must be a non-empty string")
+    params = value.get("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be a map")
+    return Request(rid, method, params)
+
+
+def request_id_of(value: Any) -> int | None:
+    """Best-effort id of a malformed request, so its error can still be correlated."""
+    if isinstance(value, dict):
+        rid = value.get("id")
+        if type(rid) is int and 0 <= rid < MAX_ID:
+            return rid
+    return None
+
+
+# -- per-method parameter schemas ------------------------------------------------
+
+Check = Callable[[str, Any], Any]
+
+
+def string(max_len: int = 4096, *, nonempty: bool = False, no_nul: bool = True) -> Check:
+    def check(name: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise BadRequest(f"'{name}' must be a string")
+        if len(v) > max_len:
+            raise BadRequest(f"'{name}' is longer than {max_len} characters")
+        if nonempty and not v:
+            raise BadRequest(f"'{name}' must not be empty")
+        if no_nul and "\0" in v:
+            raise BadRequest(f"'{name}' must not contain NUL")
+        return v
+
+    return check
+
+
+def integer(lo: int = 0, hi: int = 2**63 - 1) -> Check:
+    def check(name: str, v: Any) -> int:
+        if type(v) is not int or not lo <= v <= hi:
+            raise BadRequest(f"'{name}' must be an integer from {lo} to {hi}")
+        return v
+
+    return check
+
+
+def number(lo: float = 0.0, hi: float = 10.0**9) -> Check:
+    def check(name: str, v: Any) -> float:
+        if type(v) not in (int, float) or not lo <= v <= hi or v != v:
+            raise BadRequest(f"'{name}' must be a number from {lo:g} to {hi:g}")
+        return float(v)
+
+    return check
+
+
+def boolean() -> Check:
+    def check(name: str, v: Any) -> bool:
+        if type(v) is not bool:
+            raise BadRequest(f"'{name}' must be true or false")
+        return v
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(name: str, v: Any) -> str:
+        if v not in choices:
+            raise BadRequest(f"'{name}' must be one of: {', '.join(choices)}")
+        return v
+
+    return check
+
+
+def list_of(item: Check, max_items: int = 1024) -> Check:
+    def check(name: str, v: Any) -> list[Any]:
+        if not isinstance(v, list):
+            raise BadRequest(f"'{name}' must be a list")
+        if len(v) > max_items:
+            raise BadRequest(f"'{name}' has more than {max_items} items")
+        return [item(f"{name}[{i}]", x) for i, x in enumerate(v)]
+
+    return check
+
+
+def job_ref() -> Check:
+    """A job id (string) or a pid (integer)."""
+    as_str, as_int = string(64, nonempty=True), integer(1, 2**31)
+
+    def check(name: str, v: Any) -> str | int:
+        return as_int(name, v) if type(v) is int else as_str(name, v)
+
+    return check
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Required and optional parameters of one method; unknown keys are refused."""
+
+    required: dict[str, Check]
+    optional: dict[str, tuple[Check, Any]]
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - set(self.required) - set(self.optional)
+        if unknown:
+            raise BadRequest(f"unknown parameters: {', '.join(sorted(map(str, unknown)))}")
+        out: dict[str, Any] = {}
+        for name, check in self.required.items():
+            if name not in params:
+                raise BadRequest(f"missing parameter '{name}'")
+            out[name] = check(name, params[name])
+        for name, (check, default) in self.optional.items():
+            v = params.get(name)
+            out[name] = default if v is None else check(name, v)
+        return out
+
+
+def schema(required: dict[str, Check] | None = None,
+           optional: dict[str, tuple[Check, Any]] | None = None) -> Schema:
+    return Schema(required or {}, optional or {})

@@ -1,0 +1,117 @@
+"""One handler per RPC method, each with its parameter schema.
+
+Handlers receive parameters already validated and the caller already allowed to
+call the method; per-job visibility is checked through ``RPCServer.visible_job``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from jobworker import PROTOCOL_VERSION, __version__
+from jobworker.codec import (
+    Schema,
+    boolean,
+    integer,
+    job_ref,
+    list_of,
+    number,
+    one_of,
+    schema,
+    string,
+)
+from jobworker.errors import UnsupportedVersion
+from jobworker.follow import LogStream
+from jobworker.messages import FAILED
+
+if TYPE_CHECKING:
+    from jobworker.server import Call, Handler, RPCServer
+
+#: Records per chunk frame of a ``list`` reply: keeps every frame well under 1 MiB.
+LIST_BATCH = 500
+
+
+class Methods:
+    def __init__(self, server: RPCServer) -> None:
+        self.server = server
+
+    async def hello(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        if p["version"] != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"client speaks protocol version {p['version']}; this daemon speaks "
+                f"version {PROTOCOL_VERSION}: upgrade the older side")
+        return {"version": PROTOCOL_VERSION, "server": f"jobworker/{__version__}",
+                "max_frame": self.server.limits.max_frame}
+
+    async def whoami(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        return {"identity": call.who.name, "role": call.who.role}
+
+    async def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.server.jobs.start(owner=call.who.name, command=p["command"],
+                                     args=p["args"], env=p["env"], dir=p["dir"],
+                                     timeout=p["timeout"])
+        record = job.record()
+        if self.server.audit is not None:
+            self.server.audit.record(
+                identity=call.who.name, role=call.who.role, method="start", job_id=record.id,
+                outcome="failed" if record.state == FAILED else "started",
+                command=record.command, args=record.args, pid=record.pid, error=record.error)
+        return record.to_wire()
+
+    async def stop(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.server.visible_job(call, p["job"])
+        if self.server.audit is not None:
+            self.server.audit.record(identity=call.who.name, role=call.who.role,
+                                     method="stop", job_id=job.id, outcome="requested",
+                                     state=job.record().state)
+        record = await self.server.jobs.stop(job, p["grace"])
+        return record.to_wire()
+
+    async def status(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        return self.server.visible_job(call, p["job"]).record().to_wire()
+
+    async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.server.visible_job(call, p["job"])
+        record = await job.when_ended()
+        return record.to_wire()
+
+    async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Streams records newest first in batches; the final reply holds the count."""
+        server = self.server
+        records = [job.record().to_wire() for job in server.jobs.jobs(running_only=p["running"])
+                   if server.authz.can_see(call.who, job.owner)]
+        for i in range(0, len(records), LIST_BATCH):
+            call.send_chunk(records[i:i + LIST_BATCH])
+        return {"count": len(records)}
+
+    async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.server.visible_job(call, p["job"])
+        path = job.logs.path(p["stream"])
+        stream = LogStream(call, job, path, p["offset"], p["follow"], self.server.follower)
+        offset = await stream.start()
+        return {"offset": offset, "record": job.record().to_wire()}
+
+
+def table(server: RPCServer) -> dict[str, tuple[Schema, Handler]]:
+    m = Methods(server)
+    ref = {"job": job_ref()}
+    return {
+        "hello": (schema({"version": integer(0, 2**31)},
+                         {"client": (string(128), None)}), m.hello),
+        "whoami": (schema(), m.whoami),
+        "start": (schema({"command": string(4096, nonempty=True)}, {
+            "args": (list_of(string(65536), 4096), []),
+            "env": (list_of(string(65536), 1024), []),
+            "dir": (string(4096, nonempty=True), None),
+            "timeout": (number(0.001, 10.0**8), None),
+        }), m.start),
+        "stop": (schema(ref, {"grace": (number(0.0, 3600.0), None)}), m.stop),
+        "status": (schema(ref), m.status),
+        "wait": (schema(ref), m.wait),
+        "list": (schema({}, {"running": (boolean(), False)}), m.list),
+        "logs": (schema(ref, {
+            "stream": (one_of("stdout", "stderr"), "stdout"),
+            "offset": (integer(0, 2**63 - 1), 0),
+            "follow": (boolean(), False),
+        }), m.logs),
+    }

@@ -1,0 +1,176 @@
+"""Framing and request correlation: the Twisted layer under both daemon and client.
+
+A frame is a 4-byte big-endian length and one msgpack map.  Reassembly is linear in
+the bytes received (Twisted's ``IntNStringReceiver`` copies its whole buffer for every
+piece that arrives).  Dispatch lives in ``server.py``; correlation of replies to
+requests lives here in ``RPCClientProtocol``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from jobworker import codec
+from jobworker.errors import ConnectionLost, FrameTooLarge, JobWorkerError, error_from_wire
+
+_PREFIX = struct.Struct("!I")
+
+#: A client accepts larger frames than a server: log chunks are up to 256 KiB.
+CLIENT_MAX_FRAME = 1024 * 1024
+
+
+class FrameProtocol(Int32StringReceiver):
+    """``Int32StringReceiver`` with a linear-time buffer and a cap we choose."""
+
+    MAX_LENGTH = codec.DEFAULT_MAX_FRAME
+    #: Largest payload we will send; a bigger one is a bug on our side.
+    max_send = CLIENT_MAX_FRAME
+
+    _buffer: bytearray
+    _refusing = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self._buffer = bytearray()
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        buf = self._buffer
+        buf += data
+        offset = 0
+        size = len(buf)
+        while size - offset >= 4:
+            (length,) = _PREFIX.unpack_from(buf, offset)
+            if length > self.MAX_LENGTH:
+                # The stream cannot be resynchronised: drop the rest of it.
+                self._refusing = True
+                del buf[:]
+                self.lengthLimitExceeded(length)
+                return
+            end = offset + 4 + length
+            if end > size:
+                break
+            with memoryview(buf) as view:
+                frame = bytes(view[offset + 4:end])
+            offset = end
+            self.stringReceived(frame)
+            if self.transport is None or self.transport.disconnecting:
+                break
+        # Deleting a prefix of a bytearray is cheap: CPython moves its start pointer.
+        del buf[:offset]
+        self.buffer_changed(len(buf), offset > 0)
+
+    def buffer_changed(self, pending: int, progressed: bool) -> None:
+        """Hook: ``pending`` bytes of an incomplete frame are buffered; ``progressed``
+        says whether at least one whole frame was taken off the buffer."""
+
+    def send_frame(self, value: dict[str, Any]) -> None:
+        payload = codec.encode(value)
+        if len(payload) > self.max_send:
+            raise FrameTooLarge(f"refusing to send a {len(payload)}-byte frame")
+        self.transport.writeSequence([_PREFIX.pack(len(payload)), payload])
+
+
+class RPCClientProtocol(FrameProtocol):
+    """Client end: numbers requests, matches replies, fails everything pending on loss."""
+
+    MAX_LENGTH = CLIENT_MAX_FRAME
+    max_send = codec.DEFAULT_MAX_FRAME
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[Deferred[Any], Callable[[Any], None] | None]] = {}
+        self._lost: Failure | None = None
+        self.on_connection_lost: list[Callable[[Failure], None]] = []
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_chunk: Callable[[Any], None] | None = None) -> Deferred[Any]:
+        """Send one request; the Deferred fires with its result or its error.
+
+        ``on_chunk`` receives each streamed chunk before the final reply.
+        """
+        if self._lost is not None:
+            return _failed(self._lost)
+        rid = next(self._ids)
+        d: Deferred[Any] = Deferred(lambda _: self._cancel(rid))
+        self._pending[rid] = (d, on_chunk)
+        try:
+            self.send_frame({"id": rid, "method": method, "params": params or {}})
+        except JobWorkerError:
+            del self._pending[rid]
+            raise
+        return d
+
+    def _cancel(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+
+    def stringReceived(self, string: bytes) -> None:
+        try:
+            frame = codec.decode(string, self.MAX_LENGTH)
+        except JobWorkerError as e:
+            self._protocol_error(f"undecodable frame from server: {e.message}")
+            return
+        if not isinstance(frame, dict):
+            self._protocol_error("server sent a frame that is not a map")
+            return
+        rid = frame.get("id")
+        if rid is None and "error" in frame:
+            # A connection-level error: it applies to everything in flight.
+            err = frame["error"] if isinstance(frame["error"], dict) else {}
+            self._fail_all(error_from_wire(str(err.get("code", "internal")),
+                                           str(err.get("message", ""))))
+            return
+        entry = self._pending.get(rid) if isinstance(rid, int) else None
+        if entry is None:
+            self.log.debug("reply to unknown request {rid!r}", rid=rid)
+            return
+        d, on_chunk = entry
+        if "chunk" in frame:
+            if on_chunk is not None:
+                try:
+                    on_chunk(frame["chunk"])
+                except Exception:
+                    del self._pending[rid]
+                    d.errback(Failure())
+            return
+        del self._pending[rid]
+        if "error" in frame:
+            err = frame["error"] if isinstance(frame["error"], dict) else {}
+            d.errback(error_from_wire(str(err.get("code", "internal")),
+                                      str(err.get("message", ""))))
+        else:
+            d.callback(frame.get("result"))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._protocol_error(f"server sent a {length}-byte frame, over the limit")
+
+    def _protocol_error(self, message: str) -> None:
+        self._fail_all(ConnectionLost(message))
+        self.transport.loseConnection()
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for d, _ in pending.values():
+            d.errback(Failure(error))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+        self._lost = reason
+        message = reason.getErrorMessage() if reason is not None else "connection closed"
+        self._fail_all(ConnectionLost(f"connection lost: {message}"))
+        for hook in self.on_connection_lost:
+            hook(reason)
+
+
+def _failed(reason: Failure) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(Failure(ConnectionLost(f"connection lost: {reason.getErrorMessage()}")))
+    return d

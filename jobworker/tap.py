@@ -1,0 +1,164 @@
+"""``twistd jobworker``: command-line options and the service tree.
+
+This and ``cli.py`` are the only places that pick the real reactor, files and ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from jobworker import codec
+from jobworker.authz import Authorizer, Policy, PolicyError
+from jobworker.server import ConnectionCap, Limits, RPCServer
+from jobworker.tls import ServerTLS, TLSConfigError
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the jobworker daemon: a mutual-TLS 1.3 RPC service that starts, "
+                "stops and reports on Linux processes for authenticated clients.")
+
+    optParameters = [
+        ["listen", "l", "tcp:8443:interface=127.0.0.1",
+         "Twisted endpoint description to listen on (TLS is added on top)."],
+        ["pki", None, None, "Directory holding ca.pem, server.pem and server.key."],
+        ["ca", None, None, "PEM file of the CA(s) that sign client certificates."],
+        ["cert", None, None, "PEM file of the server certificate (then any intermediates)."],
+        ["key", None, None, "PEM file of the server's private key."],
+        ["state-dir", None, "./jobworker-state", "Directory for job logs and the audit log."],
+        ["max-frame", None, codec.DEFAULT_MAX_FRAME, "Largest request frame in bytes.", int],
+        ["max-connections", None, 1024, "Most concurrent client connections.", int],
+        ["handshake-timeout", None, 10.0, "Seconds allowed for the TLS handshake.", float],
+        ["idle-timeout", None, 300.0,
+         "Seconds a connection may stay idle (no request in flight, no complete frame).",
+         float],
+        ["grace", None, 5.0, "Default seconds between SIGTERM and SIGKILL on stop.", float],
+        ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["crl"] = []
+
+    def opt_crl(self, path: str) -> None:
+        """PEM file of CRLs (one per issuing CA); may be given more than once."""
+        self["crl"].append(path)
+
+    def postOptions(self) -> None:
+        if self["pki"]:
+            for name, file in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key")):
+                if not self[name]:
+                    self[name] = os.path.join(self["pki"], file)
+        missing = [f"--{n}" for n in ("ca", "cert", "key") if not self[n]]
+        if missing:
+            raise usage.UsageError(f"{', '.join(missing)} required (or --pki DIR)")
+        if not 1024 <= self["max-frame"] <= 16 * 1024 * 1024:
+            raise usage.UsageError("--max-frame must be from 1024 to 16777216 bytes")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        for name in ("handshake-timeout", "idle-timeout", "grace"):
+            if not 0 < self[name] <= 86400:
+                raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
+        if self["listen"].split(":", 1)[0] == "ssl":
+            raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
+                                   "jobworker adds TLS itself")
+
+
+class ReloadOnHangup(service.Service):
+    """SIGHUP re-reads the policy file and the CRLs; a bad file keeps the old one."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, tls: ServerTLS, authz: Authorizer,
+                 policy_path: str | None) -> None:
+        self._reactor = reactor
+        self._tls = tls
+        self._authz = authz
+        self._policy_path = policy_path
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def stopService(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+    def reload(self) -> None:
+        if self._policy_path:
+            try:
+                self._authz.policy = Policy.load(self._policy_path)
+                self.log.info("reload.policy path={path}", path=self._policy_path)
+            except PolicyError as e:
+                self.log.error("reload.policy_failed reason={reason}", reason=str(e))
+        try:
+            self._tls.reload_crls()
+            self.log.info("reload.tls")
+        except TLSConfigError as e:
+            self.log.error("reload.tls_failed reason={reason}", reason=str(e))
+
+
+def _fail(message: str) -> None:
+    """One clear line and a non-zero exit: no usage dump, no traceback."""
+    sys.stderr.write(f"twistd jobworker: {message}\n")
+    raise SystemExit(1)
+
+
+def makeService(config: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    from jobworker.audit import AuditLog
+    from jobworker.follow import FileWatcher
+    from jobworker.jobs import JobManager
+    from jobworker.logs import LogStore
+
+    try:
+        tls = ServerTLS(config["ca"], config["cert"], config["key"], config["crl"])
+    except TLSConfigError as e:
+        _fail(str(e))
+    try:
+        policy = Policy.load(config["policy"]) if config["policy"] else Policy()
+    except PolicyError as e:
+        _fail(str(e))
+    state_dir = os.path.abspath(config["state-dir"])
+    try:
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
+        logs = LogStore(os.path.join(state_dir, "logs"))
+    except OSError as e:
+        _fail(f"cannot use state directory {state_dir}: {e.strerror}")
+    try:
+        endpoint = endpoints.serverFromString(reactor, config["listen"])
+    except (ValueError, TypeError, KeyError) as e:
+        _fail(f"bad --listen {config['listen']!r}: {e}")
+
+    limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
+                    handshake_timeout=config["handshake-timeout"],
+                    idle_timeout=config["idle-timeout"])
+    authz = Authorizer(policy)
+    jobs = JobManager(reactor, logs, grace=config["grace"])
+    rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
+    factory = ConnectionCap(TLSMemoryBIOFactory(tls, False, rpc), limits.max_connections)
+
+    top = service.MultiService()
+    # Jobs first, listener second: on shutdown the listener stops accepting before
+    # running jobs are stopped (MultiService stops children in reverse order).
+    jobs.setServiceParent(top)
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True  # a port in use fails startup, not silently
+    listener.setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)
+    return top

@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+JobWorker = ServiceMaker(
+    "jobworker",
+    "jobworker.tap",
+    "Run Linux processes for mutually authenticated clients over TLS 1.3.",
+    "jobworker",
+)

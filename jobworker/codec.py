@@ -23,7 +23,10 @@ MAX_MAP_LEN = 64
 MAX_ID = 2**53
 
 
-def _no_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    # strict_map_key still lets bytes keys through; the protocol's keys are all str.
+    if any(type(key) is not str for key, _ in pairs):
+        raise ValueError("map keys must be strings")
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ValueError("duplicate map key")
@@ -55,11 +58,14 @@ def decode(payload: bytes, max_len: int = DEFAULT_MAX_FRAME) -> Any:
             max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
             ext_hook=_refuse_ext,
-            object_pairs_hook=_no_duplicate_keys,
+            object_pairs_hook=_strict_map,
         )
+    except (msgpack.StackError, RecursionError):
+        raise BadRequest(f"frame nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, UnicodeDecodeError, RecursionError) as e:
-        raise BadRequest(f"undecodable frame: {e or type(e).__name__}") from None
+            UnicodeDecodeError) as e:
+        # An exception is always truthy: test its text, or FormatError says nothing.
+        raise BadRequest(f"undecodable frame: {str(e) or type(e).__name__}") from None
     except Exception as e:  # msgpack raises a few odd types on truncation
         raise BadRequest(f"undecodable frame: {type(e).__name__}") from None
     _check_depth(value)

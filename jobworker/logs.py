@@ -1,0 +1,124 @@
+"""Where job output lives on disk: the only module that names log paths and opens log files.
+
+A job's child writes straight into its files (they are its fds 1 and 2), so the daemon never
+copies output; readers come back later through ``read_range`` and ``size``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+STREAMS = ("stdout", "stderr")
+
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+_MAX_READ = 1 << 20  # one pread at a time; callers bound their own total
+
+
+def stamp(when: float) -> str:
+    """A filesystem-safe, sortable UTC timestamp such as ``20261128T041000.123456Z``."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+@dataclass(frozen=True)
+class JobLogs:
+    """The log directory of one job and the two files in it."""
+
+    dir: str
+
+    @property
+    def stdout_path(self) -> str:
+        return os.path.join(self.dir, "stdout.log")
+
+    @property
+    def stderr_path(self) -> str:
+        return os.path.join(self.dir, "stderr.log")
+
+    def path(self, stream: str) -> str:
+        """The file of ``stream`` ("stdout" or "stderr")."""
+        if stream == "stdout":
+            return self.stdout_path
+        if stream == "stderr":
+            return self.stderr_path
+        raise ValueError(f"unknown stream: {stream!r}")
+
+    def open_for_child(self) -> tuple[int, int]:
+        """Open (stdout, stderr) for appending, close-on-exec: the spawn dup2s them into the
+        child and the caller closes these copies right after spawning."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        out = os.open(self.stdout_path, flags)
+        try:
+            err = os.open(self.stderr_path, flags)
+        except BaseException:
+            os.close(out)
+            raise
+        return out, err
+
+
+class LogStore:
+    """Owns the log root (the daemon passes ``<state-dir>/logs``, made 0750 on first use);
+    each job gets ``<root>/<job id>-<start stamp>/``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def dir_for(self, job_id: str, started: float) -> str:
+        """The directory ``create`` makes for this job (absolute)."""
+        if not job_id or "/" in job_id or job_id.startswith(".") or "\0" in job_id:
+            raise ValueError(f"unsafe job id for a path: {job_id!r}")
+        return os.path.join(self.root, f"{job_id}-{stamp(started)}")
+
+    def create(self, job_id: str, started: float) -> JobLogs:
+        """Make the job's directory and its empty ``stdout.log`` and ``stderr.log``."""
+        logs = JobLogs(self.dir_for(job_id, started))
+        try:
+            os.mkdir(logs.dir, _DIR_MODE)
+        except FileNotFoundError:
+            self._make_root()
+            os.mkdir(logs.dir, _DIR_MODE)
+        # Modes are set explicitly so the daemon's umask cannot widen or narrow them.
+        os.chmod(logs.dir, _DIR_MODE)
+        for path in (logs.stdout_path, logs.stderr_path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+            try:
+                os.fchmod(fd, _FILE_MODE)
+            finally:
+                os.close(fd)
+        return logs
+
+    def _make_root(self) -> None:
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        try:
+            os.mkdir(self.root, _DIR_MODE)
+        except FileExistsError:
+            return
+        os.chmod(self.root, _DIR_MODE)
+
+
+def size(path: str) -> int:
+    """The current length of a log file in bytes."""
+    return os.stat(path).st_size
+
+
+def read_range(path: str, offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes from ``offset``; shorter only at end of file.
+
+    Blocking file I/O: keep calls small, or off the reactor thread for large ranges.
+    """
+    if offset < 0 or size < 0:
+        raise ValueError("offset and size must be non-negative")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while size > 0:
+            chunk = os.pread(fd, min(size, _MAX_READ), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

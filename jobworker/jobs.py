@@ -1,0 +1,566 @@
+"""Jobs and their life cycle: start, the TERM-then-KILL stop escalation, run-time limits,
+and the in-memory table of every job this daemon has run."""
+
+from __future__ import annotations
+
+import math
+import os
+import pwd
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from jobworker import errors
+from jobworker.logs import LogStore
+from jobworker.messages import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord
+from jobworker.process import (
+    JobProcessProtocol,
+    SpawnError,
+    check_directory,
+    raise_nofile_limit,
+    resolve_program,
+    spawn,
+)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+JOB_ID_VAR = "JOBWORKER_JOB_ID"
+
+
+class Spawner(Protocol):
+    """What JobManager needs to start a process; ``jobworker.process.spawn`` is the real one."""
+
+    def __call__(
+        self,
+        reactor: Any,
+        protocol: JobProcessProtocol,
+        executable: str,
+        args: Sequence[str],
+        env: dict[str, str],
+        cwd: str,
+        stdout_fd: int,
+        stderr_fd: int,
+    ) -> Any: ...
+
+
+def iso_utc(when: float) -> str:
+    """ISO 8601 UTC with microseconds and a trailing Z, e.g. 2026-11-28T04:10:00.123456Z."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; real-time signals as ``SIGRTMIN+n``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number < signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"SIG{number}"
+
+
+def daemon_base_env() -> dict[str, str]:
+    """The documented environment every job starts from (before the request's overlay);
+    nothing of the daemon's own environment leaks into it."""
+    try:
+        entry = pwd.getpwuid(os.geteuid())
+        home, user = entry.pw_dir, entry.pw_name
+    except KeyError:
+        home, user = "/", str(os.geteuid())
+    return {"PATH": DEFAULT_PATH, "HOME": home, "USER": user, "LOGNAME": user}
+
+
+def parse_env(entries: Sequence[str]) -> dict[str, str]:
+    """``["K=V", ...]`` to a dict, later entries winning; raises ValueError with a message
+    naming the bad entry."""
+    result: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise TypeError(f"bad environment entry {entry!r}: expected a KEY=VALUE string")
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad environment entry {entry!r}: expected KEY=VALUE")
+        if "\0" in entry:
+            raise ValueError(f"bad environment entry {entry!r}: contains a NUL byte")
+        result[key] = value
+    return result
+
+
+class Job:
+    """One job: its record fields, its timers and how it ends.
+
+    The Job owns all policy (stop escalation, time limit, how an exit maps to a state); the
+    process protocol only tells it that the process ended, which happens exactly once.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        id: str,
+        owner: str,
+        command: str,
+        args: list[str],
+        dir: str,
+        log_dir: str,
+        started: float,
+        timeout: float | None,
+        timeout_grace: float,
+        signal_group: Callable[[Job, int], None],
+        on_ended: Callable[[Job], None],
+    ) -> None:
+        self._reactor = reactor
+        self.id = id
+        self.owner = owner
+        self.command = command
+        self.args = args
+        self.dir = dir
+        self.log_dir = log_dir
+        self.timeout = timeout
+        self.executable: str | None = None
+        self.state = RUNNING
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self.signal: str | None = None
+        self.error: str | None = None
+        self.started = started
+        self.ended_at: str | None = None
+        self.timed_out = False
+        self._timeout_grace = timeout_grace
+        self._signal_group = signal_group
+        self._on_ended = on_ended
+        self.protocol = JobProcessProtocol(self._process_ended)
+        self._observers: list[Deferred[JobRecord]] = []
+        self._stopping = False
+        self._spawning = False
+        self._early_end: Failure | None = None
+        self._timeout_call: DelayedCall | None = None
+        self._kill_call: DelayedCall | None = None
+        self._kill_waiters: list[Deferred[None]] = []
+
+    # -- what clients see --------------------------------------------------------------
+
+    @property
+    def started_at(self) -> str:
+        return iso_utc(self.started)
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    def record(self) -> JobRecord:
+        """The job as clients (and a future store) see it: the one Job → JobRecord mapping."""
+        return JobRecord(
+            id=self.id,
+            pid=self.pid,
+            command=self.command,
+            args=list(self.args),
+            dir=self.dir,
+            owner=self.owner,
+            state=self.state,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            error=self.error,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            log_dir=self.log_dir,
+            timed_out=self.timed_out,
+            timeout=self.timeout,
+        )
+
+    def when_ended(self) -> Deferred[JobRecord]:
+        """A new Deferred for each caller, fired with the final record."""
+        if self.ended:
+            return succeed(self.record())
+        d: Deferred[JobRecord] = Deferred()
+        self._observers.append(d)
+        return d
+
+    # -- life cycle, driven by JobManager ------------------------------------------------
+
+    def fail(self, error: str) -> None:
+        """The job could not be started."""
+        self._spawning = False
+        self.state = FAILED
+        self.error = error
+        self.log.warn(  # noqa: G010 (twisted.logger has no warning())
+            "{event} job={job_id} owner={owner} command={command!r}: {error}",
+            event="job.failed",
+            job_id=self.id,
+            owner=self.owner,
+            state=self.state,
+            command=self.command,
+            error=error,
+        )
+        self._finish()
+
+    def spawning(self) -> None:
+        """The spawner is about to run; an end reported before ``spawned`` is held back."""
+        self._spawning = True
+
+    def spawned(self) -> None:
+        """The process exists: log it, arm the time limit, then apply any early end."""
+        self._spawning = False
+        self.pid = self.protocol.pid
+        self.log.info(
+            "{event} job={job_id} owner={owner} pid={pid} command={command!r}",
+            event="job.started",
+            job_id=self.id,
+            owner=self.owner,
+            pid=self.pid,
+            state=self.state,
+            command=self.command,
+        )
+        if self._early_end is not None:
+            reason, self._early_end = self._early_end, None
+            self._process_ended(reason)
+        elif self.timeout is not None:
+            self._timeout_call = self._reactor.callLater(self.timeout, self._time_is_up)
+
+    def stop(self, grace: float) -> Deferred[JobRecord]:
+        """TERM the process group now and KILL it after ``grace`` seconds; fires with the
+        final record once the job has ended.  Later stops share the first escalation."""
+        if self.ended:
+            return succeed(self.record())
+        ended = self.when_ended()
+        if self._stopping:
+            return ended
+        self._stopping = True
+        self._cancel_timeout()
+        self.log.info(
+            "{event} job={job_id} pid={pid} grace={grace}",
+            event="job.stopping",
+            job_id=self.id,
+            pid=self.pid,
+            grace=grace,
+            timed_out=self.timed_out,
+        )
+        self._kill_call = self._reactor.callLater(grace, self._kill)
+        self._signal(signal.SIGTERM)
+        return ended
+
+    def settle(self) -> Deferred[None]:
+        """Fires once no KILL sweep is pending; a pending sweep of a group with no member
+        left is simply cancelled (used at shutdown so no timer outlives the manager)."""
+        if self._kill_call is None or not self._kill_call.active():
+            return succeed(None)
+        if self.ended and not self._group_alive():
+            self._kill_call.cancel()
+            self._kill_call = None
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._kill_waiters.append(d)
+        return d
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _time_is_up(self) -> None:
+        self._timeout_call = None
+        self.timed_out = True
+        self.log.info(
+            "{event} job={job_id} pid={pid} timeout={timeout}",
+            event="job.timeout",
+            job_id=self.id,
+            pid=self.pid,
+            timeout=self.timeout,
+        )
+        self.stop(self._timeout_grace)
+
+    def _kill(self) -> None:
+        """The grace is over: KILL the group, even if the leader is gone (children linger)."""
+        self._kill_call = None
+        self.log.info(
+            "{event} job={job_id} pid={pid} leader_ended={ended}",
+            event="job.kill",
+            job_id=self.id,
+            pid=self.pid,
+            ended=self.ended,
+        )
+        self._signal(signal.SIGKILL)
+        waiters, self._kill_waiters = self._kill_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _signal(self, signum: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            self._signal_group(self, signum)
+        except ProcessLookupError:
+            pass  # the whole group is gone already
+        except OSError:
+            self.log.failure(
+                "{event} job={job_id} pid={pid} signal={signum}",
+                event="job.signal_failed",
+                job_id=self.id,
+                pid=self.pid,
+                signum=signum,
+            )
+
+    def _group_alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            self._signal_group(self, 0)
+        except OSError:
+            return False
+        return True
+
+    def _process_ended(self, reason: Failure) -> None:
+        """From the protocol, exactly once: map how the process ended to the job's state."""
+        if self._spawning:
+            self._early_end = reason
+            return
+        if self.ended:
+            return
+        if self.pid is None:
+            self.pid = self.protocol.pid
+        value = reason.value
+        self.state = STOPPED if self._stopping else EXITED
+        if isinstance(value, ProcessTerminated) and value.exitCode is None and value.signal is None:
+            # The transport could not learn the exit status (reaped by someone else).
+            self.state = LOST
+            self.error = "the process ended but its exit status was lost"
+        elif isinstance(value, ProcessTerminated):
+            self.exit_code = value.exitCode
+            self.signal = signal_name(value.signal) if value.signal is not None else None
+        elif isinstance(value, ProcessDone):
+            self.exit_code = 0
+        else:
+            self.error = f"process ended unexpectedly: {value}"
+        self._cancel_timeout()
+        # A pending KILL stays armed: it also sweeps children left in the group.
+        self.log.info(
+            "{event} job={job_id} owner={owner} pid={pid} state={state} exit_code={exit_code}"
+            " signal={signal} timed_out={timed_out}",
+            event="job.ended",
+            job_id=self.id,
+            owner=self.owner,
+            pid=self.pid,
+            state=self.state,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            timed_out=self.timed_out,
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        self.ended_at = iso_utc(self._reactor.seconds())
+        self._on_ended(self)
+        observers, self._observers = self._observers, []
+        record = self.record()
+        for d in observers:
+            d.callback(record)
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} pid={self.pid} state={self.state}>"
+
+
+class JobManager(service.Service):
+    """Starts, finds and stops jobs; on shutdown stops them all and waits for them."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        log_store: LogStore,
+        grace: float = 5.0,
+        spawner: Spawner = spawn,
+        base_env: dict[str, str] | None = None,
+        killpg: Callable[[int, int], None] = os.killpg,
+    ) -> None:
+        self._reactor = reactor
+        self._log_store = log_store
+        self.grace = grace
+        self._spawner = spawner
+        self._base_env = dict(base_env) if base_env is not None else daemon_base_env()
+        self._killpg = killpg
+        self._jobs: dict[str, Job] = {}
+        self._history: list[Job] = []  # start order
+        self._running_by_pid: dict[int, Job] = {}
+        self._shutting_down = False
+
+    # -- service -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        soft, hard = raise_nofile_limit()
+        self.log.info("{event} nofile={soft}/{hard}", event="jobs.limits", soft=soft, hard=hard)
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop every running job (TERM, then KILL after the grace) and fire once all have
+        ended and no KILL sweep is left pending."""
+        self._shutting_down = True
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        running = self.jobs(running_only=True)
+        if running:
+            self.log.info("{event} count={count}", event="jobs.stopping_all", count=len(running))
+            await DeferredList([self.stop(job) for job in running], consumeErrors=True)
+        await DeferredList([job.settle() for job in self._history], consumeErrors=True)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def start(
+        self,
+        owner: str,
+        command: str,
+        args: list[str],
+        env: list[str] | None = None,
+        dir: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Start a job.  Anything wrong with the request or the spawn gives a job in state
+        ``failed`` with its error, never an exception (the record is the answer)."""
+        if self._shutting_down:
+            raise errors.Unavailable("the daemon is shutting down")
+        job_id = str(uuid.uuid4())
+        started = self._reactor.seconds()
+        cwd = os.path.abspath(dir) if dir is not None else os.getcwd()
+        job = Job(
+            self._reactor,
+            id=job_id,
+            owner=owner,
+            command=command,
+            args=list(args),
+            dir=cwd,
+            log_dir=self._log_store.dir_for(job_id, started),
+            started=started,
+            timeout=timeout,
+            timeout_grace=self.grace,
+            signal_group=self._signal_group,
+            on_ended=self._job_ended,
+        )
+        self._jobs[job_id] = job
+        self._history.append(job)
+        try:
+            logs = self._log_store.create(job_id, started)
+        except OSError as e:
+            job.fail(f"cannot create job logs in {job.log_dir}: {e.strerror or e}")
+            return job
+        try:
+            environment = self._environment(job_id, env)
+            _check_request(args, timeout)
+            check_directory(cwd)
+            job.executable = resolve_program(command, environment.get("PATH", ""), cwd)
+        except (SpawnError, ValueError, TypeError) as e:
+            job.fail(str(e))
+            return job
+        try:
+            out, err = logs.open_for_child()
+        except OSError as e:
+            job.fail(f"cannot open job logs: {e.strerror or e}")
+            return job
+        job.spawning()
+        try:
+            self._spawner(
+                self._reactor,
+                job.protocol,
+                job.executable,
+                [command, *args],
+                environment,
+                cwd,
+                out,
+                err,
+            )
+        except OSError as e:
+            job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
+            return job
+        finally:
+            os.close(out)
+            os.close(err)
+        if job.protocol.pid is not None:
+            self._running_by_pid[job.protocol.pid] = job
+        job.spawned()
+        return job
+
+    def stop(self, job: Job, grace: float | None = None) -> Deferred[JobRecord]:
+        """TERM the job's process group, KILL it after ``grace`` (default: the manager's);
+        fires with the final record.  Stopping an ended job returns its record at once."""
+        if grace is None:
+            grace = self.grace
+        if not (grace >= 0 and math.isfinite(grace)):
+            raise errors.BadRequest("grace must be a non-negative number of seconds")
+        return job.stop(grace)
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id, or NotFound."""
+        try:
+            return self._jobs[job_id]
+        except (KeyError, TypeError):
+            raise errors.NotFound(f"no such job: {job_id}") from None
+
+    def find(self, ref: str | int) -> Job:
+        """By id, or by pid: the running job with that pid, else the newest that had it."""
+        pid: int | None = None
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            pid = ref
+        elif isinstance(ref, str) and ref.isdecimal() and ref.isascii():
+            pid = int(ref)
+        if pid is None:
+            return self.get(ref)  # type: ignore[arg-type]
+        running = self._running_by_pid.get(pid)
+        if running is not None:
+            return running
+        for job in reversed(self._history):
+            if job.pid == pid:
+                return job
+        raise errors.NotFound(f"no such job: {ref}")
+
+    def jobs(self, running_only: bool = False) -> list[Job]:
+        """Every job this daemon has run, newest first."""
+        return [j for j in reversed(self._history) if not running_only or not j.ended]
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _environment(self, job_id: str, env: list[str] | None) -> dict[str, str]:
+        environment = dict(self._base_env)
+        environment.update(parse_env(env or []))
+        # Set last so a job can always trust it.
+        environment[JOB_ID_VAR] = job_id
+        return environment
+
+    def _signal_group(self, job: Job, signum: int) -> None:
+        """Signal the job's process group, unless its pid now belongs to another running job
+        (a late KILL sweep after the leader was reaped and the pid reused)."""
+        pid = job.pid
+        if pid is None:
+            raise ProcessLookupError(f"job {job.id} has no process")
+        holder = self._running_by_pid.get(pid)
+        if holder is not None and holder is not job:
+            raise ProcessLookupError(f"pid {pid} now belongs to job {holder.id}")
+        self._killpg(pid, signum)
+
+    def _job_ended(self, job: Job) -> None:
+        if job.pid is not None and self._running_by_pid.get(job.pid) is job:
+            del self._running_by_pid[job.pid]
+
+
+def _check_request(args: Sequence[str], timeout: float | None) -> None:
+    for arg in args:
+        if not isinstance(arg, str):
+            raise TypeError(f"bad argument {arg!r}: expected a string")
+        if "\0" in arg:
+            raise ValueError(f"bad argument {arg!r}: contains a NUL byte")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError("timeout must be a number of seconds")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError("timeout must be a positive number of seconds")

@@ -1,0 +1,156 @@
+"""Fakes for jobworker's own tests and for anyone testing code built on it.
+
+``ProcessReactor`` is a ``MemoryReactorClock`` whose ``spawnProcess`` records the call and
+returns a ``FakeProcess`` the test ends at will; its ``killpg`` records group signals, so a
+JobManager built with ``killpg=reactor.killpg`` never touches real processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+@implementer(IProcessTransport)
+class FakeProcess:
+    """A spawned process that ends only when the test calls ``exit`` or ``kill``."""
+
+    def __init__(
+        self,
+        reactor: ProcessReactor,
+        pid: int,
+        proto: IProcessProtocol,
+        executable: str,
+        args: list[str],
+        env: dict[str, str],
+        path: str | None,
+        child_fds: dict[int, Any] | None,
+    ) -> None:
+        self.reactor = reactor
+        self.pid: int | None = pid
+        self.original_pid = pid
+        self.proto: ProcessProtocol | None = cast(ProcessProtocol, proto)
+        self.executable = executable
+        self.args = args
+        self.env = env
+        self.path = path
+        self.child_fds = child_fds
+        self.signals: list[int | str] = []  # via signalProcess (JobManager uses killpg)
+
+    @property
+    def ended(self) -> bool:
+        return self.proto is None
+
+    def exit(self, code: int = 0) -> None:
+        """End as if the process called exit(code)."""
+        reason = ProcessDone(0) if code == 0 else ProcessTerminated(exitCode=code, status=code << 8)
+        self._end(reason)
+
+    def kill(self, signum: int) -> None:
+        """End as if the process was killed by ``signum``."""
+        self._end(ProcessTerminated(signal=signum, status=signum))
+
+    def _end(self, reason: BaseException) -> None:
+        if self.proto is None:
+            raise AssertionError(f"fake process {self.original_pid} has already ended")
+        proto, self.proto = self.proto, None
+        self.pid = None
+        proto.processEnded(Failure(reason))
+
+    # IProcessTransport
+    def signalProcess(self, signalID: int | str) -> None:
+        if self.pid is None:
+            raise ProcessExitedAlready()
+        self.signals.append(signalID)
+
+    def closeStdin(self) -> None: ...
+    def closeStdout(self) -> None: ...
+    def closeStderr(self) -> None: ...
+    def closeChildFD(self, descriptor: int) -> None: ...
+    def writeToChild(self, childFD: int, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...
+    def getPeer(self) -> Any: ...
+    def getHost(self) -> Any: ...
+
+
+@dataclass
+class _Group:
+    leader: FakeProcess
+    lingering: bool = False  # members left after the leader ended
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A MemoryReactorClock that can spawn fake processes and signal their groups.
+
+    ``spawn_error``, when set, is raised by the next ``spawnProcess`` (then cleared).
+    ``next_pid`` is the pid the next process gets; set it to simulate pid reuse.
+    ``signals`` lists every ``killpg(pgid, sig)`` with sig != 0 (0 is only a probe).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+        self.spawn_error: BaseException | None = None
+        self.next_pid = 1000
+        self.signals: list[tuple[int, int]] = []
+        self._groups: dict[int, _Group] = {}
+
+    def spawnProcess(  # type: ignore[override]
+        self,
+        processProtocol: IProcessProtocol,
+        executable: str,
+        args: list[str] = [],  # noqa: B006 (mirrors the interface)
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: dict[int, Any] | None = None,
+    ) -> FakeProcess:
+        if self.spawn_error is not None:
+            error, self.spawn_error = self.spawn_error, None
+            raise error
+        pid = self.next_pid
+        self.next_pid += 1
+        process = FakeProcess(
+            self, pid, processProtocol, executable, list(args), dict(env or {}), path, childFDs
+        )
+        self.processes.append(process)
+        self._groups[pid] = _Group(process)
+        cast(ProcessProtocol, processProtocol).makeConnection(process)
+        return process
+
+    def process(self, pid: int) -> FakeProcess:
+        """The newest fake process that was given ``pid``."""
+        for process in reversed(self.processes):
+            if process.original_pid == pid:
+                return process
+        raise KeyError(pid)
+
+    def set_lingering(self, pgid: int, lingering: bool = True) -> None:
+        """Pretend members of group ``pgid`` outlive (or no longer outlive) its leader."""
+        self._groups[pgid].lingering = lingering
+
+    def killpg(self, pgid: int, signum: int) -> None:
+        """Like os.killpg: ProcessLookupError when no member of the group is left."""
+        group = self._groups.get(pgid)
+        if group is None or (group.leader.ended and not group.lingering):
+            raise ProcessLookupError(3, "No such process")
+        if signum != 0:
+            self.signals.append((pgid, signum))
+
+    def signals_to(self, pgid: int) -> list[int]:
+        """The signal numbers sent to group ``pgid`` so far, in order."""
+        return [s for g, s in self.signals if g == pgid]
+
+
+__all__ = ["FakeProcess", "ProcessReactor"]

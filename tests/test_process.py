@@ -1,0 +1,309 @@
+"""Real children on the real reactor: exit mapping, group stop, isolation of fds/env/cwd,
+byte-exact logs, reaping without leaks, and start rate."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import process as twisted_process
+from twisted.internet.task import deferLater
+
+from jobworker import process
+from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env
+from jobworker.logs import JobLogs, LogStore, read_range, size
+from jobworker.messages import EXITED, FAILED, LOST, STOPPED, JobRecord
+
+# Last resort if a Deferred timeout fails to fire; each wait below has its own deadline.
+pytestmark = pytest.mark.timeout(60, method="thread")
+
+WAIT = 10.0  # generous deadline for anything that should take milliseconds
+
+
+@pytest.fixture
+def reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest.fixture
+def manager(reactor: Any, tmp_path: Any) -> JobManager:
+    return JobManager(reactor, LogStore(str(tmp_path / "state" / "logs")), grace=2.0)
+
+
+@pytest.fixture(params=["glibc", "os.posix_spawn"])
+def spawn_path(request: Any, monkeypatch: Any) -> str:
+    """Run a test on the glibc spawn path and again on the os.posix_spawn fallback."""
+    if request.param == "glibc":
+        if process._libc_spawn is None:
+            pytest.skip("this libc lacks posix_spawn_file_actions_addclosefrom_np")
+    else:
+        monkeypatch.setattr(process, "_libc_spawn", None)
+    return str(request.param)
+
+
+async def ended(reactor: Any, job: Job, timeout: float = WAIT) -> JobRecord:
+    d = job.when_ended()
+    d.addTimeout(timeout, reactor)
+    return await d
+
+
+async def wait_for(reactor: Any, condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll ``condition`` on the reactor until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def output(job: Job, stream: str = "stdout") -> bytes:
+    path = JobLogs(job.log_dir).path(stream)
+    return read_range(path, 0, size(path))
+
+
+def proc_state(pid: int) -> str | None:
+    """The /proc state letter of ``pid`` (Z for a zombie), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def dead(pid: int) -> bool:
+    # Orphans are reparented to pid 1, which may be slow (or never) to reap them here.
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def runs(pid: int, program: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].endswith(program.encode())
+    except FileNotFoundError:
+        return False
+
+
+def read_pid(path: Any) -> Callable[[], bool]:
+    return lambda: os.path.exists(path) and open(path).read().strip().isdigit()
+
+
+def zombie_children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] == "Z":
+            found.append(int(entry))
+    return found
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("code", [0, 1, 255])
+@pytest_twisted.ensureDeferred
+async def test_exit_codes(reactor: Any, manager: JobManager, code: int) -> None:
+    """The job's exit code is recorded as is."""
+    job = manager.start("alice", "sh", ["-c", f"exit {code}"])
+    record = await ended(reactor, job)
+    assert (record.state, record.exit_code, record.signal) == (EXITED, code, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_by_signal(reactor: Any, manager: JobManager) -> None:
+    """A job killed by a signal is exited with the signal's name and no code."""
+    job = manager.start("alice", "sh", ["-c", "kill -KILL $$"])
+    record = await ended(reactor, job)
+    assert (record.state, record.exit_code, record.signal) == (EXITED, None, "SIGKILL")
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_format_error_fails_job(reactor: Any, manager: JobManager, tmp_path: Any) -> None:
+    """An executable the kernel cannot run gives a failed job with the kernel's reason."""
+    prog = tmp_path / "garbage"
+    prog.write_bytes(b"\x00\x01not a program")
+    prog.chmod(0o755)
+    job = manager.start("alice", str(prog), [])
+    assert job.state == FAILED and job.error == f"cannot execute {prog}: Exec format error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_leads_its_own_session(reactor: Any, manager: JobManager, spawn_path: str) -> None:
+    """The child is a session and process-group leader, apart from the daemon."""
+    job = manager.start("alice", "sleep", ["60"])
+    assert job.pid is not None
+    assert os.getsid(job.pid) == job.pid and os.getpgid(job.pid) == job.pid
+    assert os.getsid(job.pid) != os.getsid(0)
+    record = await manager.stop(job).addTimeout(WAIT, reactor)
+    assert (record.state, record.signal) == (STOPPED, "SIGTERM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_term_ignoring_job_is_killed_after_grace(reactor: Any, manager: JobManager) -> None:
+    """A job ignoring SIGTERM is SIGKILLed once the grace has passed."""
+    job = manager.start("alice", "sh", ["-c", 'trap "" TERM; exec sleep 60'])
+    assert job.pid is not None
+    pid = job.pid
+    await wait_for(reactor, lambda: runs(pid, "sleep"))  # the trap is in place
+    began = time.monotonic()
+    record = await manager.stop(job, grace=0.3).addTimeout(WAIT, reactor)
+    assert time.monotonic() - began >= 0.3
+    assert (record.state, record.signal, record.exit_code) == (STOPPED, "SIGKILL", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_kills_the_jobs_children(reactor: Any, manager: JobManager, tmp_path: Any) -> None:
+    """Stop signals the whole process group, so a background child dies with the job."""
+    pidfile = tmp_path / "child.pid"
+    job = manager.start("alice", "sh", ["-c", f"sleep 60 & echo $! > {pidfile}; wait"])
+    await wait_for(reactor, read_pid(pidfile))
+    child = int(pidfile.read_text())
+    assert os.getpgid(child) == job.pid
+    record = await manager.stop(job).addTimeout(WAIT, reactor)
+    assert record.state == STOPPED
+    await wait_for(reactor, lambda: dead(child))
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_sweeps_children_outliving_the_leader(reactor: Any, manager: JobManager, tmp_path: Any) -> None:
+    """A child ignoring TERM survives its leader until the grace deadline, then is KILLed."""
+    pidfile = tmp_path / "child.pid"
+    job = manager.start("alice", "sh", ["-c", f'(trap "" TERM; exec sleep 60) & echo $! > {pidfile}; wait'])
+    await wait_for(reactor, read_pid(pidfile))
+    child = int(pidfile.read_text())
+    await wait_for(reactor, lambda: runs(child, "sleep"))
+    record = await manager.stop(job, grace=0.5).addTimeout(WAIT, reactor)
+    assert (record.state, record.signal) == (STOPPED, "SIGTERM")
+    assert not dead(child)
+    await wait_for(reactor, lambda: dead(child))
+    await manager.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_is_byte_exact(reactor: Any, manager: JobManager, spawn_path: str) -> None:
+    """All 256 byte values reach stdout.log and stderr.log unchanged."""
+    data = bytes(range(256))
+    script = "import sys; d = bytes(range(256)); sys.stdout.buffer.write(d); sys.stderr.buffer.write(d[::-1])"
+    job = manager.start("alice", sys.executable, ["-c", script])
+    assert (await ended(reactor, job)).exit_code == 0
+    assert output(job, "stdout") == data
+    assert output(job, "stderr") == data[::-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_working_directory(reactor: Any, manager: JobManager, tmp_path: Any, spawn_path: str) -> None:
+    """The job runs in its dir, and the daemon's own cwd is unchanged afterwards."""
+    before = os.getcwd()
+    job = manager.start("alice", "pwd", ["-P"], dir=str(tmp_path))
+    await ended(reactor, job)
+    assert output(job) == os.path.realpath(tmp_path).encode() + b"\n"
+    assert os.getcwd() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_environment_is_base_plus_request(reactor: Any, manager: JobManager, monkeypatch: Any, spawn_path: str) -> None:
+    """The child's environment is the documented base plus the request's entries, nothing else."""
+    monkeypatch.setenv("JOBWORKER_SECRET_LEAK", "x")
+    job = manager.start("alice", "env", [], env=["GREETING=hello world", "MULTI=a=b"])
+    await ended(reactor, job)
+    lines = output(job).decode().splitlines()
+    assert dict(line.split("=", 1) for line in lines) == {
+        **daemon_base_env(),
+        "GREETING": "hello world",
+        "MULTI": "a=b",
+        JOB_ID_VAR: job.id,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_child_has_only_stdio_fds(reactor: Any, manager: JobManager, spawn_path: str) -> None:
+    """The child holds fds 0, 1, 2 and nothing else, even ones the daemon left inheritable;
+    stdin is /dev/null."""
+    script = (
+        "import os\n"
+        "def is_open(fd):\n"
+        "    try: os.fstat(fd)\n"
+        "    except OSError: return False\n"
+        "    return True\n"
+        "print(sorted(fd for fd in range(4096) if is_open(fd)), os.readlink('/proc/self/fd/0'))\n"
+    )
+    leaky = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaky, True)
+    try:
+        job = manager.start("alice", sys.executable, ["-I", "-S", "-c", script])
+    finally:
+        os.close(leaky)
+    await ended(reactor, job)
+    assert output(job) == b"[0, 1, 2] /dev/null\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_child_signal_dispositions_are_default(reactor: Any, manager: JobManager, spawn_path: str) -> None:
+    """Signals Python ignores (SIGPIPE, SIGXFSZ) are default again, and none is blocked."""
+    job = manager.start("alice", "grep", ["-E", "^Sig(Ign|Blk)", "/proc/self/status"])
+    await ended(reactor, job)
+    fields = dict(line.split(":\t") for line in output(job).decode().splitlines())
+    assert int(fields["SigBlk"], 16) == 0
+    # glibc's posix_spawn leaves its two internal signals (32, 33) ignored; no real one is.
+    assert int(fields["SigIgn"], 16) & ~((1 << 31) | (1 << 32)) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_status_reaped_elsewhere_is_lost(reactor: Any, manager: JobManager) -> None:
+    """If something else in the daemon reaps a job's process, the job ends as lost."""
+    job = manager.start("alice", "sleep", ["60"])
+    assert job.pid is not None
+    os.kill(job.pid, signal.SIGKILL)
+    os.waitpid(job.pid, 0)  # noqa: ASYNC222 (a stray reaper steals the status)
+    record = await ended(reactor, job)
+    assert record.state == LOST and record.exit_code is None and record.signal is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_service_stops_real_jobs(reactor: Any, manager: JobManager) -> None:
+    """stopService ends every running job and leaves no timer of its own."""
+    jobs = [manager.start("alice", "sleep", ["60"]) for _ in range(3)]
+    await manager.stopService().addTimeout(WAIT, reactor)
+    assert [j.state for j in jobs] == [STOPPED] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_jobs_leave_no_zombie_or_fd(reactor: Any, manager: JobManager) -> None:
+    """After 500 jobs have run, no zombie child remains and the fd count is back to baseline."""
+    await ended(reactor, manager.start("alice", "true", []))  # let lazily made fds appear
+    baseline = open_fds()
+    jobs = [manager.start("alice", "true", []) for _ in range(500)]
+    assert all(j.pid for j in jobs)
+    records = [await ended(reactor, j) for j in jobs]
+    assert {(r.state, r.exit_code) for r in records} == {(EXITED, 0)}
+    assert open_fds() == baseline
+    assert zombie_children() == []
+    pids = {j.pid for j in jobs}
+    assert not pids & set(twisted_process.reapProcessHandlers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_rate(reactor: Any, manager: JobManager) -> None:
+    """Starting and reaping /bin/true one at a time runs well over 100 jobs a second."""
+    count = 200
+    began = time.monotonic()
+    for _ in range(count):
+        await ended(reactor, manager.start("alice", "/bin/true", []))
+    rate = count / (time.monotonic() - began)
+    print(f"start+reap rate: {rate:.0f}/s")
+    assert rate > 100

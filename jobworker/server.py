@@ -264,6 +264,7 @@ class RPCServer(Factory):
     """Holds what the methods need and the dispatch table: one handler per method."""
 
     log = Logger()
+    noisy = False
 
     def __init__(self, reactor: Any, jobs: JobManager, authz: Authorizer,
                  audit: AuditLog | None = None, limits: Limits = Limits(),
@@ -328,6 +329,7 @@ class ConnectionCap(policies.WrappingFactory):
     """Refuses connections beyond a cap before any TLS work is spent on them."""
 
     log = Logger()
+    noisy = False
 
     def __init__(self, wrapped: Any, cap: int) -> None:
         super().__init__(wrapped)

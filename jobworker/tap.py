@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from jobworker import codec
 from jobworker.authz import Authorizer, Policy, PolicyError
@@ -111,7 +111,40 @@ class ReloadOnHangup(service.Service):
             self.log.error("reload.tls_failed reason={reason}", reason=str(e))
 
 
-def _fail(message: str) -> None:
+class Listener(service.Service):
+    """Listens on the endpoint and logs where; failing to listen fails startup."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._description = description
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:  # an endpoint that listens asynchronously
+            _fail(f"cannot listen on {self._description}: endpoint did not listen at once")
+        if isinstance(outcome[0], Failure):
+            _fail(f"cannot listen on {self._description}: {outcome[0].getErrorMessage()}")
+        self._port = outcome[0]
+        host = self._port.getHost()
+        self.log.info("jobworker.listening host={host} port={port}",
+                      host=getattr(host, "host", None) or getattr(host, "name", None),
+                      port=getattr(host, "port", None))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+def _fail(message: str) -> NoReturn:
     """One clear line and a non-zero exit: no usage dump, no traceback."""
     sys.stderr.write(f"twistd jobworker: {message}\n")
     raise SystemExit(1)
@@ -157,8 +190,6 @@ def makeService(config: Options) -> service.MultiService:
     # Jobs first, listener second: on shutdown the listener stops accepting before
     # running jobs are stopped (MultiService stops children in reverse order).
     jobs.setServiceParent(top)
-    listener = StreamServerEndpointService(endpoint, factory)
-    listener._raiseSynchronously = True  # a port in use fails startup, not silently
-    listener.setServiceParent(top)
+    Listener(endpoint, factory, config["listen"]).setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)
     return top

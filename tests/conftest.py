@@ -1,0 +1,187 @@
+"""Shared fixtures: a PKI made at run time, real ``twistd jobworker`` daemons, real jwclient."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from jobworker import pki
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class PKI:
+    """A CA, a server certificate and named client certificates in one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca_key, self.ca_cert = pki.make_ca()
+        pki.write_key(root / "ca.key", self.ca_key)
+        pki.write_cert(root / "ca.pem", self.ca_cert)
+        key, cert = pki.make_server_cert(self.ca_key, self.ca_cert, ["localhost", "127.0.0.1",
+                                                                     "::1"])
+        pki.write_key(root / "server.key", key)
+        pki.write_cert(root / "server.pem", cert)
+        self.serials: dict[str, int] = {}
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.pem")
+
+    def client(self, name: str, role: str | None = "user", **kw: Any) -> str:
+        """Issue ``name``.pem/.key (extra keywords go to ``pki.make_client_cert``)."""
+        key, cert = pki.make_client_cert(self.ca_key, self.ca_cert, name, role=role, **kw)
+        pki.write_key(self.dir / f"{name}.key", key)
+        pki.write_cert(self.dir / f"{name}.pem", cert)
+        self.serials[name] = cert.serial_number
+        return name
+
+    def paths(self, name: str) -> tuple[str, str, str]:
+        return self.ca, str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key")
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    p = PKI(tmp_path_factory.mktemp("pki"))
+    p.client("admin", "admin")
+    p.client("alice", "user")
+    p.client("bob", "user")
+    p.client("auditor", "viewer")
+    p.client("norole", None)
+    p.client("weird", "superuser")
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+    p.client("expired", "user", not_after=past)
+    p.client("noeku", "user", eku=None)
+    p.client("servereku", "user", eku="serverAuth")
+    p.client("caleaf", "user", is_ca=True)
+    return p
+
+
+class Daemon:
+    """A real ``twistd -n jobworker`` in its own process group, on a free port."""
+
+    def __init__(self, pki_: PKI, state_dir: Path, *args: str) -> None:
+        self.pki = pki_
+        self.state_dir = state_dir
+        self.args = list(args)
+        self.log_path = state_dir.parent / f"{state_dir.name}-twistd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        cmd = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "jobworker",
+               "--pki", str(self.pki.dir), "--state-dir", str(self.state_dir),
+               "--listen", "tcp:0:interface=127.0.0.1", *self.args]
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     cwd=str(self.state_dir.parent))
+
+        def listening() -> int | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"twistd exited {self.proc.returncode}:\n{self.log()}")
+            m = re.search(r"jobworker\.listening host=\S+ port=(\d+)", self.log())
+            return int(m.group(1)) if m else None
+
+        self.port = wait_for(listening, timeout, what="the daemon to listen")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise AssertionError(f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}")
+        self.log_file.close()
+        return self.proc.returncode
+
+    def config(self, identity: str = "alice"):  # type: ignore[no-untyped-def]
+        from jobworker.client import ClientConfig
+
+        return ClientConfig(self.address, *self.pki.paths(identity))
+
+    def jwclient(self, *args: str, identity: str = "alice", timeout: float = 60.0,
+                 check: bool = False, env: dict[str, str] | None = None,
+                 input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run the real ``jwclient`` command against this daemon."""
+        cmd = [str(BIN / "jwclient"), "--server", self.address, "--pki", str(self.pki.dir),
+               "--identity", identity, *args]
+        result = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input,
+                                env={**os.environ, **(env or {})})
+        if check and result.returncode != 0:
+            raise AssertionError(f"{cmd} exited {result.returncode}: {result.stderr!r}")
+        return result
+
+    def tracebacks(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "Traceback" in line]
+
+
+@pytest.fixture
+def make_daemon(test_pki: PKI, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons with extra options; every one is stopped at the end of the test."""
+    started: list[Daemon] = []
+
+    def make(*args: str, state: str = "state") -> Daemon:
+        d = Daemon(test_pki, tmp_path / f"{state}{len(started)}", *args).start()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(test_pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon shared by a test module."""
+    d = Daemon(test_pki, tmp_path_factory.mktemp("daemon") / "state").start()
+    yield d
+    d.stop()

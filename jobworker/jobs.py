@@ -483,6 +483,11 @@ class JobManager(service.Service):
         except OSError as e:
             job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
             return job
+        except Exception:  # noqa: BLE001 (logged with its traceback below)
+            # A bug, not a request problem: keep the traceback, still end the record.
+            self.log.failure("{event} job={job_id}", event="job.spawn_bug", job_id=job_id)
+            job.fail("internal error while starting the job")
+            return job
         finally:
             os.close(out)
             os.close(err)

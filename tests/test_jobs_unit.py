@@ -201,6 +201,18 @@ def test_spawn_oserror_fails_job(manager: JobManager, reactor: ProcessReactor) -
     assert job.error == f"cannot execute {SLEEP}: Exec format error"
 
 
+def test_unexpected_spawn_error_fails_job_and_logs_traceback(
+    manager: JobManager, reactor: ProcessReactor, events: list[dict[str, Any]]
+) -> None:
+    """A non-OSError from the spawner (a bug) still ends the record, with the traceback logged."""
+    reactor.spawn_error = RuntimeError("boom")
+    job = start(manager)
+    assert job.state == FAILED and job.error == "internal error while starting the job"
+    [event] = named(events, "job.spawn_bug")
+    assert event["log_failure"].check(RuntimeError)
+    assert manager.jobs(running_only=True) == []
+
+
 @pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan")])
 def test_bad_timeout_fails_job(manager: JobManager, timeout: float) -> None:
     """A run-time limit must be a positive finite number of seconds."""

@@ -22,6 +22,7 @@ from jobworker.codec import (
 )
 from jobworker.errors import UnsupportedVersion
 from jobworker.follow import LogStream
+from jobworker.logs import JobLogs
 from jobworker.messages import FAILED
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Methods:
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.visible_job(call, p["job"])
-        path = job.logs.path(p["stream"])
+        path = JobLogs(job.log_dir).path(p["stream"])
         stream = LogStream(call, job, path, p["offset"], p["follow"], self.server.follower)
         offset = await stream.start()
         return {"offset": offset, "record": job.record().to_wire()}

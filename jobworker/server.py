@@ -200,6 +200,8 @@ class RPCServerProtocol(FrameProtocol):
             self.log.failure("request.decode_bug")
             self._send_error(rid, JobWorkerError("internal error"))
             return
+        # The policy may be reloaded (SIGHUP) while we are connected: ask it every time.
+        self.who = self.server.authz.principal(self.peer)
         call = Call(self, request.id, request.method, self.who)
         d = Deferred.fromCoroutine(self.server.dispatch(call, request.params))
         self._in_flight[request.id] = d

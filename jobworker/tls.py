@@ -135,8 +135,8 @@ def _base_context(ca: str, cert: str, key: str, purpose: x509.ObjectIdentifier,
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
-        ctx.use_certificate(crypto.X509.from_cryptography(own))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(private_key))  # type: ignore[arg-type]
+        ctx.use_certificate(own)
+        ctx.use_privatekey(private_key)  # type: ignore[arg-type]
         ctx.check_privatekey()
     except (SSL.Error, TypeError, ValueError):
         raise TLSConfigError(f"private key {key} does not match certificate {cert}") from None
@@ -144,8 +144,8 @@ def _base_context(ca: str, cert: str, key: str, purpose: x509.ObjectIdentifier,
     chain = _read(cert, "certificate").split(b"-----BEGIN CERTIFICATE-----")[2:]
     for extra in chain:
         try:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(
-                x509.load_pem_x509_certificate(b"-----BEGIN CERTIFICATE-----" + extra)))
+            ctx.add_extra_chain_cert(
+                x509.load_pem_x509_certificate(b"-----BEGIN CERTIFICATE-----" + extra))
         except (ValueError, SSL.Error):
             raise TLSConfigError(f"certificate file {cert} holds a malformed chain") from None
     try:

@@ -42,6 +42,8 @@ class Options(usage.Options):
         ["idle-timeout", None, 300.0,
          "Seconds a connection may stay idle (no request in flight, no complete frame).",
          float],
+        ["frame-timeout", None, 30.0,
+         "Seconds allowed to finish a frame once its first byte arrived.", float],
         ["grace", None, 5.0, "Default seconds between SIGTERM and SIGKILL on stop.", float],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
     ]
@@ -66,7 +68,7 @@ class Options(usage.Options):
             raise usage.UsageError("--max-frame must be from 1024 to 16777216 bytes")
         if self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
-        for name in ("handshake-timeout", "idle-timeout", "grace"):
+        for name in ("handshake-timeout", "idle-timeout", "frame-timeout", "grace"):
             if not 0 < self[name] <= 86400:
                 raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
         if self["listen"].split(":", 1)[0] == "ssl":
@@ -180,7 +182,8 @@ def makeService(config: Options) -> service.MultiService:
 
     limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
                     handshake_timeout=config["handshake-timeout"],
-                    idle_timeout=config["idle-timeout"])
+                    idle_timeout=config["idle-timeout"],
+                    frame_timeout=config["frame-timeout"])
     authz = Authorizer(policy)
     jobs = JobManager(reactor, logs, grace=config["grace"])
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))

@@ -1,0 +1,223 @@
+"""``twistd jobworker``: its options, and one clear line when it cannot start."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from conftest import BIN, PKI, wait_for
+from jobworker import codec
+from jobworker.tap import Options
+
+# -- Options, parsed in-process (as twisted/runner/test/test_procmontap.py does) ---------------
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults() -> None:
+    """With only --pki, every other option has its documented default."""
+    opts = parse("--pki", "/p")
+    assert opts["listen"] == "tcp:8443:interface=127.0.0.1"
+    assert opts["state-dir"] == "./jobworker-state"
+    assert opts["max-frame"] == codec.DEFAULT_MAX_FRAME
+    assert opts["max-connections"] == 1024
+    assert (opts["handshake-timeout"], opts["idle-timeout"], opts["frame-timeout"]) == \
+        (10.0, 300.0, 30.0)
+    assert opts["grace"] == 5.0
+    assert opts["policy"] is None and opts["crl"] == []
+
+
+def test_pki_names_the_three_files() -> None:
+    """--pki DIR means DIR/ca.pem, DIR/server.pem and DIR/server.key."""
+    opts = parse("--pki", "/p")
+    assert (opts["ca"], opts["cert"], opts["key"]) == (
+        "/p/ca.pem", "/p/server.pem", "/p/server.key")
+
+
+def test_explicit_files_win_over_pki() -> None:
+    """--cert and --key given with --pki replace only those two files."""
+    opts = parse("--pki", "/p", "--cert", "/o/c.pem", "--key", "/o/c.key")
+    assert (opts["ca"], opts["cert"], opts["key"]) == ("/p/ca.pem", "/o/c.pem", "/o/c.key")
+
+
+def test_numbers_are_parsed() -> None:
+    """Numeric options are converted to int or float."""
+    opts = parse("--pki", "/p", "--max-frame", "2048", "--max-connections", "3",
+                 "--handshake-timeout", "1.5", "--idle-timeout", "2", "--frame-timeout", "0.5",
+                 "--grace", "7")
+    assert (opts["max-frame"], opts["max-connections"]) == (2048, 3)
+    assert (opts["handshake-timeout"], opts["idle-timeout"], opts["frame-timeout"],
+            opts["grace"]) == (1.5, 2.0, 0.5, 7.0)
+
+
+def test_crl_may_be_repeated() -> None:
+    """--crl collects every file it is given, in order."""
+    assert parse("--pki", "/p", "--crl", "a.pem", "--crl", "b.pem")["crl"] == ["a.pem", "b.pem"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "--ca, --cert, --key required"),
+    (("--ca", "c", "--cert", "s"), "--key required"),
+    (("--pki", "/p", "--max-frame", "1023"), "--max-frame"),
+    (("--pki", "/p", "--max-frame", str(16 * 1024 * 1024 + 1)), "--max-frame"),
+    (("--pki", "/p", "--max-connections", "0"), "--max-connections"),
+    (("--pki", "/p", "--handshake-timeout", "0"), "--handshake-timeout"),
+    (("--pki", "/p", "--idle-timeout", "-1"), "--idle-timeout"),
+    (("--pki", "/p", "--frame-timeout", "0"), "--frame-timeout"),
+    (("--pki", "/p", "--frame-timeout", "86401"), "--frame-timeout"),
+    (("--pki", "/p", "--grace", "0"), "--grace"),
+    (("--pki", "/p", "--listen", "ssl:8443"), "plain endpoint"),
+])
+def test_bad_values_are_usage_errors(argv: tuple[str, ...], message: str) -> None:
+    """Missing credentials and out-of-range values are refused by postOptions."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+@pytest.mark.parametrize("argv", [("--pki", "/p", "--max-frame", "lots"),
+                                  ("--pki", "/p", "--idle-timeout", "soon")])
+def test_non_numbers_are_usage_errors(argv: tuple[str, ...]) -> None:
+    """A word where a number belongs is a usage error, not a crash."""
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+# -- the real twistd ---------------------------------------------------------------------------
+
+
+def twistd(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JWCLIENT_")}
+    return subprocess.run([str(BIN / "twistd"), "--nodaemon", "--pidfile=", "jobworker", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def start_args(p: PKI, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--pki", str(p.dir), "--state-dir", str(tmp_path / "state"),
+            "--listen", "tcp:0:interface=127.0.0.1", *extra]
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("twistd jobworker: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_lists_every_option(tmp_path: Path) -> None:
+    """``twistd jobworker --help`` exits 0 and documents every option."""
+    result = twistd("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("--listen", "--pki", "--ca", "--cert", "--key", "--crl", "--state-dir",
+                   "--max-frame", "--max-connections", "--handshake-timeout",
+                   "--idle-timeout", "--frame-timeout", "--grace", "--policy"):
+        assert f"{option}=" in result.stdout, option
+
+
+def test_twistd_lists_the_jobworker_plugin(tmp_path: Path) -> None:
+    """``twistd --help`` names jobworker among its commands, with its description."""
+    result = subprocess.run([str(BIN / "twistd"), "--help"], capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path)
+    assert result.returncode == 0
+    assert "jobworker" in result.stdout and "TLS 1.3" in result.stdout
+
+
+def test_missing_ca_file(test_pki: PKI, tmp_path: Path) -> None:
+    """A CA file that does not exist: one line naming it, exit non-zero, no traceback."""
+    missing = str(tmp_path / "no-such-ca.pem")
+    result = twistd(*start_args(test_pki, tmp_path, "--ca", missing), cwd=tmp_path)
+    assert_one_line_failure(result, missing, "No such file")
+
+
+def test_missing_key_file(test_pki: PKI, tmp_path: Path) -> None:
+    """A key file that does not exist: one line naming it."""
+    missing = str(tmp_path / "no-such.key")
+    result = twistd(*start_args(test_pki, tmp_path, "--key", missing), cwd=tmp_path)
+    assert_one_line_failure(result, missing, "No such file")
+
+
+def test_unreadable_key(test_pki: PKI, tmp_path: Path) -> None:
+    """A key path that cannot be read (a directory: root reads any mode bits) is one line."""
+    unreadable = tmp_path / "key-dir"
+    unreadable.mkdir()
+    result = twistd(*start_args(test_pki, tmp_path, "--key", str(unreadable)), cwd=tmp_path)
+    assert_one_line_failure(result, str(unreadable), "cannot read private key")
+
+
+def test_key_that_is_not_a_key(test_pki: PKI, tmp_path: Path) -> None:
+    """A file that holds no private key (here a certificate) is one line."""
+    result = twistd(*start_args(test_pki, tmp_path, "--key", test_pki.ca), cwd=tmp_path)
+    assert_one_line_failure(result, test_pki.ca, "not an unencrypted PEM key")
+
+
+def test_key_that_does_not_match_the_certificate(test_pki: PKI, tmp_path: Path) -> None:
+    """A valid key of another certificate: one line saying they do not match."""
+    _, _, alice_key = test_pki.paths("alice")
+    result = twistd(*start_args(test_pki, tmp_path, "--key", alice_key), cwd=tmp_path)
+    assert_one_line_failure(result, alice_key, "does not match")
+
+
+def test_server_certificate_without_server_auth(test_pki: PKI, tmp_path: Path) -> None:
+    """A certificate clients would refuse (clientAuth only) stops the daemon at start."""
+    _, cert, key = test_pki.paths("alice")
+    result = twistd(*start_args(test_pki, tmp_path, "--cert", cert, "--key", key), cwd=tmp_path)
+    assert_one_line_failure(result, "serverAuth")
+
+
+def test_port_in_use(test_pki: PKI, tmp_path: Path) -> None:
+    """Another listener on the port: one line on stderr, not a daemon that runs without listening."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = twistd("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
+                        "--listen", f"tcp:{port}:interface=127.0.0.1", cwd=tmp_path)
+    assert_one_line_failure(result, "cannot listen", str(port), "in use")
+
+
+def test_port_in_use_when_daemonizing(test_pki: PKI, tmp_path: Path) -> None:
+    """Without --nodaemon, a failed listen makes twistd exit 1 at once and remove its pidfile
+    (it used to wait forever for the daemon to report that it had started)."""
+    pidfile, logfile = tmp_path / "jw.pid", tmp_path / "jw.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(BIN / "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}", "jobworker",
+             "--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
+             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            capture_output=True, text=True, timeout=30, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+    wait_for(lambda: not pidfile.exists(), 10, what="the daemon child to remove its pidfile")
+    assert f"twistd jobworker: cannot listen on tcp:{port}" in logfile.read_text()
+
+
+def test_bad_listen_description(test_pki: PKI, tmp_path: Path) -> None:
+    """An endpoint description Twisted cannot parse is one line naming it."""
+    result = twistd("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
+                    "--listen", "tcp:notaport", cwd=tmp_path)
+    assert_one_line_failure(result, "tcp:notaport")
+
+
+def test_usage_errors_exit_non_zero_without_traceback(test_pki: PKI, tmp_path: Path) -> None:
+    """An out-of-range option stops twistd with its message and no traceback."""
+    result = twistd(*start_args(test_pki, tmp_path, "--frame-timeout", "0"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--frame-timeout must be between" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout

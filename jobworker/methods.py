@@ -102,7 +102,8 @@ def table(server: RPCServer) -> dict[str, tuple[Schema, Handler]]:
         "whoami": (schema(), m.whoami),
         "start": (schema({"command": string(4096, nonempty=True)}, {
             "args": (list_of(string(65536), 4096), []),
-            "env": (list_of(string(65536), 1024), []),
+            # Bad env entries (NUL included) become a failed job record, not a bad_request.
+            "env": (list_of(string(65536, no_nul=False), 1024), []),
             "dir": (string(4096, nonempty=True), None),
             "timeout": (number(0.001, 10.0**8), None),
         }), m.start),

@@ -147,6 +147,9 @@ class RPCServerProtocol(FrameProtocol):
         self._timer = None
 
     def _timed_out(self, why: str) -> None:
+        for timer in (self._timer, self._frame_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._timer = None
         self._frame_timer = None
         self.log.info("connection.timeout reason={reason} identity={identity}",

@@ -622,9 +622,6 @@ def test_a_request_in_flight_suspends_the_idle_timer(alice_cert: Any) -> None:
     assert s.transport.disconnected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server.py _timed_out drops the other timer instead of cancelling it, so after a "
-    "partial-frame timeout the idle timer still fires on the dead connection"))
 def test_no_timer_outlives_a_connection_closed_by_a_timeout(alice_cert: Any) -> None:
     """After the partial-frame timeout closes a connection, nothing is left on the clock."""
     s = Server(alice_cert, LIMITS)

@@ -157,6 +157,9 @@ def _base_context(ca: str, cert: str, key: str, purpose: x509.ObjectIdentifier,
 
 VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
 
+#: OpenSSL's verdict on a leaf whose extended key usage does not allow its use.
+_X509_V_ERR_INVALID_PURPOSE = 26
+
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
@@ -219,10 +222,12 @@ class ClientTLS:
     def _verifier(self, tls_protocol: object) -> VerifyCallback:
         def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
                    ok: int) -> bool:
-            if not ok or depth != 0:
+            if depth != 0 or (not ok and errno != _X509_V_ERR_INVALID_PURPOSE):
                 return bool(ok)
             leaf = cert.to_cryptography()
             problem = leaf_problem(leaf, ExtendedKeyUsageOID.SERVER_AUTH)
+            if problem is None and not ok:  # OpenSSL's purpose check saw more than we do
+                problem = "server certificate is not valid for serverAuth"
             if problem is None:
                 try:
                     if self._is_ip:

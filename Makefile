@@ -34,8 +34,10 @@ run: $(STAMP) $(PKI)/ca.pem
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+RUFF_RULES := --isolated --line-length 100 --select E4,E7,E9,F,W,I,B,UP --ignore B008
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jobworker tests bench twisted
+	$(VENV)/bin/ruff check $(RUFF_RULES) jobworker tests bench twisted
 	$(VENV)/bin/mypy jobworker
 
 bench: $(STAMP)

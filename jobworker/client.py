@@ -138,7 +138,8 @@ async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> 
 
 
 def _reason(e: Exception) -> str:
-    text = str(e.osError) if getattr(e, "osError", None) else str(e)
+    os_error = getattr(e, "osError", None)
+    text = str(os_error) if os_error else str(e)
     return text.strip().rstrip(".") or type(e).__name__
 
 

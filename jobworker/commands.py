@@ -175,7 +175,7 @@ async def run_(reactor: Any, client: Client, args: argparse.Namespace) -> int:
     record = await _start(client, args)
     if record.state == FAILED:
         raise Failed(f"cannot start {args.program}: {record.error}", 125)
-    interrupted = []
+    interrupted: list[int] = []
 
     def on_interrupt(signum: int, frame: Any) -> None:
         if interrupted:  # a second Ctrl-C: leave now, the stop is already on its way

@@ -35,6 +35,9 @@ class FrameProtocol(Int32StringReceiver):
 
     _buffer: bytearray
     _refusing = False
+    # TLS transports carry more than ITransport declares (getPeerCertificate,
+    # abortConnection, producers): typed loosely rather than cast at every use.
+    transport: Any
 
     def makeConnection(self, transport: Any) -> None:
         self._buffer = bytearray()
@@ -130,7 +133,7 @@ class RPCClientProtocol(FrameProtocol):
                                            str(err.get("message", ""))))
             return
         entry = self._pending.get(rid) if isinstance(rid, int) else None
-        if entry is None:
+        if entry is None or not isinstance(rid, int):
             self.log.debug("reply to unknown request {rid!r}", rid=rid)
             return
         d, on_chunk = entry

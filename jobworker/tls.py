@@ -36,6 +36,10 @@ class TLSConfigError(Exception):
     """A certificate, key, CA or CRL file is missing, unreadable or inconsistent."""
 
 
+class PeerCertificateError(Exception):
+    """The server's certificate chained to our CA but is unfit: wrong name or purpose."""
+
+
 @dataclass(frozen=True)
 class PeerIdentity:
     """Who is on the other end: CN is the identity, OU the role it claims."""
@@ -241,7 +245,7 @@ class ClientTLS:
             if problem is not None:
                 fail = getattr(tls_protocol, "failVerification", None)
                 if fail is not None:
-                    fail(Failure(VerificationError(problem)))
+                    fail(Failure(PeerCertificateError(problem)))
                 return False
             return True
 

@@ -119,6 +119,8 @@ async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> 
         await endpoints.connectProtocol(endpoint, protocol)
     except (ConnectError, DNSLookupError) as e:
         raise ClientError(f"cannot connect to {config.server}: {_reason(e)}") from None
+    except ValueError as e:  # HostnameEndpoint: "invalid hostname"
+        raise ClientError(f"bad server address {config.server!r}: {e}") from None
     hello = protocol.call("hello", {"version": PROTOCOL_VERSION,
                                     "client": f"jobworker/{__version__}"})
     hello.addTimeout(timeout, reactor)
@@ -139,7 +141,10 @@ async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> 
 
 def _reason(e: Exception) -> str:
     os_error = getattr(e, "osError", None)
-    text = str(os_error) if os_error else str(e)
+    if isinstance(os_error, int):  # Twisted's TCP client gives the bare errno
+        text = os.strerror(os_error)
+    else:
+        text = str(os_error) if os_error else str(e)
     return text.strip().rstrip(".") or type(e).__name__
 
 

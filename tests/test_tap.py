@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import BIN, PKI, wait_for
 from twisted.python import usage
 
-from conftest import BIN, PKI, wait_for
 from jobworker import codec
 from jobworker.tap import Options
 

@@ -13,14 +13,14 @@ from typing import Any
 import msgpack
 import pytest
 import pytest_twisted
+from conftest import PKI, Daemon
 from OpenSSL import SSL
 from twisted.internet import reactor
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 
-from conftest import PKI, Daemon
 from jobworker import PROTOCOL_VERSION, pki
 from jobworker.client import ClientConfig, ClientError, connect
 

@@ -179,6 +179,11 @@ class LogStream:
                 if data:
                     self.offset += len(data)
                     self._call.send_chunk(data)
+                    # The connection passes on only its first pause: if another stream on
+                    # it filled the transport before we were resumed, this chunk was our
+                    # share, and we wait for the next resume like the others.
+                    if self._call.protocol.paused:
+                        self._paused = True
                     continue
                 if not self._follow or self._ended:
                     self._finish(None)

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 
 from jobworker import render
@@ -21,6 +21,8 @@ from jobworker.errors import JobWorkerError
 from jobworker.messages import FAILED, JobRecord
 
 MAX_JOBS = 10000
+#: Requests one batch keeps in flight: the daemon refuses more than 256 per connection.
+IN_FLIGHT = 128
 
 
 class BatchError(Exception):
@@ -121,12 +123,13 @@ class Progress:
 
 async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
               as_json: bool, out: IO[str]) -> int:
-    async def start(spec: JobSpec) -> JobRecord:
-        return await client.start(spec.command, spec.args, env=spec.env, dir=spec.dir,
-                                  timeout=spec.timeout)
+    limit = DeferredSemaphore(IN_FLIGHT)
 
-    results = await DeferredList([Deferred.fromCoroutine(start(s)) for s in specs],
-                                 consumeErrors=True)
+    def start(spec: JobSpec) -> Deferred[JobRecord]:
+        return Deferred.fromCoroutine(client.start(spec.command, spec.args, env=spec.env,
+                                                   dir=spec.dir, timeout=spec.timeout))
+
+    results = await DeferredList([limit.run(start, s) for s in specs], consumeErrors=True)
     records: list[JobRecord | None] = []
     problems: list[str] = []
     for spec, (ok, value) in zip(specs, results):
@@ -158,13 +161,19 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
         ticker.clock = reactor
         ticker.start(1.0, now=False)
 
-    async def wait_one(index: int, record: JobRecord) -> JobRecord:
-        final = await client.record("wait", record.id)
+    async def wait_one(index: int, record: JobRecord) -> None:
+        try:
+            final = await client.record("wait", record.id)
+        except JobWorkerError as e:
+            problems.append(f"{specs[index].name}: {e.message}")
+            return
         progress.update(index, final)
-        return final
+
+    def waited(index: int, record: JobRecord) -> Deferred[None]:
+        return Deferred.fromCoroutine(wait_one(index, record))
 
     try:
-        await DeferredList([Deferred.fromCoroutine(wait_one(i, r))
+        await DeferredList([limit.run(waited, i, r)
                             for i, r in enumerate(records) if r is not None and not r.ended],
                            consumeErrors=True)
     finally:

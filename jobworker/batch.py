@@ -132,7 +132,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
     results = await DeferredList([limit.run(start, s) for s in specs], consumeErrors=True)
     records: list[JobRecord | None] = []
     problems: list[str] = []
-    for spec, (ok, value) in zip(specs, results):
+    for spec, (ok, value) in zip(specs, results, strict=True):
         if ok:
             records.append(value)
             if value.state == FAILED:
@@ -145,7 +145,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
         if as_json:
             out.write(json.dumps([r.to_wire() if r else None for r in records], indent=2) + "\n")
         else:
-            for spec, r in zip(specs, records):
+            for spec, r in zip(specs, records, strict=True):
                 out.write(f"{r.id if r else '-'}  {spec.name}\n")
         _report(problems)
         return 1 if problems else 0
@@ -198,11 +198,11 @@ def _report(problems: list[str]) -> None:
 
 def summary(specs: list[JobSpec], records: list[JobRecord | None], now: float) -> str:
     rows = [("NAME", "ID", "RESULT", "RUNTIME")]
-    for spec, r in zip(specs, records):
+    for spec, r in zip(specs, records, strict=True):
         rows.append((spec.name, r.id if r else "-", render.outcome(r) if r else "not started",
                      render.runtime(r, now) if r else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join([*(f"{c:<{w}}" for c, w in zip(row[:3], widths)), row[3]]).rstrip()
+    lines = ["  ".join([*(f"{c:<{w}}" for c, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip()
              for row in rows]
     ok = sum(1 for r in records if r is not None and r.exit_status() == 0 and r.state != FAILED)
     lines.append(f"{ok} of {len(records)} jobs succeeded")

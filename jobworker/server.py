@@ -117,6 +117,10 @@ class RPCServerProtocol(FrameProtocol):
         self._arm_idle()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.peer is None:
+            # Refused handshakes (bad, expired, revoked certificates) end here: say why.
+            self.log.info("connection.handshake_failed peer={addr} reason={reason}",
+                          addr=str(self.transport.getPeer()), reason=reason.getErrorMessage())
         self.connected_and_open = False
         self._cancel_timer()
         if self._frame_timer is not None and self._frame_timer.active():
@@ -176,7 +180,7 @@ class RPCServerProtocol(FrameProtocol):
                       length=length, limit=self.MAX_LENGTH)
         self._send_error(None, FrameTooLarge(
             f"frame of {length} bytes is over the {self.MAX_LENGTH}-byte limit"))
-        self.transport.loseConnection()
+        self._close()
 
     def stringReceived(self, string: bytes) -> None:
         if self.peer is None or self.who is None:  # pre-handshake data never reaches us
@@ -222,7 +226,7 @@ class RPCServerProtocol(FrameProtocol):
                 error = JobWorkerError("internal error")
             self._send_error(call.id, error)
             if isinstance(error, UnsupportedVersion):
-                self.transport.loseConnection()
+                self._close()
         elif self.connected_and_open:
             if call.method == "hello":
                 self._hello = True
@@ -232,6 +236,15 @@ class RPCServerProtocol(FrameProtocol):
                 self._send_error(call.id, e)
         self._arm_idle()
         return None
+
+    def _close(self) -> None:
+        """Close after what was written is flushed.  TLS will not shut down while a
+        producer is registered, so we step down as the transport's producer first."""
+        for producer in list(self._producers):
+            producer.stopProducing()
+        self._producers.clear()
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def _send_error(self, rid: int | None, error: JobWorkerError) -> None:
         if self.connected_and_open:

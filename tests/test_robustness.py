@@ -149,9 +149,6 @@ def test_unframed_random_bytes_get_frame_too_large(daemon: Daemon) -> None:
     assert whoami_on_a_new_connection(daemon)["identity"] == "bob"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server.py: RPCServerProtocol stays registered as the TLS transport's producer, and "
-    "TLSMemoryBIOProtocol.loseConnection waits for unregisterProducer before closing"))
 @pytest.mark.parametrize("mistake", ["oversize", "random", "version"])
 def test_a_fatal_mistake_is_answered_then_the_connection_closes(daemon: Daemon,
                                                                 mistake: str) -> None:

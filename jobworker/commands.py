@@ -172,26 +172,35 @@ async def wait(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 
 
 async def run_(reactor: Any, client: Client, args: argparse.Namespace) -> int:
-    record = await _start(client, args)
-    if record.state == FAILED:
-        raise Failed(f"cannot start {args.program}: {record.error}", 125)
     interrupted: list[int] = []
+    started: list[JobRecord] = []
+    stopping: list[Deferred[Any]] = []
 
     def on_interrupt(signum: int, frame: Any) -> None:
         if interrupted:  # a second Ctrl-C: leave now, the stop is already on its way
             reactor.callFromThread(reactor.stop)
             return
         interrupted.append(signum)
-        reactor.callFromThread(_stop_job)
+        if started:
+            reactor.callFromThread(_stop_job)
 
     def _stop_job() -> None:
-        _error(f"interrupted: stopping job {record.id}")
-        client.call("stop", {"job": record.id}).addErrback(
-            lambda f: _error(f"stop failed: {f.getErrorMessage()}"))
+        _error(f"interrupted: stopping job {started[0].id}")
+        stopping.append(client.call("stop", {"job": started[0].id}).addErrback(
+            lambda f: _error(f"stop failed: {f.getErrorMessage()}")))
 
+    # Handled from before the start, so a Ctrl-C while it is under way still stops the job.
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
+        record = await _start(client, args)
+        if record.state == FAILED:
+            raise Failed(f"cannot start {args.program}: {record.error}", 125)
+        started.append(record)
+        if interrupted:
+            _stop_job()
         final = await _follow_both(client, record.id, True)
+        if stopping:  # its reply comes just after the logs' final replies: wait for it
+            await stopping[0]
     finally:
         signal.signal(signal.SIGINT, previous)
     ended = JobRecord.from_wire(final["record"])

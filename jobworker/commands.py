@@ -10,15 +10,16 @@ import json
 import signal
 import sys
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.internet.task import react
 
+from jobworker import render
 from jobworker.client import Client, ClientConfig, ClientError, connect
 from jobworker.errors import JobWorkerError
 from jobworker.messages import FAILED, JobRecord
-from jobworker import render
 
 Command = Callable[[Any, Client, argparse.Namespace], Coroutine[Any, Any, int]]
 

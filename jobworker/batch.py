@@ -23,6 +23,8 @@ from jobworker.messages import FAILED, JobRecord
 MAX_JOBS = 10000
 #: Requests one batch keeps in flight: the daemon refuses more than 256 per connection.
 IN_FLIGHT = 128
+#: Seconds between redraws of the progress lines on a terminal.
+TICK = 0.25
 
 
 class BatchError(Exception):
@@ -87,7 +89,11 @@ def _spec(path: str, index: int, job: Any) -> JobSpec:
 
 
 class Progress:
-    """One status line per job: redrawn in place on a terminal, else a line per ending."""
+    """One status line per job: redrawn in place on a terminal, else a line per ending.
+
+    On a terminal only the ticker draws, so a batch of N jobs costs N lines per tick,
+    not N lines per job that ends.
+    """
 
     def __init__(self, out: IO[str], names: list[str], tty: bool) -> None:
         self.out = out
@@ -100,9 +106,7 @@ class Progress:
     def update(self, index: int, record: JobRecord) -> None:
         before = self.records[index]
         self.records[index] = record
-        if self.tty:
-            self.draw()
-        elif record.ended and (before is None or not before.ended):
+        if not self.tty and record.ended and (before is None or not before.ended):
             self.out.write(self._line(index, time.time()) + "\n")
             self.out.flush()
 
@@ -159,7 +163,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
     if tty:
         ticker = LoopingCall(progress.draw)
         ticker.clock = reactor
-        ticker.start(1.0, now=False)
+        ticker.start(TICK)
 
     async def wait_one(index: int, record: JobRecord) -> None:
         try:
@@ -179,6 +183,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
     finally:
         if ticker is not None:
             ticker.stop()
+            progress.draw()
     finals = progress.records
     if as_json:
         out.write(json.dumps([r.to_wire() if r else None for r in finals], indent=2) + "\n")

@@ -1,0 +1,284 @@
+"""``jwclient run`` and ``jwclient submit`` against a real daemon: streamed output, exit
+statuses, Ctrl-C, batch files, live progress and the summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, Daemon
+
+from jobworker import batch
+from jobworker.messages import JobRecord
+
+# Last resort; every wait below has its own deadline.
+pytestmark = pytest.mark.timeout(120, method="thread")
+
+WAIT = 20.0
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def jwclient_cmd(daemon: Daemon, *args: str) -> list[str]:
+    return [str(BIN / "jwclient"), "--server", daemon.address, "--pki", str(daemon.pki.dir),
+            "--identity", "alice", *args]
+
+
+def record(daemon: Daemon, job: str) -> dict[str, object]:
+    result = daemon.jwclient("--json", "status", job, check=True, timeout=WAIT)
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def job_ids(daemon: Daemon) -> set[str]:
+    listed = daemon.jwclient("--json", "list", check=True, timeout=WAIT).stdout
+    return {r["id"] for r in json.loads(listed)}
+
+
+def read_until(fd: int, predicate: object, timeout: float = WAIT) -> bytes:
+    """Read ``fd`` until ``predicate(data)`` holds or EOF; fail after ``timeout``."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not predicate(data):  # type: ignore[operator]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout}s; read so far: {data!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        try:
+            more = os.read(fd, 65536)
+        except OSError:  # EIO: a pty whose other end has closed
+            more = b""
+        if not more:
+            break
+        data += more
+    return data
+
+
+def write_batch(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def test_run_streams_stdout_and_stderr_and_exits_with_the_job_code(daemon: Daemon) -> None:
+    """``run`` writes the job's stdout to stdout and its stderr to stderr, byte-exact, and
+    exits with the job's exit code."""
+    result = daemon.jwclient("run", "--", "sh", "-c",
+                             "printf 'out\\n'; printf 'err\\n' >&2; printf tail; exit 7",
+                             timeout=WAIT)
+    assert (result.returncode, result.stdout, result.stderr) == (7, b"out\ntail", b"err\n")
+
+
+@pytest.mark.parametrize("sig, status", [("KILL", 137), ("SEGV", 139)])
+def test_run_exits_128_plus_n_for_a_job_killed_by_signal_n(daemon: Daemon, sig: str,
+                                                          status: int) -> None:
+    """A job killed by signal N makes ``run`` exit 128+N, as a shell would."""
+    result = daemon.jwclient("run", "--", "sh", "-c", f"echo before; kill -{sig} $$",
+                             timeout=WAIT)
+    assert (result.returncode, result.stdout) == (status, b"before\n")
+
+
+def test_run_exits_125_on_its_own_errors(daemon: Daemon) -> None:
+    """A job that cannot start, or a daemon that cannot be reached, makes ``run`` exit 125
+    with one line on stderr."""
+    missing = daemon.jwclient("run", "--", "/no/such/program", timeout=WAIT)
+    assert missing.returncode == 125
+    assert missing.stderr.decode().count("\n") == 1
+    assert "/no/such/program" in missing.stderr.decode()
+    unreachable = subprocess.run(
+        [str(BIN / "jwclient"), "--server", "127.0.0.1:1", "--pki", str(daemon.pki.dir),
+         "--identity", "alice", "run", "--", "true"], capture_output=True, timeout=WAIT)
+    assert unreachable.returncode == 125
+    assert unreachable.stderr.decode().count("\n") == 1
+
+
+def test_run_ctrl_c_stops_the_job_and_exits_with_its_status(daemon: Daemon) -> None:
+    """SIGINT to ``run`` once output has arrived stops the job on the daemon (SIGTERM),
+    says so on stderr, and exits 143 with the job's status."""
+    proc = subprocess.Popen(
+        jwclient_cmd(daemon, "run", "--", "sh", "-c", 'echo "$JOBWORKER_JOB_ID"; exec sleep 60'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        first = read_until(proc.stdout.fileno(), lambda data: b"\n" in data)
+        job = first.decode().strip()
+        assert UUID.fullmatch(job), first
+        assert record(daemon, job)["state"] == "running"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 143
+    lines = err.decode().splitlines()
+    assert lines == [f"jwclient: interrupted: stopping job {job}",
+                     f"jwclient: job {job} stopped (SIGTERM)"]
+    final = record(daemon, job)
+    assert (final["state"], final["signal"]) == ("stopped", "SIGTERM")
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+
+def test_submit_starts_every_job_and_prints_their_ids(daemon: Daemon, tmp_path: Path) -> None:
+    """Without --wait, ``submit`` starts all jobs and prints "ID  NAME" for each, in file
+    order; args, env, dir and the default name reach the jobs."""
+    batch = write_batch(tmp_path / "b.toml", f"""
+[[job]]
+name = "args"
+command = "printf"
+args = ["%s-%s", "a b", "c"]
+
+[[job]]
+name = "env-and-dir"
+command = "sh"
+args = ["-c", 'printf "%s in %s" "$GREETING" "$(pwd)"']
+env = {{ GREETING = "hello" }}
+dir = "{tmp_path}"
+
+[[job]]
+command = "true"
+""")
+    result = daemon.jwclient("submit", batch, check=True, timeout=WAIT)
+    rows = [line.split("  ") for line in result.stdout.decode().splitlines()]
+    assert [name for _, name in rows] == ["args", "env-and-dir", "job3"]
+    assert all(UUID.fullmatch(job) for job, _ in rows)
+    for job, _ in rows:
+        daemon.jwclient("wait", job, check=True, timeout=WAIT)
+    out = [daemon.jwclient("logs", job, check=True).stdout for job, _ in rows]
+    assert out == [b"a b-c", f"hello in {tmp_path}".encode(), b""]
+
+
+def test_submit_wait_shows_progress_and_a_summary_listing_the_failed_jobs(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """``submit --wait`` with stdout not a terminal prints one plain line per job as it ends,
+    then a summary table naming each job's result; it exits 1 since some failed."""
+    batch = write_batch(tmp_path / "b.toml", """
+[[job]]
+name = "good"
+command = "sh"
+args = ["-c", "sleep 0.3"]
+
+[[job]]
+name = "bad"
+command = "sh"
+args = ["-c", "exit 3"]
+
+[[job]]
+name = "missing"
+command = "/no/such/program"
+""")
+    result = daemon.jwclient("submit", "--wait", batch, timeout=WAIT)
+    out = result.stdout.decode()
+    assert result.returncode == 1
+    assert "\x1b" not in out
+    progress, summary = out.split("\n\n")
+    assert sorted(line.split()[0] for line in progress.splitlines()) == ["bad", "good", "missing"]
+    table = summary.splitlines()
+    assert table[0].split() == ["NAME", "ID", "RESULT", "RUNTIME"]
+    rows = {line.split()[0]: line for line in table[1:4]}
+    assert "exited 0" in rows["good"]
+    assert "exited 3" in rows["bad"]
+    assert "failed: " in rows["missing"]
+    assert table[4] == "1 of 3 jobs succeeded"
+    assert "missing: " in result.stderr.decode()
+
+
+def test_submit_wait_redraws_progress_in_place_on_a_terminal(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    """On a terminal, ``submit --wait`` redraws its status lines in place (cursor up, clear
+    line) rather than appending, and ends with the summary; exit 0 when all succeed."""
+    batch = write_batch(tmp_path / "b.toml", """
+[[job]]
+name = "quick"
+command = "true"
+
+[[job]]
+name = "slow"
+command = "sleep"
+args = ["0.8"]
+""")
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(jwclient_cmd(daemon, "submit", "--wait", batch), stdout=terminal,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    try:
+        out = read_until(controller, lambda data: False).decode()
+        proc.wait(WAIT)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0
+    assert out.count("\x1b[2F") >= 2  # redrawn at least once while "slow" ran, and at the end
+    last = out.rsplit("\x1b[2F", 1)[1]
+    assert re.search(r"quick\s+exited 0", last) and re.search(r"slow\s+exited 0", last)
+    assert "2 of 2 jobs succeeded" in out
+
+
+def test_progress_on_a_terminal_draws_only_when_the_ticker_asks() -> None:
+    """On a terminal, jobs ending write nothing themselves: a batch of N jobs costs N lines
+    per redraw, not N lines for each of the N endings."""
+    out = io.StringIO()
+    progress = batch.Progress(out, [f"job{i}" for i in range(200)], tty=True)
+    for i in range(200):
+        progress.update(i, JobRecord(id=str(i), pid=i, command="true", args=[], dir="/",
+                                     owner="alice", state="exited", exit_code=0, signal=None,
+                                     error=None, started_at="2026-11-28T04:10:00.000000Z",
+                                     ended_at="2026-11-28T04:10:01.000000Z", log_dir="/"))
+    assert out.getvalue() == ""
+    progress.draw()
+    progress.draw()
+    assert out.getvalue().count("\n") == 400 and out.getvalue().count("\x1b[200F") == 1
+
+
+def test_submit_wait_handles_more_jobs_than_requests_in_flight(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    """A batch of 300 jobs, more than the daemon allows in flight on one connection, is
+    started and waited for in full."""
+    batch = write_batch(tmp_path / "b.toml",
+                        '[[job]]\ncommand = "sleep"\nargs = ["0.5"]\n' * 300)
+    result = daemon.jwclient("submit", "--wait", batch, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "300 of 300 jobs succeeded"
+
+
+def test_the_example_batch_file_runs(daemon: Daemon) -> None:
+    """examples/batch.toml, the documented example, is valid and all its jobs succeed."""
+    result = daemon.jwclient("submit", "--wait", str(ROOT / "examples" / "batch.toml"),
+                             timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "3 of 3 jobs succeeded"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("not toml [", "not valid TOML"),
+    ("", "no [[job]] tables"),
+    ('title = "x"\n[[job]]\ncommand = "true"\n', "only [[job]] tables"),
+    ('[[job]]\nargs = ["x"]\n', "'command' must be a non-empty string"),
+    ('[[job]]\ncommand = "true"\nshell = true\n', "unknown keys shell"),
+    ('[[job]]\ncommand = "true"\nenv = { N = 3 }\n', "'env' must be a table of strings"),
+    ('[[job]]\ncommand = "true"\nargs = "x"\n', "'args' must be a list of strings"),
+    ('[[job]]\ncommand = "true"\ntimeout = -1\n', "'timeout' must be a positive number"),
+])
+def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
+        daemon: Daemon, tmp_path: Path, text: str, says: str) -> None:
+    """A malformed batch file starts no job: exit 2 and one line saying what is wrong."""
+    before = job_ids(daemon)
+    result = daemon.jwclient("submit", write_batch(tmp_path / "b.toml", text), timeout=WAIT)
+    assert result.returncode == 2
+    assert result.stderr.decode().count("\n") == 1 and says in result.stderr.decode()
+    assert job_ids(daemon) == before

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from jobworker.messages import FAILED, RUNNING, STOPPED, JobRecord
+from jobworker.messages import FAILED, LOST, RUNNING, STOPPED, JobRecord
 
 
 def parse_time(text: str | None) -> float | None:
@@ -49,11 +49,14 @@ def runtime(record: JobRecord, now: float) -> str:
 
 
 def outcome(record: JobRecord) -> str:
-    """``exited 0``, ``killed by SIGKILL``, ``stopped (SIGTERM)``, ``failed: why``."""
+    """``exited 0``, ``killed by SIGKILL``, ``stopped (SIGTERM)``, ``failed: why``,
+    ``lost: why``."""
     if record.state == RUNNING:
         return "running"
     if record.state == FAILED:
         return f"failed: {record.error}"
+    if record.state == LOST:
+        return f"lost: {record.error}" if record.error else "lost"
     how = (f"code {record.exit_code}" if record.exit_code is not None
            else f"{record.signal}" if record.signal else "?")
     extra = ", timed out" if record.timed_out else ""

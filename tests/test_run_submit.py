@@ -229,16 +229,39 @@ args = ["0.8"]
     assert "2 of 2 jobs succeeded" in out
 
 
+def ended(job_id: str, state: str = "exited", exit_code: int | None = 0,
+          signal: str | None = None, error: str | None = None) -> JobRecord:
+    return JobRecord(id=job_id, pid=1, command="true", args=[], dir="/", owner="alice",
+                     state=state, exit_code=exit_code, signal=signal, error=error,
+                     started_at="2026-11-28T04:10:00.000000Z",
+                     ended_at="2026-11-28T04:10:01.500000Z", log_dir="/")
+
+
+def test_summary_names_every_outcome_and_counts_successes() -> None:
+    """The summary shows each job's result, including killed, stopped, failed, lost and
+    never-started jobs, and counts only exit 0 as success."""
+    names = ["ok", "code", "killed", "stopped", "failed", "lost", "refused"]
+    specs = [batch.JobSpec(n, "true") for n in names]
+    records = [ended("1"), ended("2", exit_code=3), ended("3", exit_code=None, signal="SIGKILL"),
+               ended("4", "stopped", None, "SIGTERM"), ended("5", "failed", None, None, "nope"),
+               ended("6", "lost", None, None, "status lost"), None]
+    text = batch.summary(specs, records, 0.0)
+    rows = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    assert ["exited 0" in rows["ok"], "exited 3" in rows["code"],
+            "killed by SIGKILL" in rows["killed"], "stopped (SIGTERM)" in rows["stopped"],
+            "failed: nope" in rows["failed"], "lost: status lost" in rows["lost"],
+            "not started" in rows["refused"]] == [True] * 7
+    assert "1.5s" in rows["ok"]
+    assert text.splitlines()[-1] == "1 of 7 jobs succeeded"
+
+
 def test_progress_on_a_terminal_draws_only_when_the_ticker_asks() -> None:
     """On a terminal, jobs ending write nothing themselves: a batch of N jobs costs N lines
     per redraw, not N lines for each of the N endings."""
     out = io.StringIO()
     progress = batch.Progress(out, [f"job{i}" for i in range(200)], tty=True)
     for i in range(200):
-        progress.update(i, JobRecord(id=str(i), pid=i, command="true", args=[], dir="/",
-                                     owner="alice", state="exited", exit_code=0, signal=None,
-                                     error=None, started_at="2026-11-28T04:10:00.000000Z",
-                                     ended_at="2026-11-28T04:10:01.000000Z", log_dir="/"))
+        progress.update(i, ended(str(i)))
     assert out.getvalue() == ""
     progress.draw()
     progress.draw()

@@ -1,0 +1,64 @@
+"""Start latency: how long one client waits for ``start /bin/true`` to be acknowledged.
+
+How: one client on a warm connection (TLS handshake, hello and 50 warm-up starts done)
+sends ``start {"command": "/bin/true"}`` and waits for the reply (the job record), one at a
+time, N times; each sample is the wall time from sending to the reply.  The jobs exit at
+once and the daemon reaps them meanwhile, as it would in real use.
+
+Baseline, same run: a blocking ``os.posix_spawn`` + ``waitpid`` of /bin/true in this
+process (no reactor, no TLS), N times before and N times after the daemon's samples.
+Target: daemon p50 <= 2.5 x baseline p50.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import harness
+from harness import TRUE, Bench, Figure, Result, percentile, quantiles, say
+
+
+def run(quick: bool) -> Result:
+    count = 300 if quick else 3000
+    result = Result("start_latency", __doc__.split("\n\n")[1].replace("\n", " "))
+    say(__doc__)
+    say(f"  {count} samples each")
+
+    baseline = harness.bare_spawn_wait(TRUE, count // 2)
+    with Bench("start_latency") as bench:
+        samples = harness.run_on_reactor(lambda reactor: measure(reactor, bench, count))
+    baseline += harness.bare_spawn_wait(TRUE, count - count // 2)
+
+    ms = [s * 1000 for s in samples]
+    base_ms = [s * 1000 for s in baseline]
+    result.add(Figure("start latency p50", percentile(ms, 50), "ms",
+                      "posix_spawn+waitpid p50", percentile(base_ms, 50), "<= 2.5"))
+    result.add(Figure("start latency p99", percentile(ms, 99), "ms",
+                      "posix_spawn+waitpid p99", percentile(base_ms, 99)))
+    result.series["start_latency_ms"] = {"jobworker": quantiles(ms), "baseline": quantiles(base_ms),
+                                         "count": count}
+    return result
+
+
+async def measure(reactor: Any, bench: Bench, count: int) -> list[float]:
+    (client,) = await harness.connect(reactor, bench)
+    params = {"command": TRUE, "args": []}
+    try:
+        for _ in range(50):
+            await client.call("start", params)
+        samples = []
+        for _ in range(count):
+            began = time.perf_counter()
+            record = await client.call("start", params)
+            samples.append(time.perf_counter() - began)
+            if record["state"] == "failed":
+                raise RuntimeError(f"start failed: {record['error']}")
+        return samples
+    finally:
+        harness.close_all([client])
+
+
+if __name__ == "__main__":
+    opts = harness.cli(__doc__)
+    harness.finish(run(opts.quick), opts.json)

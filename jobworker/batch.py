@@ -95,10 +95,11 @@ class Progress:
     not N lines per job that ends.
     """
 
-    def __init__(self, out: IO[str], names: list[str], tty: bool) -> None:
+    def __init__(self, out: IO[str], names: list[str], tty: bool, quiet: bool = False) -> None:
         self.out = out
         self.names = names
         self.tty = tty
+        self.quiet = quiet  # --json: stdout carries the JSON document alone
         self.records: list[JobRecord | None] = [None] * len(names)
         self._drawn = 0
         self._width = max(len(n) for n in names)
@@ -106,7 +107,8 @@ class Progress:
     def update(self, index: int, record: JobRecord) -> None:
         before = self.records[index]
         self.records[index] = record
-        if not self.tty and record.ended and (before is None or not before.ended):
+        if not self.tty and not self.quiet and record.ended and (
+                before is None or not before.ended):
             self.out.write(self._line(index, time.time()) + "\n")
             self.out.flush()
 
@@ -155,7 +157,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
         return 1 if problems else 0
 
     tty = out.isatty() and not as_json
-    progress = Progress(out, [s.name for s in specs], tty)
+    progress = Progress(out, [s.name for s in specs], tty, quiet=as_json)
     for i, r in enumerate(records):
         if r is not None:
             progress.update(i, r)

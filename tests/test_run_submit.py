@@ -196,6 +196,17 @@ command = "/no/such/program"
     assert "missing: " in result.stderr.decode()
 
 
+def test_submit_json_prints_one_json_document_with_or_without_wait(daemon: Daemon) -> None:
+    """With --json, stdout is one JSON array of job records, the final ones with --wait:
+    no progress lines mixed in."""
+    example = str(ROOT / "examples" / "batch.toml")
+    started = json.loads(daemon.jwclient("--json", "submit", example, check=True).stdout)
+    assert [UUID.fullmatch(r["id"]) is not None for r in started] == [True] * 3
+    waited = daemon.jwclient("--json", "submit", "--wait", example, check=True, timeout=WAIT)
+    finals = json.loads(waited.stdout)
+    assert [(r["state"], r["exit_code"]) for r in finals] == [("exited", 0)] * 3
+
+
 def test_submit_wait_redraws_progress_in_place_on_a_terminal(daemon: Daemon,
                                                             tmp_path: Path) -> None:
     """On a terminal, ``submit --wait`` redraws its status lines in place (cursor up, clear

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,15 @@ def test_the_example_batch_file_runs(daemon: Daemon) -> None:
                              timeout=WAIT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines()[-1] == "3 of 3 jobs succeeded"
+
+
+def test_the_batch_example_in_the_docs_is_the_example_file() -> None:
+    """docs/cli.md shows the same jobs as examples/batch.toml, so neither drifts."""
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    shown = re.findall(r"```toml\n(.*?)```", docs, re.S)
+    assert len(shown) == 1
+    example = (ROOT / "examples" / "batch.toml").read_text()
+    assert tomllib.loads(shown[0]) == tomllib.loads(example)
 
 
 @pytest.mark.parametrize("text, says", [

@@ -565,6 +565,36 @@ async def test_twenty_followers_early_late_and_after_the_end_get_identical_bytes
     assert daemon.tracebacks() == []
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest_twisted.ensureDeferred
+async def test_followers_waiting_at_the_live_end_cost_the_daemon_no_cpu(
+        daemon: Daemon, writer: Writer) -> None:
+    """Five followers caught up with a job that has gone quiet sleep in the daemon: it
+    spends under 0.1 s of CPU in a second (no busy loop), and wakes them on new output."""
+    clients = [await connect(reactor, daemon.config()) for _ in range(5)]
+    try:
+        job, digest = await writer.start(clients[0], stdout=2 * MiB, hold=MiB, seed=5)
+        await until(lambda: log_size(job) == MiB, what="the first MiB")
+        sinks = [Hasher() for _ in clients]
+        follows = [Deferred.fromCoroutine(c.logs(job.id, s, follow=True))
+                   for c, s in zip(clients, sinks, strict=True)]
+        await until(lambda: all(s.size == MiB for s in sinks), what="followers to catch up")
+        before = cpu_seconds(daemon.pid)
+        await deferLater(reactor, 1.0, lambda: None)  # the interval measured, not a sync
+        assert cpu_seconds(daemon.pid) - before < 0.1
+        os.kill(job.pid, signal.SIGUSR1)
+        await within(DeferredList(follows, fireOnOneErrback=True, consumeErrors=True))
+    finally:
+        for c in clients:
+            c.close()
+    assert {s.hexdigest() for s in sinks} == {digests(digest)["stdout"]}
+
+
 @pytest_twisted.ensureDeferred
 async def test_resume_from_an_offset_has_no_gap_and_no_duplicate(
         daemon: Daemon, writer: Writer, followers: list[Follower], tmp_path: Path) -> None:

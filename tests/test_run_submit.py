@@ -308,21 +308,28 @@ def test_the_batch_example_in_the_docs_is_the_example_file() -> None:
     assert tomllib.loads(shown[0]) == tomllib.loads(example)
 
 
-@pytest.mark.parametrize("text, says", [
+BAD_BATCHES = [
     ("not toml [", "not valid TOML"),
     ("", "no [[job]] tables"),
     ('title = "x"\n[[job]]\ncommand = "true"\n', "only [[job]] tables"),
-    ('[[job]]\nargs = ["x"]\n', "'command' must be a non-empty string"),
-    ('[[job]]\ncommand = "true"\nshell = true\n', "unknown keys shell"),
+    ('[[job]]\nargs = ["x"]\n', "job 1: 'command' must be a non-empty string"),
+    ('[[job]]\ncommand = "true"\n[[job]]\ncommand = "true"\nshell = true\n',
+     "job 2: unknown keys shell"),
     ('[[job]]\ncommand = "true"\nenv = { N = 3 }\n', "'env' must be a table of strings"),
     ('[[job]]\ncommand = "true"\nargs = "x"\n', "'args' must be a list of strings"),
     ('[[job]]\ncommand = "true"\ntimeout = -1\n', "'timeout' must be a positive number"),
-])
+]
+
+
 def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
-        daemon: Daemon, tmp_path: Path, text: str, says: str) -> None:
-    """A malformed batch file starts no job: exit 2 and one line saying what is wrong."""
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A malformed batch file starts no job, not even its valid ones: exit 2 and one line
+    naming the file, the job and what is wrong."""
     before = job_ids(daemon)
-    result = daemon.jwclient("submit", write_batch(tmp_path / "b.toml", text), timeout=WAIT)
-    assert result.returncode == 2
-    assert result.stderr.decode().count("\n") == 1 and says in result.stderr.decode()
+    for i, (text, says) in enumerate(BAD_BATCHES):
+        path = write_batch(tmp_path / f"bad{i}.toml", text)
+        result = daemon.jwclient("submit", path, timeout=WAIT)
+        err = result.stderr.decode()
+        assert (result.returncode, err.count("\n")) == (2, 1), (text, err)
+        assert path in err and says in err, (text, err)
     assert job_ids(daemon) == before

@@ -1,5 +1,6 @@
 """``jwclient run`` and ``jwclient submit`` against a real daemon: streamed output, exit
-statuses, Ctrl-C, batch files, live progress and the summary."""
+statuses, Ctrl-C, batch files, live progress and the summary; the human tables of ``list``
+and ``status``."""
 
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def read_until(fd: int, predicate: object, timeout: float = WAIT) -> bytes:
             break
         data += more
     return data
+
+
+def run_on_terminal(cmd: list[str]) -> str:
+    """Run ``cmd`` with stdout on a pseudo-terminal; return what it wrote there."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=terminal, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    try:
+        out = read_until(controller, lambda data: False)
+        proc.wait(WAIT)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0
+    return out.decode().replace("\r\n", "\n")
 
 
 def write_batch(path: Path, text: str) -> str:
@@ -222,19 +241,7 @@ name = "slow"
 command = "sleep"
 args = ["0.8"]
 """)
-    controller, terminal = pty.openpty()
-    proc = subprocess.Popen(jwclient_cmd(daemon, "submit", "--wait", batch), stdout=terminal,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    os.close(terminal)
-    try:
-        out = read_until(controller, lambda data: False).decode()
-        proc.wait(WAIT)
-    finally:
-        os.close(controller)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0
+    out = run_on_terminal(jwclient_cmd(daemon, "submit", "--wait", batch))
     assert out.count("\x1b[2F") >= 2  # redrawn at least once while "slow" ran, and at the end
     last = out.rsplit("\x1b[2F", 1)[1]
     assert re.search(r"quick\s+exited 0", last) and re.search(r"slow\s+exited 0", last)
@@ -333,3 +340,53 @@ def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
         assert (result.returncode, err.count("\n")) == (2, 1), (text, err)
         assert path in err and says in err, (text, err)
     assert job_ids(daemon) == before
+
+
+# -- human output of list and status ---------------------------------------------------------
+
+
+def test_list_is_an_aligned_table_with_relative_times_and_durations(daemon: Daemon) -> None:
+    """``list`` prints aligned columns with "ago" times and run times; long command lines
+    are cut to 60 characters on a terminal only."""
+    long_arg = "x" * 80
+    short = daemon.jwclient("start", "--", "sh", "-c", "exit 3", check=True).stdout.decode()
+    long = daemon.jwclient("start", "--", "echo", long_arg, check=True).stdout.decode()
+    for job in (short.strip(), long.strip()):
+        daemon.jwclient("wait", job, timeout=WAIT)
+    for out, cut in ((daemon.jwclient("list", check=True).stdout.decode(), False),
+                     (run_on_terminal(jwclient_cmd(daemon, "list")), True)):
+        header, *rows = out.splitlines()
+        assert header.split() == ["ID", "PID", "STATE", "OWNER", "STARTED", "RUNTIME",
+                                  "COMMAND"]
+        mine = {row.split()[0]: row for row in rows}
+        row = mine[short.strip()]
+        for column, text in (("STATE", "exited 3"), ("OWNER", "alice"),
+                             ("COMMAND", "sh -c exit 3")):
+            assert row[header.index(column):].startswith(text), (column, row)
+        started = row[header.index("STARTED"):header.index("RUNTIME")].strip()
+        assert started == "just now" or started.endswith(" ago")
+        assert re.fullmatch(r"\d+ms|\d+\.\ds", row[header.index("RUNTIME"):].split()[0])
+        command = mine[long.strip()][header.index("COMMAND"):]
+        if cut:
+            assert len(command) == 60 and command.endswith("…")
+        else:
+            assert command == f"echo {long_arg}"
+
+
+def test_status_is_aligned_and_json_is_the_record(daemon: Daemon) -> None:
+    """``status`` prints aligned "key: value" lines with relative times and a run time;
+    ``--json status`` prints the wire record, unchanged."""
+    job = daemon.jwclient("start", "--", "sh", "-c", "exit 3", check=True).stdout.decode()
+    job = job.strip()
+    daemon.jwclient("wait", job, timeout=WAIT)
+    lines = daemon.jwclient("status", job, check=True).stdout.decode().splitlines()
+    fields = {line.split(":", 1)[0]: line for line in lines}
+    assert list(fields)[:4] == ["id", "state", "command", "pid"]
+    assert len({len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines}) == 1
+    assert fields["state"].split(None, 1)[1] == "exited 3"
+    assert re.search(r"Z \((just now|.* ago)\)$", fields["started"])
+    assert re.search(r"Z \((just now|.* ago)\)$", fields["ended"])
+    assert re.fullmatch(r"runtime:\s+(\d+ms|\d+\.\ds)", fields["runtime"])
+    wire = json.loads(daemon.jwclient("--json", "status", job, check=True).stdout)
+    assert set(wire) == set(JobRecord.__dataclass_fields__)
+    assert (wire["id"], wire["state"], wire["exit_code"]) == (job, "exited", 3)

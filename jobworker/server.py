@@ -94,7 +94,9 @@ class RPCServerProtocol(FrameProtocol):
         self._timer: Any = None
         self._frame_timer: Any = None
         self.paused = False
-        self._producers: set[Any] = set()
+        # Ordered, so resuming can rotate through the streams fairly.
+        self._producers: dict[Any, None] = {}
+        self._resume_from = 0
         self.connected_and_open = False
 
     # -- connection life cycle ------------------------------------------------------
@@ -253,12 +255,12 @@ class RPCServerProtocol(FrameProtocol):
     # -- IPushProducer, fanned out to streams in flight ------------------------------------
 
     def add_producer(self, producer: Any) -> None:
-        self._producers.add(producer)
+        self._producers[producer] = None
         if self.paused:
             producer.pauseProducing()
 
     def remove_producer(self, producer: Any) -> None:
-        self._producers.discard(producer)
+        self._producers.pop(producer, None)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -266,8 +268,21 @@ class RPCServerProtocol(FrameProtocol):
             producer.pauseProducing()
 
     def resumeProducing(self) -> None:
+        """Resume streams one after another until the transport is full again.
+
+        The TLS transport reports a pause only once, so a stream resumed after the
+        transport filled up would read its whole file into the buffer; stop at the first
+        pause instead, and start the next resume one stream further on so none starves.
+        """
         self.paused = False
-        for producer in list(self._producers):
+        producers = list(self._producers)
+        if not producers:
+            return
+        start = self._resume_from % len(producers)
+        self._resume_from = start + 1
+        for producer in producers[start:] + producers[:start]:
+            if self.paused:
+                break
             producer.resumeProducing()
 
     def stopProducing(self) -> None:

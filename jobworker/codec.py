@@ -25,9 +25,12 @@ MAX_ID = 2**53
 
 def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     # strict_map_key still lets bytes keys through; the protocol's keys are all str.
-    if any(type(key) is not str for key, _ in pairs):
-        raise ValueError("map keys must be strings")
+    # Checking the dict's keys is the same test (a bytes key never equals a str one, so
+    # none is merged away) and a plain loop is cheaper than any() over a generator.
     result = dict(pairs)
+    for key in result:
+        if type(key) is not str:
+            raise ValueError("map keys must be strings")
     if len(result) != len(pairs):
         raise ValueError("duplicate map key")
     return result
@@ -73,14 +76,19 @@ def decode(payload: bytes, max_len: int = DEFAULT_MAX_FRAME) -> Any:
 
 
 def _check_depth(value: Any) -> None:
+    # Only containers go on the stack (decoded values are exact dicts and lists): a
+    # frame's many scalars cost one type() each instead of a tuple and a pop.
+    if type(value) is not dict and type(value) is not list:
+        return
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > MAX_DEPTH:
-                raise BadRequest(f"frame nests deeper than {MAX_DEPTH} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"frame nests deeper than {MAX_DEPTH} levels")
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
 
 
 # -- frames ---------------------------------------------------------------------

@@ -51,13 +51,14 @@ class Methods:
         job = self.server.jobs.start(owner=call.who.name, command=p["command"],
                                      args=p["args"], env=p["env"], dir=p["dir"],
                                      timeout=p["timeout"])
-        record = job.record()
+        record = job.wire()
         if self.server.audit is not None:
             self.server.audit.record(
-                identity=call.who.name, role=call.who.role, method="start", job_id=record.id,
-                outcome="failed" if record.state == FAILED else "started",
-                command=record.command, args=record.args, pid=record.pid, error=record.error)
-        return record.to_wire()
+                identity=call.who.name, role=call.who.role, method="start",
+                job_id=record["id"], outcome="failed" if record["state"] == FAILED else "started",
+                command=record["command"], args=record["args"], pid=record["pid"],
+                error=record["error"])
+        return record
 
     async def stop(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.visible_job(call, p["job"])
@@ -69,7 +70,7 @@ class Methods:
         return record.to_wire()
 
     async def status(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        return self.server.visible_job(call, p["job"]).record().to_wire()
+        return self.server.visible_job(call, p["job"]).wire()
 
     async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.visible_job(call, p["job"])
@@ -79,7 +80,7 @@ class Methods:
     async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds the count."""
         server = self.server
-        records = [job.record().to_wire() for job in server.jobs.jobs(running_only=p["running"])
+        records = [job.wire() for job in server.jobs.jobs(running_only=p["running"])
                    if server.authz.can_see(call.who, job.owner)]
         for i in range(0, len(records), LIST_BATCH):
             call.send_chunk(records[i:i + LIST_BATCH])
@@ -90,7 +91,7 @@ class Methods:
         path = JobLogs(job.log_dir).path(p["stream"])
         stream = LogStream(call, job, path, p["offset"], p["follow"], self.server.follower)
         offset = await stream.start()
-        return {"offset": offset, "record": job.record().to_wire()}
+        return {"offset": offset, "record": job.wire()}
 
 
 def table(server: RPCServer) -> dict[str, tuple[Schema, Handler]]:

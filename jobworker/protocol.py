@@ -76,10 +76,14 @@ class FrameProtocol(Int32StringReceiver):
         says whether at least one whole frame was taken off the buffer."""
 
     def send_frame(self, value: dict[str, Any]) -> None:
-        payload = codec.encode(value)
-        if len(payload) > self.max_send:
-            raise FrameTooLarge(f"refusing to send a {len(payload)}-byte frame")
-        self.transport.writeSequence([_PREFIX.pack(len(payload)), payload])
+        self.send_encoded(codec.encode(value))
+
+    def send_encoded(self, *parts: bytes) -> None:
+        """Send one frame whose payload is ``parts`` joined: already-encoded msgpack."""
+        size = sum(map(len, parts))
+        if size > self.max_send:
+            raise FrameTooLarge(f"refusing to send a {size}-byte frame")
+        self.transport.writeSequence([_PREFIX.pack(size), *parts])
 
 
 class RPCClientProtocol(FrameProtocol):

@@ -69,7 +69,10 @@ class Call:
         return self.protocol.connected_and_open
 
     def send_chunk(self, chunk: Any) -> None:
-        self.protocol.send_frame({"id": self.id, "chunk": chunk})
+        if type(chunk) is bytes:  # a log chunk: encoded around the bytes, not through them
+            self.protocol.send_encoded(codec.encode_chunk_head(self.id, len(chunk)), chunk)
+        else:
+            self.protocol.send_frame({"id": self.id, "chunk": chunk})
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)

@@ -9,6 +9,7 @@ starts are remembered by pid and swept the same way if the daemon left them behi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from typing import Any, Self
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("jobworker") is None:  # not installed: use this checkout
+    sys.path.insert(0, str(ROOT))
 
 from jobworker import pki
 
@@ -227,9 +229,11 @@ class Bench:
     """
 
     def __init__(self, name: str, daemon_args: Sequence[str] = (),
-                 stop_timeout: float = 60.0) -> None:
+                 stop_timeout: float = 60.0, daemon_env: dict[str, str] | None = None) -> None:
         self.name = name
         self.daemon_args = list(daemon_args)
+        #: Extra environment for the daemon only (e.g. malloc tunables in an experiment).
+        self.daemon_env = dict(daemon_env or {})
         self.stop_timeout = stop_timeout
         self.tmp = Path(tempfile.mkdtemp(prefix=f"jw-bench-{name}-", dir="/tmp"))
         self.pki_dir = self.tmp / "pki"
@@ -272,7 +276,7 @@ class Bench:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=str(self.tmp))
+                                         cwd=str(self.tmp), env={**os.environ, **self.daemon_env})
         record_pid(self.proc.pid)
         deadline = time.monotonic() + timeout
         while True:

@@ -29,13 +29,17 @@ from harness import BIN, TRUE, Bench, say
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", choices=("start", "status"))
+    parser.add_argument("path", choices=("start", "status", "follow"))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep", metavar="FILE", help="copy the collapsed stacks here")
+    parser.add_argument("--client", action="store_true",
+                        help="sample this process (the clients) instead of the daemon")
     parser.add_argument("--gil", action="store_true",
                         help="only samples holding the GIL: Python work, not syscalls")
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="K=V",
+                        help="extra environment for the daemon (repeatable)")
     parser.add_argument("--perf", action="store_true",
                         help="sample with `perf record -e cpu-clock` instead (kernel time too)")
     parser.add_argument("--perf-sort", default="comm,dso,sym", help="perf report --sort keys")
@@ -47,10 +51,11 @@ def main() -> None:
     if py_spy is None:
         raise SystemExit("py-spy not found: pip install py-spy")
 
-    with Bench(f"profile-{opts.path}") as bench:
+    env = dict(e.split("=", 1) for e in opts.daemon_env)
+    with Bench(f"profile-{opts.path}", daemon_env=env) as bench:
         out = bench.tmp / "stacks.txt"
         spy = subprocess.Popen(
-            [py_spy, "record", "--pid", str(bench.pid), "--rate", "1000", "--format", "raw",
+            [py_spy, "record", "--pid", str(os.getpid() if opts.client else bench.pid), "--rate", "1000", "--format", "raw",
              "--output", str(out), "--duration", str(int(opts.seconds + 1)), "--nonblocking",
              *(["--gil"] if opts.gil else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -68,7 +73,8 @@ def main() -> None:
                 spy.wait(10)
         if not out.exists():
             raise SystemExit(f"py-spy wrote nothing: {spy.stderr.read().decode() if spy.stderr else ''}")
-        say(f"{opts.path}: {rate:.0f} requests/s with {opts.clients} clients under py-spy")
+        unit = "MiB/s per follower" if opts.path == "follow" else "requests/s"
+        say(f"{opts.path}: {rate:.0f} {unit} with {opts.clients} clients under py-spy")
         report(out.read_text(), opts.top)
         if opts.keep:
             shutil.copy(out, opts.keep)
@@ -79,7 +85,8 @@ def perf_main(opts: argparse.Namespace) -> None:
     perf = shutil.which("perf")
     if perf is None:
         raise SystemExit("perf not found")
-    with Bench(f"perf-{opts.path}") as bench:
+    env = dict(e.split("=", 1) for e in opts.daemon_env)
+    with Bench(f"perf-{opts.path}", daemon_env=env) as bench:
         data = bench.tmp / "perf.data"
         rec = subprocess.Popen(
             [perf, "record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-p", str(bench.pid),
@@ -93,7 +100,8 @@ def perf_main(opts: argparse.Namespace) -> None:
             if rec.poll() is None:
                 os.killpg(rec.pid, signal.SIGKILL)
                 rec.wait(10)
-        say(f"{opts.path}: {rate:.0f} requests/s with {opts.clients} clients under perf")
+        unit = "MiB/s per follower" if opts.path == "follow" else "requests/s"
+        say(f"{opts.path}: {rate:.0f} {unit} with {opts.clients} clients under perf")
         out = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--stdio",
                               "--sort", opts.perf_sort, "-g", "none", "--percent-limit", "0.7"],
                              capture_output=True, text=True, timeout=120, check=False).stdout
@@ -105,6 +113,8 @@ async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: f
 
     clients = await harness.connect(reactor, bench, clients_n)
     try:
+        if path == "follow":
+            return await follow_load(reactor, clients, seconds)
         if path == "start":
             method, params = "start", {"command": TRUE, "args": []}
         else:
@@ -123,6 +133,26 @@ async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: f
         return done[0] / (time.perf_counter() - began)
     finally:
         harness.close_all(clients)
+
+
+async def follow_load(reactor: Any, clients: list[Any], seconds: float) -> float:
+    """Jobs writing 256 MiB, each followed by every client; returns MiB/s per client."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    mib, got = 256, [0]
+    deadline = time.perf_counter() + seconds
+    began = time.perf_counter()
+    while time.perf_counter() < deadline:
+        record = await clients[0].call("start", {"command": "/bin/dd", "args": [
+            "if=/dev/zero", "bs=1M", f"count={mib}", "status=none"]})
+
+        def sink(chunk: bytes) -> None:
+            got[0] += len(chunk)
+
+        await gatherResults([Deferred.fromCoroutine(c.logs(record["id"], sink, follow=True))
+                             for c in clients])
+        os.unlink(os.path.join(record["log_dir"], "stdout.log"))
+    return got[0] / len(clients) / (1 << 20) / (time.perf_counter() - began)
 
 
 def report(collapsed: str, top: int) -> None:

@@ -195,9 +195,15 @@ class Job:
         """A new Deferred for each caller, fired with the final record."""
         if self.ended:
             return succeed(self.record())
-        d: Deferred[JobRecord] = Deferred()
+        # A cancelled observer (a follower or waiter that went away) leaves at once,
+        # rather than accumulating until the job ends.
+        d: Deferred[JobRecord] = Deferred(self._forget_observer)
         self._observers.append(d)
         return d
+
+    def _forget_observer(self, d: Deferred[JobRecord]) -> None:
+        if d in self._observers:
+            self._observers.remove(d)
 
     # -- life cycle, driven by JobManager ------------------------------------------------
 

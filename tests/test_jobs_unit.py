@@ -650,3 +650,17 @@ def test_resolve_program_errors(tmp_path: Any) -> None:
     (later / "tool").write_text("")
     (later / "tool").chmod(0o755)
     assert resolve_program("tool", f"{tmp_path}:{later}") == str(later / "tool")
+
+
+def test_cancelled_observers_are_forgotten_at_once(reactor: ProcessReactor,
+                                                   manager: JobManager) -> None:
+    """A cancelled when_ended Deferred is dropped from the job, not kept until it ends."""
+    job = manager.start("alice", "/bin/true", [])
+    waiters = [job.when_ended() for _ in range(100)]
+    for d in waiters:
+        d.cancel()
+        d.addErrback(lambda f: None)
+    kept = job.when_ended()
+    assert job._observers == [kept]
+    reactor.process(job.pid).exit(0)
+    assert kept.called

@@ -163,27 +163,61 @@ def median(values: Iterable[float]) -> float:
 # -- bare baselines (no reactor, no daemon) ---------------------------------------------------
 
 
-def bare_spawn_wait(program: str, count: int) -> list[float]:
+def bare_spawn_wait(program: str, count: int, logs: LogDirs | None = None) -> list[float]:
     """Seconds for each of ``count`` blocking ``os.posix_spawn`` + ``waitpid`` of ``program``
-    (stdio on /dev/null, empty environment)."""
+    (stdio on /dev/null, empty environment; with ``logs``, stdout and stderr in a new log
+    directory made first, inside the timing)."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
+
+    def one() -> None:
+        if logs is None:
+            out = err = -1
+            actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
+        else:
+            out, err = logs.make()
+            actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                       (os.POSIX_SPAWN_DUP2, err, 2)]
+        try:
+            pid = os.posix_spawn(program, [program], {}, file_actions=actions)
+        finally:
+            if logs is not None:
+                os.close(out)
+                os.close(err)
+        os.waitpid(pid, 0)
+
     try:
         for _ in range(20):  # warm the page cache and the allocator
-            os.waitpid(os.posix_spawn(program, [program], {}, file_actions=actions), 0)
+            one()
         samples = []
         for _ in range(count):
             began = time.perf_counter()
-            pid = os.posix_spawn(program, [program], {}, file_actions=actions)
-            os.waitpid(pid, 0)
+            one()
             samples.append(time.perf_counter() - began)
         return samples
     finally:
         os.close(null)
 
 
-def bare_spawn_rate(program: str, seconds: float) -> float:
-    """Processes started per second by an ``os.posix_spawn`` loop, reaping as it goes.
+class LogDirs:
+    """What jobworker's file system work per job amounts to, without jobworker: a new
+    directory holding two new files that become the child's stdout and stderr."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def make(self) -> tuple[int, int]:
+        self.count += 1
+        d = self.root / str(self.count)
+        os.mkdir(d, 0o750)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        return os.open(d / "stdout.log", flags, 0o640), os.open(d / "stderr.log", flags, 0o640)
+
+
+def bare_spawn_rate(program: str, seconds: float, logs: LogDirs | None = None) -> float:
+    """Processes started per second by an ``os.posix_spawn`` loop, reaping as it goes;
+    with ``logs``, each child first gets a log directory of its own for stdout/stderr.
 
     Reaps only its own children, oldest first (``waitpid(pid, WNOHANG)``), so it never
     steals the exit status of the daemon, which is also our child.
@@ -192,6 +226,18 @@ def bare_spawn_rate(program: str, seconds: float) -> float:
     actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
     pending: deque[int] = deque()
 
+    def spawn() -> int:
+        if logs is None:
+            return os.posix_spawn(program, [program], {}, file_actions=actions)
+        out, err = logs.make()
+        try:
+            return os.posix_spawn(program, [program], {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                (os.POSIX_SPAWN_DUP2, err, 2)])
+        finally:
+            os.close(out)
+            os.close(err)
+
     def reap(block: bool) -> None:
         while pending:
             pid, _ = os.waitpid(pending[0], 0 if block else os.WNOHANG)
@@ -199,15 +245,17 @@ def bare_spawn_rate(program: str, seconds: float) -> float:
                 return
             pending.popleft()
 
+    # A reactor in this process would run its SIGCHLD handler for every exit: not ours.
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         for _ in range(20):
-            pending.append(os.posix_spawn(program, [program], {}, file_actions=actions))
+            pending.append(spawn())
         reap(True)
         count = 0
         began = time.perf_counter()
         deadline = began + seconds
         while time.perf_counter() < deadline:
-            pending.append(os.posix_spawn(program, [program], {}, file_actions=actions))
+            pending.append(spawn())
             count += 1
             reap(False)
         elapsed = time.perf_counter() - began
@@ -216,6 +264,7 @@ def bare_spawn_rate(program: str, seconds: float) -> float:
     finally:
         reap(True)
         os.close(null)
+        signal.signal(signal.SIGCHLD, previous)
 
 
 # -- the daemon ---------------------------------------------------------------------------------

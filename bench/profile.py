@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--window", type=int, default=1,
+                        help="requests each client keeps in flight (start, status)")
     parser.add_argument("--keep", metavar="FILE", help="copy the collapsed stacks here")
     parser.add_argument("--client", action="store_true",
                         help="sample this process (the clients) instead of the daemon")
@@ -61,7 +63,8 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             rate = harness.run_on_reactor(
-                lambda reactor: load(reactor, bench, opts.path, opts.clients, opts.seconds))
+                lambda reactor: load(reactor, bench, opts.path, opts.clients, opts.seconds,
+                                     opts.window))
             try:
                 spy.wait(opts.seconds + 30)
             except subprocess.TimeoutExpired:
@@ -94,7 +97,8 @@ def perf_main(opts: argparse.Namespace) -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             rate = harness.run_on_reactor(
-                lambda reactor: load(reactor, bench, opts.path, opts.clients, opts.seconds))
+                lambda reactor: load(reactor, bench, opts.path, opts.clients, opts.seconds,
+                                     opts.window))
             rec.wait(opts.seconds + 30)
         finally:
             if rec.poll() is None:
@@ -108,7 +112,8 @@ def perf_main(opts: argparse.Namespace) -> None:
         say("\n".join(line for line in out.splitlines() if line and not line.startswith("#")))
 
 
-async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: float) -> float:
+async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: float,
+               window: int = 1) -> float:
     from twisted.internet.defer import Deferred, gatherResults
 
     clients = await harness.connect(reactor, bench, clients_n)
@@ -129,7 +134,8 @@ async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: f
                 done[0] += 1
 
         began = time.perf_counter()
-        await gatherResults([Deferred.fromCoroutine(loop(c)) for c in clients])
+        await gatherResults([Deferred.fromCoroutine(loop(c)) for c in clients
+                             for _ in range(window)])
         return done[0] / (time.perf_counter() - began)
     finally:
         harness.close_all(clients)

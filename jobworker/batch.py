@@ -138,6 +138,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
     results = await DeferredList([limit.run(start, s) for s in specs], consumeErrors=True)
     records: list[JobRecord | None] = []
     problems: list[str] = []
+    value: Any
     for spec, (ok, value) in zip(specs, results, strict=True):
         if ok:
             records.append(value)
@@ -145,7 +146,7 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
                 problems.append(f"{spec.name}: {value.error}")
         else:
             records.append(None)
-            err = value.value
+            err = value.value  # a Failure
             problems.append(f"{spec.name}: {err.message if isinstance(err, JobWorkerError) else err}")
     if not wait:
         if as_json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 USAGE_EXIT = 2
 #: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).

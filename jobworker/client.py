@@ -6,8 +6,9 @@ Shared by ``jwclient``, the tests and the benchmarks; takes the reactor as a par
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred

@@ -5,8 +5,9 @@ Nothing here imports Twisted: these are the wire values shared by daemon and cli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC
 from typing import Any
 
 # Job states.  ``lost`` is reserved for jobs a restarted daemon can no longer account for.
@@ -66,6 +67,6 @@ class JobRecord:
 
 def iso8601(timestamp: float) -> str:
     """UTC ISO 8601 with microseconds and a trailing Z, as every record and log line uses."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -7,8 +7,9 @@ and never a traceback in the log, and a bug becomes a logged ``internal`` error.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,9 +19,9 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker import PROTOCOL_VERSION, __version__, codec
+from jobworker import PROTOCOL_VERSION, codec
 from jobworker.authz import Authorizer, Principal
-from jobworker.codec import Schema, schema
+from jobworker.codec import Schema
 from jobworker.errors import (
     BadRequest,
     Forbidden,
@@ -100,6 +101,7 @@ class RPCServerProtocol(FrameProtocol):
         # Ordered, so resuming can rotate through the streams fairly.
         self._producers: dict[Any, None] = {}
         self._resume_from = 0
+        self._closing = False
         self.connected_and_open = False
 
     # -- connection life cycle ------------------------------------------------------
@@ -245,6 +247,9 @@ class RPCServerProtocol(FrameProtocol):
     def _close(self) -> None:
         """Close after what was written is flushed.  TLS will not shut down while a
         producer is registered, so we step down as the transport's producer first."""
+        if self._closing:
+            return
+        self._closing = True
         for producer in list(self._producers):
             producer.stopProducing()
         self._producers.clear()

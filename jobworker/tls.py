@@ -9,8 +9,8 @@ swapped without a restart.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,12 +22,12 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.python.failure import Failure
-from zope.interface import implementer
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 ROLES = ("admin", "user", "viewer")
 

@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     p.client("auditor", "viewer")
     p.client("norole", None)
     p.client("weird", "superuser")
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
     p.client("expired", "user", not_after=past)
     p.client("noeku", "user", eku=None)
     p.client("servereku", "user", eku="serverAuth")
@@ -139,7 +140,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-                raise AssertionError(f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}") from None
         self.log_file.close()
         return self.proc.returncode
 

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import PKI, Daemon, wait_for
 from twisted.internet import reactor
 
 from jobworker import pki
 from jobworker.client import Client, ClientConfig, ClientError, connect
 from jobworker.errors import JobWorkerError
-
-from conftest import PKI, Daemon, wait_for
 
 OK = "ok"
 

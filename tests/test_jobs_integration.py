@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -13,13 +12,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import Daemon, wait_for
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from jobworker.client import Client, connect
 from jobworker.messages import JobRecord
-
-from conftest import Daemon, wait_for
 
 PY = sys.executable
 RECORD_FIELDS = {"id", "pid", "command", "args", "dir", "owner", "state", "exit_code",
@@ -252,7 +250,7 @@ async def test_ten_clients_hundred_jobs_each_exact(daemon: Daemon) -> None:
         for c in clients:
             c.close()
     assert len(results) == 1000
-    for ok, (n, rec) in results:
+    for _, (n, rec) in results:
         assert rec.state == "exited" and rec.exit_code == n % 256
         assert (Path(rec.log_dir) / "stdout.log").read_bytes() == f"token-{n}".encode()
 
@@ -290,7 +288,7 @@ async def test_no_zombies_and_fd_count_back_to_baseline_after_500_jobs(
         rec = await client.start("true")
         await client.call("wait", {"job": rec.id})
 
-    for batch in range(5):
+    for _ in range(5):
         await DeferredList([Deferred.fromCoroutine(one(i)) for i in range(100)],
                            fireOnOneErrback=True)
     assert _zombie_children(d.pid) == []
@@ -306,7 +304,7 @@ async def test_thousand_running_jobs_then_sigterm_stops_them_all(make_daemon: An
     client = await connect(reactor, d.config())
     script = "trap '' TERM; exec sleep 120"
     recs: list[JobRecord] = []
-    for start_batch in range(10):
+    for _ in range(10):
         results = await DeferredList(
             [Deferred.fromCoroutine(client.start("sh", ["-c", script] if i % 2 else
                                                  ["-c", "exec sleep 120"]))

@@ -52,6 +52,9 @@ class JobProcessProtocol(ProcessProtocol):
         self.pid = self.transport.pid  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
+        # An ended job stays in the daemon's history for good: let the finished process
+        # object (Twisted's Process, ~1 KiB) go rather than keep it alive with the job.
+        self.transport = None
         self._on_ended(reason)
 
 

@@ -192,6 +192,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         pct = [i for i in range(len(lat["jobworker"]))]
         left.plot(lat["jobworker"], pct, label="jobworker start (RPC over TLS)")
         left.plot(lat["baseline"], pct, label="bare posix_spawn + waitpid", linestyle="--")
+        if "baseline_logs" in lat:
+            left.plot(lat["baseline_logs"], pct, linestyle=":",
+                      label="bare, also making a log dir + 2 files")
         left.set_xscale("log")
         left.set_xlabel("latency (ms, log scale)")
         left.set_ylabel("percentile")
@@ -205,6 +208,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         right.plot(x, tp["busy"], marker="s", label=f"jobworker, {tp['background']} running")
         right.axhline(tp["baseline"], linestyle="--", color="gray",
                       label="bare posix_spawn loop")
+        if "baseline_with_logs" in tp:
+            right.axhline(tp["baseline_with_logs"], linestyle="-.", color="gray",
+                          label="bare loop, also making log dirs")
         right.axhline(0.4 * tp["baseline"], linestyle=":", color="gray",
                       label="target: 0.4 x bare")
         right.set_xscale("log", base=2)

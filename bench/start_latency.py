@@ -45,7 +45,7 @@ def run(quick: bool) -> Result:
     result.add(Figure("  start latency p50, against spawn+wait that also makes a log dir",
                       percentile(ms, 50), "ms", "same + mkdir, 2 files", percentile(logs_ms, 50)))
     result.series["start_latency_ms"] = {"jobworker": quantiles(ms), "baseline": quantiles(base_ms),
-                                         "count": count}
+                                         "baseline_logs": quantiles(logs_ms), "count": count}
     return result
 
 

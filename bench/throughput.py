@@ -41,9 +41,9 @@ def run(quick: bool) -> Result:
                           median(idle[n]), "jobs/s", "posix_spawn loop", baseline, ">= 0.4"))
     floor = median(base_logs)
     for n in CLIENTS:
-        result.add(Figure("  same, against a loop that also makes each job's log dir",
-                          median(idle[n]), "jobs/s", "posix_spawn loop + log dirs", floor,
-                          note=f"{n} client{'s' if n > 1 else ''}"))
+        result.add(Figure(f"  {n} client{'s' if n > 1 else ''}, against a loop that also "
+                          "makes log dirs", median(idle[n]), "jobs/s",
+                          "posix_spawn loop + log dirs", floor))
     for n in CLIENTS:
         result.add(Figure(f"start throughput, {n} client{'s' if n > 1 else ''}, "
                           f"{background} running", median(busy[n]), "jobs/s",

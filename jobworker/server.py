@@ -110,6 +110,12 @@ class RPCServerProtocol(FrameProtocol):
         self.connected_and_open = True
         self._arm(self.limits.handshake_timeout, "handshake")
         self.transport.registerProducer(self, True)
+        # Replies and followed log lines are small writes: with Nagle on, one written
+        # while the previous is unacknowledged waits for the peer's delayed ACK (~40 ms).
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):  # not TCP (a unix: endpoint, a test transport)
+            pass
 
     def handshakeCompleted(self) -> None:
         cert = self.transport.getPeerCertificate()

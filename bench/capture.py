@@ -28,7 +28,7 @@ TIMEOUT = 120.0  # per 1 GiB write, either way
 def run(quick: bool) -> Result:
     mib = 64 if quick else 1024
     rounds = 1 if quick else 4
-    result = Result("capture", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("capture", harness.how(__doc__))
     say(__doc__)
     say(f"  {mib} MiB per write, {rounds} rounds")
 

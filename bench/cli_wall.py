@@ -25,7 +25,7 @@ TIMEOUT = 30.0
 
 def run(quick: bool) -> Result:
     count = 5 if quick else 20
-    result = Result("cli_wall", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("cli_wall", harness.how(__doc__))
     say(__doc__)
     say(f"  {count} runs each")
 
@@ -48,8 +48,8 @@ def run(quick: bool) -> Result:
                       median(times["imports"]) * 1000, "ms", "python -c pass",
                       median(times["bare"]) * 1000))
     slowest = import_times()
-    result.notes.append("slowest imports (cumulative us): " +
-                        ", ".join(f"{name} {us}" for us, name in slowest))
+    result.notes.append("largest imports under jobworker.commands (cumulative us): " +
+                        ", ".join(f"{name.strip()} {us}" for us, name in slowest))
     say("  largest imports under jobworker.commands (cumulative, us, indented = nested):")
     for us, name in slowest:
         say(f"    {us:>8}  {name}")

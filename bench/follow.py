@@ -39,7 +39,7 @@ WRITER = ("import os, sys, time\n"
 def run(quick: bool) -> Result:
     mib = 64 if quick else 1024
     lines = 100 if quick else 400
-    result = Result("follow", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("follow", harness.how(__doc__))
     say(__doc__)
     say(f"  {mib} MiB job, 1 and 10 followers; {lines} latency lines")
 

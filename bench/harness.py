@@ -111,6 +111,12 @@ def format_figure(f: Figure) -> str:
     return text
 
 
+def how(doc: str | None) -> str:
+    """A script's docstring after its title paragraph, on one line: the "how" of RESULTS.md."""
+    paragraphs = (doc or "").strip().split("\n\n")[1:]
+    return " ".join(" ".join(p.split()) for p in paragraphs)
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 

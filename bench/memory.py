@@ -1,7 +1,7 @@
 """Daemon memory: resident set size idle, with 1,000 running jobs, and per 10,000 ended
 jobs kept in its history.
 
-How: VmRSS of the daemon from /proc/PID/status.  Idle: after start-up and one client's
+How: VmRSS of the daemon from /proc/PID/status.  Idle: after start-up and four clients'
 hello, no job.  Running: after starting 1,000 ``sleep`` jobs (then stopped).  History:
 RSS before and after 10,000 ``start /bin/true`` (4 clients, pipelined) have all ended;
 the difference is the cost of 10,000 ended jobs (records, timers gone, log dirs on disk).
@@ -30,7 +30,7 @@ BARE = ("import sys, time\n"
 def run(quick: bool) -> Result:
     running = 200 if quick else 1000
     history = 1000 if quick else 10000
-    result = Result("memory", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("memory", harness.how(__doc__))
     say(__doc__)
     say(f"  {running} running jobs, {history} ended jobs")
 

@@ -31,7 +31,7 @@ def run(quick: bool) -> Result:
     rounds = 2 if quick else 5
     count = 200 if quick else 1000  # sequential round trips per round
     seconds = 0.5 if quick else 2.0  # pipelined window per round
-    result = Result("rpc", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("rpc", harness.how(__doc__))
     say(__doc__)
     say(f"  {rounds} rounds of {count} round trips and {seconds:g}s at {WINDOW} in flight")
 

@@ -67,8 +67,9 @@ def main() -> int:
               "scripts": results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "RESULTS.md").write_text(markdown(report))
+    (out / "README-section.md").write_text(readme_section(report))
     plotted = plot(report, out / "plot.png")
-    print(f"\nwrote {out / 'results.json'}, {out / 'RESULTS.md'}"
+    print(f"\nwrote {out / 'results.json'}, {out / 'RESULTS.md'}, {out / 'README-section.md'}"
           f"{', ' + str(out / 'plot.png') if plotted else ''} in {took:.0f}s", flush=True)
     print(markdown_table(report), flush=True)
     return 0 if all(r.get("ok", True) for r in results) else 1
@@ -169,6 +170,45 @@ def markdown(report: dict[str, Any]) -> str:
         for note in script.get("notes", []):
             lines.append(f"  - {note}")
     return "\n".join(lines) + "\n"
+
+
+def readme_section(report: dict[str, Any]) -> str:
+    """The README's performance section: how to measure, then the current table and plot."""
+    m = report["machine"]
+    missed = [f["figure"].strip() for sc in report["scripts"] for f in sc["figures"]
+              if f.get("met") is False]
+    return "\n".join([
+        "## Performance",
+        "",
+        "```sh",
+        "make bench                              # ~3 minutes; writes bench/results.json,",
+        "                                        # bench/RESULTS.md and bench/plot.png",
+        ".venv/bin/python bench/run_all.py --quick   # ~30 s smoke run of every script",
+        ".venv/bin/python bench/rpc.py               # any one script alone",
+        ".venv/bin/python bench/profile.py start --gil   # py-spy of the daemon under load",
+        "```",
+        "",
+        ("Every script starts a real `twistd jobworker` on 127.0.0.1 with a throwaway PKI and "
+         "real mutual TLS 1.3, prints what it measures and how, and stops by itself. Each "
+         "figure is compared with a baseline measured in the same run on the same machine "
+         "(a bare `posix_spawn`, a bare Twisted TLS echo, a shell redirect, `cat`), so the "
+         "ratio says how close jobworker gets to what the machine allows; the absolute "
+         "numbers move with the machine and its load, the ratios less so. "
+         "`bench/spawn_paths.py` (not part of the suite) compares Twisted's and jobworker's "
+         "spawn paths on their own."),
+        "",
+        (f"Measured on {m['date']} at commit `{m['commit']}`: {m['cores']} cores "
+         f"({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}; "
+         "details of each figure in [bench/RESULTS.md](bench/RESULTS.md)."),
+        "",
+        markdown_table(report).rstrip("\n"),
+        "",
+        "![start latency distribution and start throughput](bench/plot.png)",
+        "",
+        ("Targets missed in this run: " + "; ".join(missed) + "."
+         if missed else "Every target was met in this run."),
+        "",
+    ])
 
 
 # -- plot.png -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from harness import TRUE, Bench, Figure, Result, percentile, quantiles, say
 
 def run(quick: bool) -> Result:
     count = 300 if quick else 3000
-    result = Result("start_latency", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("start_latency", harness.how(__doc__))
     say(__doc__)
     say(f"  {count} samples each")
 

@@ -28,7 +28,7 @@ def run(quick: bool) -> Result:
     window = 0.75 if quick else 1.5
     rounds = 1 if quick else 3
     background = 200 if quick else 1000
-    result = Result("throughput", __doc__.split("\n\n")[1].replace("\n", " "))
+    result = Result("throughput", harness.how(__doc__))
     say(__doc__)
     say(f"  {rounds} rounds of {window:g}s windows, {background} background jobs")
 

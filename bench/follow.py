@@ -8,7 +8,8 @@ rate is F x 1 GiB / time from ``start`` to the last follower's final reply (ever
 checked to arrive).  Baseline, same run: ``cat`` of the same finished log file into a
 pipe read by this process into one reused 1 MiB buffer (the fair peer of a follower: the bytes reach
 another process); ``cat FILE > /dev/null`` is printed too for scale.  One follower: three
-rounds, medians.
+rounds, medians (the first round is usually the slowest: its job also writes into fresh
+page cache while it is followed).
 Target: one follower >= 0.5 x cat.
 
 How (latency): a job writes a line holding ``time.monotonic_ns()`` every 5 ms (400 lines);

@@ -52,6 +52,8 @@ def run(quick: bool) -> Result:
                           m[n], "MiB/s", "cat of the file into a pipe", m[f"cat{n}"],
                           ">= 0.5" if n == 1 else None))
     result.add(Figure("cat of the file to /dev/null (for scale)", m["devnull"], "MiB/s"))
+    result.notes.append("one follower, each round (follower / cat into a pipe, MiB/s): " +
+                        ", ".join(f"{f:.0f} / {c:.0f}" for f, c, _ in m["rounds1"]))
     lat = m["latency"]
     result.add(Figure("write-to-follower latency p50", percentile(lat, 50), "ms",
                       target="<= 5"))
@@ -69,6 +71,7 @@ async def measure(reactor: Any, bench: Bench, mib: int, lines: int) -> dict[Any,
             runs = [await throughput(reactor, clients[:n], mib) for _ in range(rounds)]
             out[n], out[f"cat{n}"], out["devnull"] = (median(r[i] for r in runs)
                                                       for i in range(3))
+            out[f"rounds{n}"] = runs
         out["latency"] = await latency(reactor, clients[0], lines)
         return out
     finally:

@@ -77,6 +77,15 @@ def report(label: str, result: tuple[float, int]) -> None:
 async def main(reactor: Any, seconds: float, background: int) -> None:
     null = _devnull()
     elsewhere = tempfile.mkdtemp(prefix="jw-bench-")
+    try:
+        await _measure(reactor, seconds, background, null, elsewhere)
+    finally:
+        os.close(null)
+        os.rmdir(elsewhere)
+
+
+async def _measure(reactor: Any, seconds: float, background: int, null: int,
+                   elsewhere: str) -> None:
     here = os.getcwd()
     fds = {0: null, 1: null, 2: null}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {seconds}s per line, "
@@ -152,8 +161,6 @@ async def main(reactor: Any, seconds: float, background: int) -> None:
         lambda p: reactor.spawnProcess(p, SLEEP, [SLEEP, "600"], {}, childFDs=fds),
         ("twisted spawnProcess (daemon cwd)", twisted_spawn(None)),
     )
-    os.close(null)
-    os.rmdir(elsewhere)
 
 
 @contextmanager

@@ -36,7 +36,7 @@ class Methods:
     def __init__(self, server: RPCServer) -> None:
         self.server = server
 
-    async def hello(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def hello(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         if p["version"] != PROTOCOL_VERSION:
             raise UnsupportedVersion(
                 f"client speaks protocol version {p['version']}; this daemon speaks "
@@ -44,10 +44,10 @@ class Methods:
         return {"version": PROTOCOL_VERSION, "server": f"jobworker/{__version__}",
                 "max_frame": self.server.limits.max_frame}
 
-    async def whoami(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def whoami(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         return {"identity": call.who.name, "role": call.who.role}
 
-    async def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.jobs.start(owner=call.who.name, command=p["command"],
                                      args=p["args"], env=p["env"], dir=p["dir"],
                                      timeout=p["timeout"])
@@ -69,7 +69,7 @@ class Methods:
         record = await self.server.jobs.stop(job, p["grace"])
         return record.to_wire()
 
-    async def status(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def status(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         return self.server.visible_job(call, p["job"]).wire()
 
     async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class Methods:
         record = await job.when_ended()
         return record.to_wire()
 
-    async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds the count."""
         server = self.server
         records = [job.wire() for job in server.jobs.jobs(running_only=p["running"])

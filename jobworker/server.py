@@ -7,7 +7,7 @@ and never a traceback in the log, and a bug becomes a logged ``internal`` error.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -223,10 +223,19 @@ class RPCServerProtocol(FrameProtocol):
         # The policy may be reloaded (SIGHUP) while we are connected: ask it every time.
         self.who = self.server.authz.principal(self.peer)
         call = Call(self, request.id, request.method, self.who)
-        d = Deferred.fromCoroutine(self.server.dispatch(call, request.params))
-        self._in_flight[request.id] = d
-        self._arm_idle()
-        d.addBoth(self._finished, call)
+        try:
+            outcome = self.server.dispatch(call, request.params)
+        except Exception:
+            self._finished(Failure(), call)
+            return
+        if isinstance(outcome, Coroutine):
+            # Only methods that wait (stop, wait, logs) pay for a Deferred and a coroutine.
+            d = Deferred.fromCoroutine(outcome)
+            self._in_flight[request.id] = d
+            self._arm_idle()
+            d.addBoth(self._finished, call)
+        else:
+            self._finished(outcome, call)
 
     def _finished(self, result: Any, call: Call) -> None:
         self._in_flight.pop(call.id, None)
@@ -304,7 +313,8 @@ class RPCServerProtocol(FrameProtocol):
             producer.stopProducing()
 
 
-Handler = Callable[[Call, dict[str, Any]], Awaitable[Any]]
+#: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
+Handler = Callable[[Call, dict[str, Any]], Any]
 
 
 class RPCServer(Factory):
@@ -337,7 +347,9 @@ class RPCServer(Factory):
     def connection_closed(self, proto: RPCServerProtocol) -> None:
         self.connections.discard(proto)
 
-    async def dispatch(self, call: Call, params: dict[str, Any]) -> Any:
+    def dispatch(self, call: Call, params: dict[str, Any]) -> Any:
+        """Validate, authorize and run one request: its result, or a coroutine to await
+        for methods that wait."""
         entry = self.methods.get(call.method)
         if entry is None:
             raise UnknownMethod(f"unknown method {call.method!r}")
@@ -348,7 +360,7 @@ class RPCServer(Factory):
         except Forbidden as e:
             self.audit_refusal(call, e, checked)
             raise
-        return await handler(call, checked)
+        return handler(call, checked)
 
     def audit_refusal(self, call: Call, error: JobWorkerError, params: dict[str, Any]) -> None:
         if self.audit is not None:

@@ -30,6 +30,7 @@ from jobworker.process import (
     resolve_program,
     spawn,
 )
+from jobworker.store import JobStore, MemoryStore
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JOB_ID_VAR = "JOBWORKER_JOB_ID"
@@ -403,6 +404,7 @@ class JobManager(service.Service):
         spawner: Spawner = spawn,
         base_env: dict[str, str] | None = None,
         killpg: Callable[[int, int], None] = os.killpg,
+        store: JobStore | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -410,9 +412,7 @@ class JobManager(service.Service):
         self._spawner = spawner
         self._base_env = dict(base_env) if base_env is not None else daemon_base_env()
         self._killpg = killpg
-        self._jobs: dict[str, Job] = {}
-        self._history: list[Job] = []  # start order
-        self._running_by_pid: dict[int, Job] = {}
+        self._store: JobStore = store if store is not None else MemoryStore()
         self._shutting_down = False
 
     # -- service -------------------------------------------------------------------------
@@ -434,7 +434,8 @@ class JobManager(service.Service):
         if running:
             self.log.info("{event} count={count}", event="jobs.stopping_all", count=len(running))
             await DeferredList([self.stop(job) for job in running], consumeErrors=True)
-        await DeferredList([job.settle() for job in self._history], consumeErrors=True)
+        await DeferredList([job.settle() for job in self._store.newest_first()],
+                           consumeErrors=True)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -468,8 +469,7 @@ class JobManager(service.Service):
             signal_group=self._signal_group,
             on_ended=self._job_ended,
         )
-        self._jobs[job_id] = job
-        self._history.append(job)
+        self._store.add(job)
         try:
             logs = self._log_store.create(job_id, started)
         except OSError as e:
@@ -511,9 +511,9 @@ class JobManager(service.Service):
         finally:
             os.close(out)
             os.close(err)
-        if job.protocol.pid is not None:
-            self._running_by_pid[job.protocol.pid] = job
         job.spawned()
+        if not job.ended:
+            self._store.running(job)
         return job
 
     def stop(self, job: Job, grace: float | None = None) -> Deferred[JobRecord]:
@@ -527,10 +527,7 @@ class JobManager(service.Service):
 
     def get(self, job_id: str) -> Job:
         """The job with this id, or NotFound."""
-        try:
-            return self._jobs[job_id]
-        except (KeyError, TypeError):
-            raise errors.NotFound(f"no such job: {job_id}") from None
+        return self._store.get(job_id)
 
     def find(self, ref: str | int) -> Job:
         """By id, or by pid: the running job with that pid, else the newest that had it."""
@@ -541,17 +538,11 @@ class JobManager(service.Service):
             pid = int(ref)
         if pid is None:
             return self.get(ref)  # type: ignore[arg-type]
-        running = self._running_by_pid.get(pid)
-        if running is not None:
-            return running
-        for job in reversed(self._history):
-            if job.pid == pid:
-                return job
-        raise errors.NotFound(f"no such job: {ref}")
+        return self._store.by_pid(pid)
 
     def jobs(self, running_only: bool = False) -> list[Job]:
         """Every job this daemon has run, newest first."""
-        return [j for j in reversed(self._history) if not running_only or not j.ended]
+        return self._store.newest_first(running_only)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -568,14 +559,13 @@ class JobManager(service.Service):
         pid = job.pid
         if pid is None:
             raise ProcessLookupError(f"job {job.id} has no process")
-        holder = self._running_by_pid.get(pid)
+        holder = self._store.running_with_pid(pid)
         if holder is not None and holder is not job:
             raise ProcessLookupError(f"pid {pid} now belongs to job {holder.id}")
         self._killpg(pid, signum)
 
     def _job_ended(self, job: Job) -> None:
-        if job.pid is not None and self._running_by_pid.get(job.pid) is job:
-            del self._running_by_pid[job.pid]
+        self._store.ended(job)
 
 
 def _check_request(args: Sequence[str], timeout: float | None) -> None:

@@ -9,7 +9,6 @@ import pwd
 import signal
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from twisted.application import service
@@ -21,7 +20,7 @@ from twisted.python.failure import Failure
 
 from jobworker import errors
 from jobworker.logs import LogStore
-from jobworker.messages import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord
+from jobworker.messages import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord, iso8601
 from jobworker.process import (
     JobProcessProtocol,
     SpawnError,
@@ -50,11 +49,6 @@ class Spawner(Protocol):
         stdout_fd: int,
         stderr_fd: int,
     ) -> Any: ...
-
-
-def iso_utc(when: float) -> str:
-    """ISO 8601 UTC with microseconds and a trailing Z, e.g. 2026-11-28T04:10:00.123456Z."""
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def signal_name(number: int) -> str:
@@ -155,7 +149,7 @@ class Job:
     def started_at(self) -> str:
         # Formatted once: every status, list and start reply carries it.
         if self._started_at is None or self._started_at[0] != self.started:
-            self._started_at = (self.started, iso_utc(self.started))
+            self._started_at = (self.started, iso8601(self.started))
         return self._started_at[1]
 
     @property
@@ -375,7 +369,7 @@ class Job:
         self._finish()
 
     def _finish(self) -> None:
-        self.ended_at = iso_utc(self._reactor.seconds())
+        self.ended_at = iso8601(self._reactor.seconds())
         self._on_ended(self)
         observers, self._observers = self._observers, []
         record = self.record()

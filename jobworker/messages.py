@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
-# Job states.  ``lost`` is reserved for jobs a restarted daemon can no longer account for.
+# Job states.  ``lost``: the daemon can no longer account for the job's end (its exit
+# status was taken elsewhere; later, a job a restarted daemon cannot re-adopt).
 RUNNING = "running"
 EXITED = "exited"
 STOPPED = "stopped"
@@ -71,6 +72,4 @@ _FIELD_SET = frozenset(_FIELDS)
 
 def iso8601(timestamp: float) -> str:
     """UTC ISO 8601 with microseconds and a trailing Z, as every record and log line uses."""
-    from datetime import datetime
-
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

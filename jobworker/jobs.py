@@ -465,43 +465,40 @@ class JobManager(service.Service):
         )
         self._store.add(job)
         try:
-            logs = self._log_store.create(job_id, started)
+            # Created and opened once: these descriptors become the child's stdout/stderr.
+            _, out, err = self._log_store.create_open(job_id, started)
         except OSError as e:
             job.fail(f"cannot create job logs in {job.log_dir}: {e.strerror or e}")
             return job
         try:
-            environment = self._environment(job_id, env)
-            _check_request(args, timeout)
-            check_directory(cwd)
-            job.executable = resolve_program(command, environment.get("PATH", ""), cwd)
-        except (SpawnError, ValueError, TypeError) as e:
-            job.fail(str(e))
-            return job
-        try:
-            out, err = logs.open_for_child()
-        except OSError as e:
-            job.fail(f"cannot open job logs: {e.strerror or e}")
-            return job
-        job.spawning()
-        try:
-            self._spawner(
-                self._reactor,
-                job.protocol,
-                job.executable,
-                [command, *args],
-                environment,
-                cwd,
-                out,
-                err,
-            )
-        except OSError as e:
-            job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
-            return job
-        except Exception:  # noqa: BLE001 (logged with its traceback below)
-            # A bug, not a request problem: keep the traceback, still end the record.
-            self.log.failure("{event} job={job_id}", event="job.spawn_bug", job_id=job_id)
-            job.fail("internal error while starting the job")
-            return job
+            try:
+                environment = self._environment(job_id, env)
+                _check_request(args, timeout)
+                check_directory(cwd)
+                job.executable = resolve_program(command, environment.get("PATH", ""), cwd)
+            except (SpawnError, ValueError, TypeError) as e:
+                job.fail(str(e))
+                return job
+            job.spawning()
+            try:
+                self._spawner(
+                    self._reactor,
+                    job.protocol,
+                    job.executable,
+                    [command, *args],
+                    environment,
+                    cwd,
+                    out,
+                    err,
+                )
+            except OSError as e:
+                job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
+                return job
+            except Exception:  # noqa: BLE001 (logged with its traceback below)
+                # A bug, not a request problem: keep the traceback, still end the record.
+                self.log.failure("{event} job={job_id}", event="job.spawn_bug", job_id=job_id)
+                job.fail("internal error while starting the job")
+                return job
         finally:
             os.close(out)
             os.close(err)

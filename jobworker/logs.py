@@ -63,6 +63,16 @@ class LogStore:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self._umask_cache: int | None = None
+
+    @property
+    def _umask(self) -> int:
+        """The daemon's umask, read at the first job (twistd may set it after start-up,
+        when it daemonizes): decides whether modes need an explicit chmod."""
+        if self._umask_cache is None:
+            self._umask_cache = os.umask(0o022)
+            os.umask(self._umask_cache)
+        return self._umask_cache
 
     def dir_for(self, job_id: str, started: float) -> str:
         """The directory ``create`` makes for this job (absolute)."""
@@ -72,21 +82,36 @@ class LogStore:
 
     def create(self, job_id: str, started: float) -> JobLogs:
         """Make the job's directory and its empty ``stdout.log`` and ``stderr.log``."""
+        logs, out, err = self.create_open(job_id, started)
+        os.close(out)
+        os.close(err)
+        return logs
+
+    def create_open(self, job_id: str, started: float) -> tuple[JobLogs, int, int]:
+        """``create``, returning the two files open for appending (close-on-exec): the
+        spawn hands them to the child as fds 1 and 2; the caller closes these copies."""
         logs = JobLogs(self.dir_for(job_id, started))
         try:
             os.mkdir(logs.dir, _DIR_MODE)
         except FileNotFoundError:
             self._make_root()
             os.mkdir(logs.dir, _DIR_MODE)
-        # Modes are set explicitly so the daemon's umask cannot widen or narrow them.
-        os.chmod(logs.dir, _DIR_MODE)
-        for path in (logs.stdout_path, logs.stderr_path):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-            try:
-                os.fchmod(fd, _FILE_MODE)
-            finally:
+        # Modes are set explicitly when the daemon's umask would narrow them.
+        if self._umask & _DIR_MODE:
+            os.chmod(logs.dir, _DIR_MODE)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fds: list[int] = []
+        try:
+            for path in (logs.stdout_path, logs.stderr_path):
+                fd = os.open(path, flags, _FILE_MODE)
+                fds.append(fd)
+                if self._umask & _FILE_MODE:
+                    os.fchmod(fd, _FILE_MODE)
+        except BaseException:
+            for fd in fds:
                 os.close(fd)
-        return logs
+            raise
+        return logs, fds[0], fds[1]
 
     def _make_root(self) -> None:
         os.makedirs(os.path.dirname(self.root), exist_ok=True)

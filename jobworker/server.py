@@ -97,6 +97,7 @@ class RPCServerProtocol(FrameProtocol):
         self._in_flight: dict[int, Deferred[Any]] = {}
         self._timer: Any = None
         self._frame_timer: Any = None
+        self._idle_since = 0.0
         self.paused = False
         # Ordered, so resuming can rotate through the streams fairly.
         self._producers: dict[Any, None] = {}
@@ -122,6 +123,7 @@ class RPCServerProtocol(FrameProtocol):
         if cert is None:  # cannot happen with VERIFY_FAIL_IF_NO_PEER_CERT; be safe
             self.transport.abortConnection()
             return
+        self._cancel_timer()  # the handshake timer
         self.peer = identity_of(cert.to_cryptography())
         self.who = self.server.authz.principal(self.peer)
         self.log.info("connection.open identity={identity} role={role} peer={addr}",
@@ -153,10 +155,26 @@ class RPCServerProtocol(FrameProtocol):
         self._timer = self.server.reactor.callLater(seconds, self._timed_out, why)
 
     def _arm_idle(self) -> None:
-        if self.peer is None or self._in_flight:
-            self._cancel_timer()
+        """Note activity now.  One idle timer runs per connection and re-checks when it
+        fires, rather than being cancelled and rescheduled on every request."""
+        if self.peer is None:
+            return
+        self._idle_since = self.server.reactor.seconds()
+        if self._timer is None:
+            self._timer = self.server.reactor.callLater(self.limits.idle_timeout,
+                                                        self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._in_flight:  # not idle while a request is in flight: look again later
+            remaining = self.limits.idle_timeout
         else:
-            self._arm(self.limits.idle_timeout, "idle")
+            remaining = self._idle_since + self.limits.idle_timeout \
+                - self.server.reactor.seconds()
+        if remaining > 0:
+            self._timer = self.server.reactor.callLater(remaining, self._check_idle)
+        else:
+            self._timed_out("idle")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

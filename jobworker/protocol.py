@@ -51,7 +51,30 @@ class FrameProtocol(Int32StringReceiver):
         self._buffer = bytearray()
         super().makeConnection(transport)
 
+    #: Replies made while handling one read are gathered and written together (one TLS
+    #: record instead of one per reply), up to this many bytes at a time; beyond it they
+    #: go out at once, so a paused transport still pushes back on a streaming producer.
+    OUTBOX_LIMIT = 64 * 1024
+    _outbox: list[bytes] | None = None
+    _outbox_size = 0
+
     def dataReceived(self, data: bytes) -> None:
+        if self._outbox is not None:  # re-entered from a callback: already gathering
+            self._receive(data)
+            return
+        self._outbox = []
+        try:
+            self._receive(data)
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what has been gathered, and stop gathering."""
+        out, self._outbox, self._outbox_size = self._outbox, None, 0
+        if out and self.transport is not None:
+            self.transport.writeSequence(out)
+
+    def _receive(self, data: bytes) -> None:
         if self._refusing:
             return
         progressed = False
@@ -117,7 +140,15 @@ class FrameProtocol(Int32StringReceiver):
         size = sum(map(len, parts))
         if size > self.max_send:
             raise FrameTooLarge(f"refusing to send a {size}-byte frame")
-        self.transport.writeSequence([_PREFIX.pack(size), *parts])
+        if self._outbox is None:
+            self.transport.writeSequence([_PREFIX.pack(size), *parts])
+            return
+        self._outbox.append(_PREFIX.pack(size))
+        self._outbox.extend(parts)
+        self._outbox_size += 4 + size
+        if self._outbox_size >= self.OUTBOX_LIMIT:
+            out, self._outbox, self._outbox_size = self._outbox, [], 0
+            self.transport.writeSequence(out)
 
 
 class RPCClientProtocol(FrameProtocol):

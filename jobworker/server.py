@@ -286,6 +286,7 @@ class RPCServerProtocol(FrameProtocol):
         for producer in list(self._producers):
             producer.stopProducing()
         self._producers.clear()
+        self.flush()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -84,8 +84,17 @@ def decode(payload: bytes, max_len: int = DEFAULT_MAX_FRAME) -> Any:
         raise BadRequest(f"undecodable frame: {str(e) or type(e).__name__}") from None
     except Exception as e:  # msgpack raises a few odd types on truncation
         raise BadRequest(f"undecodable frame: {type(e).__name__}") from None
-    _check_depth(value)
+    # Nesting deeper than MAX_DEPTH needs more than MAX_DEPTH container headers; most
+    # frames have far fewer bytes that could even be one, and skip the walk.
+    if len(payload.translate(None, _NOT_CONTAINER_HEADERS)) > MAX_DEPTH:
+        _check_depth(value)
     return value
+
+
+#: Every byte value except msgpack's map and array headers (fixmap, fixarray,
+#: array 16/32, map 16/32), for counting candidate headers with one C call.
+_NOT_CONTAINER_HEADERS = bytes(
+    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
 
 
 def _check_depth(value: Any) -> None:
@@ -107,11 +116,15 @@ def _check_depth(value: Any) -> None:
 # -- frames ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """One request's envelope (a NamedTuple: built for every frame, so kept cheap)."""
+
     id: int
     method: str
     params: dict[str, Any]
+
+
+_ENVELOPE = frozenset({"id", "method", "params"})
 
 
 def _check_id(frame: dict[str, Any]) -> int:
@@ -126,8 +139,8 @@ def parse_request(value: Any) -> Request:
     if not isinstance(value, dict):
         raise BadRequest("a frame must be a map")
     rid = _check_id(value)
-    extra = set(value) - {"id", "method", "params"}
-    if extra:
+    if not value.keys() <= _ENVELOPE:
+        extra = set(value) - _ENVELOPE
         raise BadRequest(f"unexpected request fields: {', '.join(sorted(map(str, extra)))}")
     method = value.get("method")
     if not isinstance(method, str) or not 0 < len(method) <= 64:

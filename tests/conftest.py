@@ -34,6 +34,56 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+async def until(predicate: Callable[[], Any], timeout: float = 10.0,
+                what: str = "condition") -> Any:
+    """``wait_for`` for tests running on the reactor: polls without blocking it."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc (R, S, Z...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def dead(pid: int) -> bool:
+    """Gone or a zombie: orphans go to pid 1, which may be slow (or never) to reap them."""
+    return proc_state(pid) in (None, "Z", "X")
+
+
+def zombie_children(parent: int) -> list[int]:
+    """Pids of ``parent``'s children that have exited but were not reaped."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def open_fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class PKI:
     """A CA, a server certificate and named client certificates in one directory."""
 

@@ -11,14 +11,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import pytest_twisted
-from conftest import BIN, Daemon
+from conftest import BIN, Daemon, until
 from OpenSSL import crypto
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -89,19 +89,6 @@ os.rename(a.digest + ".tmp", a.digest)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], Any], timeout: float = WAIT,
-                what: str = "condition") -> Any:
-    """Poll ``predicate`` on the reactor until it is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def within(d: Deferred[Any], timeout: float = WAIT) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Daemon, wait_for
+from conftest import Daemon, dead, open_fd_count, wait_for, zombie_children
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
@@ -118,22 +117,14 @@ def test_stop_with_cooperative_job_uses_sigterm(daemon: Daemon) -> None:
     assert again == rec  # stopping an ended job is not an error
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_stop_kills_the_jobs_children_too(daemon: Daemon) -> None:
     """stop signals the whole process group, so the job's children die with it."""
     job_id = start(daemon, "sh", "-c", "sleep 300 & echo $!; wait")
     rec = record(daemon, job_id)
     child = int(wait_for_output(rec, b"\n").split()[0])
-    assert not _gone(child)
+    assert not dead(child)
     daemon.jwclient("stop", "--grace", "2", job_id, check=True)
-    wait_for(lambda: _gone(child), 10, what="the child to die")
+    wait_for(lambda: dead(child), 10, what="the child to die")
 
 
 def test_timeout_stops_job_and_marks_record(daemon: Daemon) -> None:
@@ -255,25 +246,6 @@ async def test_ten_clients_hundred_jobs_each_exact(daemon: Daemon) -> None:
         assert (Path(rec.log_dir) / "stdout.log").read_bytes() == f"token-{n}".encode()
 
 
-def _fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _zombie_children(pid: int) -> list[int]:
-    zombies = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == "Z" and int(fields[1]) == pid:
-            zombies.append(int(entry))
-    return zombies
-
-
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_no_zombies_and_fd_count_back_to_baseline_after_500_jobs(
@@ -282,7 +254,7 @@ async def test_no_zombies_and_fd_count_back_to_baseline_after_500_jobs(
     d = make_daemon()
     client = await connect(reactor, d.config())
     await client.call("whoami")
-    baseline = _fd_count(d.pid)
+    baseline = open_fd_count(d.pid)
 
     async def one(i: int) -> None:
         rec = await client.start("true")
@@ -291,8 +263,8 @@ async def test_no_zombies_and_fd_count_back_to_baseline_after_500_jobs(
     for _ in range(5):
         await DeferredList([Deferred.fromCoroutine(one(i)) for i in range(100)],
                            fireOnOneErrback=True)
-    assert _zombie_children(d.pid) == []
-    assert _fd_count(d.pid) == baseline
+    assert zombie_children(d.pid) == []
+    assert open_fd_count(d.pid) == baseline
     client.close()
 
 
@@ -316,6 +288,6 @@ async def test_thousand_running_jobs_then_sigterm_stops_them_all(make_daemon: An
     pids = [r.pid for r in recs]
     assert d.stop(timeout=60) in (0, -signal.SIGTERM)  # twistd re-raises SIGTERM on exit
     for pid in pids:
-        assert pid is not None and _gone(pid)
+        assert pid is not None and dead(pid)
     ended = re.findall(r"job\.ended .*state=stopped", d.log())
     assert len(ended) == 1000

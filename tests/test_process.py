@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import dead, open_fd_count, until, zombie_children
 from twisted.internet import process as twisted_process
-from twisted.internet.task import deferLater
 
 from jobworker import process
 from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env
@@ -55,32 +55,9 @@ async def ended(reactor: Any, job: Job, timeout: float = WAIT) -> JobRecord:
     return await d
 
 
-async def wait_for(reactor: Any, condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll ``condition`` on the reactor until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 def output(job: Job, stream: str = "stdout") -> bytes:
     path = JobLogs(job.log_dir).path(stream)
     return read_range(path, 0, size(path))
-
-
-def proc_state(pid: int) -> str | None:
-    """The /proc state letter of ``pid`` (Z for a zombie), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def dead(pid: int) -> bool:
-    # Orphans are reparented to pid 1, which may be slow (or never) to reap them here.
-    return proc_state(pid) in (None, "Z", "X")
 
 
 def runs(pid: int, program: str) -> bool:
@@ -95,24 +72,6 @@ def read_pid(path: Any) -> Callable[[], bool]:
     return lambda: os.path.exists(path) and open(path).read().strip().isdigit()
 
 
-def zombie_children() -> list[int]:
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me and fields[0] == "Z":
-            found.append(int(entry))
-    return found
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("code", [0, 1, 255])
@@ -159,7 +118,7 @@ async def test_term_ignoring_job_is_killed_after_grace(reactor: Any, manager: Jo
     job = manager.start("alice", "sh", ["-c", 'trap "" TERM; exec sleep 60'])
     assert job.pid is not None
     pid = job.pid
-    await wait_for(reactor, lambda: runs(pid, "sleep"))  # the trap is in place
+    await until(lambda: runs(pid, "sleep"))  # the trap is in place
     began = time.monotonic()
     record = await manager.stop(job, grace=0.3).addTimeout(WAIT, reactor)
     assert time.monotonic() - began >= 0.3
@@ -171,12 +130,12 @@ async def test_stop_kills_the_jobs_children(reactor: Any, manager: JobManager, t
     """Stop signals the whole process group, so a background child dies with the job."""
     pidfile = tmp_path / "child.pid"
     job = manager.start("alice", "sh", ["-c", f"sleep 60 & echo $! > {pidfile}; wait"])
-    await wait_for(reactor, read_pid(pidfile))
+    await until(read_pid(pidfile))
     child = int(pidfile.read_text())
     assert os.getpgid(child) == job.pid
     record = await manager.stop(job).addTimeout(WAIT, reactor)
     assert record.state == STOPPED
-    await wait_for(reactor, lambda: dead(child))
+    await until(lambda: dead(child))
 
 
 @pytest_twisted.ensureDeferred
@@ -184,13 +143,13 @@ async def test_kill_sweeps_children_outliving_the_leader(reactor: Any, manager: 
     """A child ignoring TERM survives its leader until the grace deadline, then is KILLed."""
     pidfile = tmp_path / "child.pid"
     job = manager.start("alice", "sh", ["-c", f'(trap "" TERM; exec sleep 60) & echo $! > {pidfile}; wait'])
-    await wait_for(reactor, read_pid(pidfile))
+    await until(read_pid(pidfile))
     child = int(pidfile.read_text())
-    await wait_for(reactor, lambda: runs(child, "sleep"))
+    await until(lambda: runs(child, "sleep"))
     record = await manager.stop(job, grace=0.5).addTimeout(WAIT, reactor)
     assert (record.state, record.signal) == (STOPPED, "SIGTERM")
     assert not dead(child)
-    await wait_for(reactor, lambda: dead(child))
+    await until(lambda: dead(child))
     await manager.stopService()
 
 
@@ -286,13 +245,13 @@ async def test_stop_service_stops_real_jobs(reactor: Any, manager: JobManager) -
 async def test_many_jobs_leave_no_zombie_or_fd(reactor: Any, manager: JobManager) -> None:
     """After 500 jobs have run, no zombie child remains and the fd count is back to baseline."""
     await ended(reactor, manager.start("alice", "true", []))  # let lazily made fds appear
-    baseline = open_fds()
+    baseline = open_fd_count(os.getpid())
     jobs = [manager.start("alice", "true", []) for _ in range(500)]
     assert all(j.pid for j in jobs)
     records = [await ended(reactor, j) for j in jobs]
     assert {(r.state, r.exit_code) for r in records} == {(EXITED, 0)}
-    assert open_fds() == baseline
-    assert zombie_children() == []
+    assert open_fd_count(os.getpid()) == baseline
+    assert zombie_children(os.getpid()) == []
     pids = {j.pid for j in jobs}
     assert not pids & set(twisted_process.reapProcessHandlers)
 

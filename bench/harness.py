@@ -30,7 +30,7 @@ ROOT = BENCH.parent
 if importlib.util.find_spec("jobworker") is None:  # not installed: use this checkout
     sys.path.insert(0, str(ROOT))
 
-from jobworker import pki
+from jobworker import pki  # noqa: E402 (after the sys.path fallback above)
 
 #: run_all.py sets this: every daemon and long-running job we start is appended to it, so
 #: a script killed for overrunning its budget leaves nothing behind.
@@ -472,7 +472,7 @@ def run_on_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
         task.react(go)
     except SystemExit as e:
         if e.code:
-            raise RuntimeError(f"benchmark failed (exit {e.code}); see the traceback above")
+            raise RuntimeError(f"benchmark failed (exit {e.code}); see the traceback above") from None
     finally:
         signal.signal(signal.SIGTERM, _terminate)  # the reactor replaced it
     if not box:

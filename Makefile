@@ -11,12 +11,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Editable in "compat" mode puts the checkout on sys.path, so twistd finds the
-# twisted/plugins dropin from the working tree; a plain `pip install .` works too.
+# An editable install, plus a .pth file that puts the checkout itself on sys.path: twistd
+# discovers dropins by scanning sys.path for twisted/plugins/, which an editable install's
+# import hook does not provide.  (A plain `pip install .` ships the dropin and needs neither.)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lint]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test,lint]'
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/jobworker-checkout.pth"
 	touch $@
 
 pki: $(PKI)/ca.pem
@@ -41,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy jobworker
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[test,lint,bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test,lint,bench]'
 	$(PY) bench/run_all.py
 
 clean:

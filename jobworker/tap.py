@@ -13,14 +13,13 @@ from typing import Any, NoReturn
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from jobworker import codec
 from jobworker.authz import Authorizer, Policy, PolicyError
 from jobworker.server import ConnectionCap, Limits, RPCServer
-from jobworker.tls import ServerTLS, TLSConfigError
+from jobworker.tls import ServerTLS, ServerTLSFactory, TLSConfigError
 
 
 class Options(usage.Options):
@@ -204,7 +203,7 @@ def makeService(config: Options) -> service.MultiService:
     authz = Authorizer(policy)
     jobs = JobManager(reactor, logs, grace=config["grace"])
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
-    factory = ConnectionCap(TLSMemoryBIOFactory(tls, False, rpc), limits.max_connections)
+    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), limits.max_connections)
 
     top = service.MultiService()
     # Jobs first, listener second: on shutdown the listener stops accepting before

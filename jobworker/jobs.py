@@ -18,7 +18,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from jobworker import errors
+from jobworker import codec, errors
 from jobworker.logs import LogStore
 from jobworker.messages import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord, iso8601
 from jobworker.process import (
@@ -129,6 +129,7 @@ class Job:
         self.error: str | None = None
         self.started = started
         self._started_at: tuple[float, str] | None = None
+        self._packed: bytes | None = None
         self.ended_at: str | None = None
         self.timed_out = False
         self._timeout_grace = timeout_grace
@@ -165,6 +166,17 @@ class Job:
         apart again with ``dataclasses.asdict`` (about 18 µs of the ~25 µs a ``status``
         spends on the record)."""
         return self._fields()
+
+    def packed(self) -> bytes:
+        """``wire()`` encoded as msgpack.  An ended job's record never changes again, so it
+        is encoded once: a ``status`` or ``list`` of finished jobs, the common case, sends
+        these bytes as they are."""
+        packed = self._packed
+        if packed is None:
+            packed = codec.encode(self._fields())
+            if self.ended:
+                self._packed = packed
+        return packed
 
     def _fields(self) -> dict[str, Any]:
         # In JobRecord's field order, so both forms serialise identically.
@@ -522,6 +534,8 @@ class JobManager(service.Service):
 
     def find(self, ref: str | int) -> Job:
         """By id, or by pid: the running job with that pid, else the newest that had it."""
+        if type(ref) is str and not ref.isdecimal():  # an id: the usual case
+            return self._store.get(ref)
         pid: int | None = None
         if isinstance(ref, int) and not isinstance(ref, bool):
             pid = ref

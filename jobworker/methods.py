@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from jobworker import PROTOCOL_VERSION, __version__
 from jobworker.codec import (
+    Encoded,
     Schema,
+    array_head,
     boolean,
     integer,
     job_ref,
@@ -28,8 +30,11 @@ from jobworker.messages import FAILED
 if TYPE_CHECKING:
     from jobworker.server import Call, Handler, RPCServer
 
-#: Records per chunk frame of a ``list`` reply: keeps every frame well under 1 MiB.
+#: Most records, and most encoded bytes of them, in one chunk frame of a ``list`` reply.
+#: The bytes bound matters: a record can be ~64 KiB (a start request's arguments), and 500
+#: of those would make a frame over the client's 1 MiB limit.
 LIST_BATCH = 500
+LIST_BATCH_BYTES = 256 * 1024
 
 
 class Methods:
@@ -69,8 +74,8 @@ class Methods:
         record = await self.server.jobs.stop(job, p["grace"])
         return record.to_wire()
 
-    def status(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        return self.server.visible_job(call, p["job"]).wire()
+    def status(self, call: Call, p: dict[str, Any]) -> Encoded:
+        return Encoded(self.server.visible_job(call, p["job"]).packed())
 
     async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.visible_job(call, p["job"])
@@ -80,10 +85,18 @@ class Methods:
     def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds the count."""
         server = self.server
-        records = [job.wire() for job in server.jobs.jobs(running_only=p["running"])
+        records = [job.packed() for job in server.jobs.jobs(running_only=p["running"])
                    if server.authz.can_see(call.who, job.owner)]
-        for i in range(0, len(records), LIST_BATCH):
-            call.send_chunk(records[i:i + LIST_BATCH])
+        batch: list[bytes] = []
+        size = 0
+        for record in records:
+            if batch and (len(batch) == LIST_BATCH or size + len(record) > LIST_BATCH_BYTES):
+                call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
+                batch, size = [], 0
+            batch.append(record)
+            size += len(record)
+        if batch:
+            call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
         return {"count": len(records)}
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:

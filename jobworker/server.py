@@ -7,8 +7,9 @@ and never a traceback in the log, and a bug becomes a logged ``internal`` error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
@@ -20,8 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker import PROTOCOL_VERSION, codec
-from jobworker.authz import Authorizer, Principal
-from jobworker.codec import Schema
+from jobworker.authz import Authorizer, Policy, Principal
+from jobworker.codec import Encoded, Schema
 from jobworker.errors import (
     BadRequest,
     Forbidden,
@@ -58,6 +59,8 @@ class Limits:
 class Call:
     """One request in flight: who asked, and a way to stream chunks back."""
 
+    __slots__ = ("protocol", "id", "method", "who")
+
     def __init__(self, protocol: RPCServerProtocol, rid: int, method: str,
                  who: Principal) -> None:
         self.protocol = protocol
@@ -72,6 +75,8 @@ class Call:
     def send_chunk(self, chunk: Any) -> None:
         if type(chunk) is bytes:  # a log chunk: encoded around the bytes, not through them
             self.protocol.send_encoded(codec.encode_chunk_head(self.id, len(chunk)), chunk)
+        elif type(chunk) is Encoded:
+            self.protocol.send_encoded(codec.reply_head(self.id, "chunk"), chunk.data)
         else:
             self.protocol.send_frame({"id": self.id, "chunk": chunk})
 
@@ -93,6 +98,8 @@ class RPCServerProtocol(FrameProtocol):
         self.MAX_LENGTH = limits.max_frame
         self.peer: PeerIdentity | None = None
         self.who: Principal | None = None
+        #: The policy ``who`` was worked out under; another one (a reload) means again.
+        self._policy: Policy | None = None
         self._hello = False
         self._in_flight: dict[int, Deferred[Any]] = {}
         self._timer: Any = None
@@ -125,6 +132,7 @@ class RPCServerProtocol(FrameProtocol):
             return
         self._cancel_timer()  # the handshake timer
         self.peer = identity_of(cert.to_cryptography())
+        self._policy = self.server.authz.policy
         self.who = self.server.authz.principal(self.peer)
         self.log.info("connection.open identity={identity} role={role} peer={addr}",
                       identity=self.peer.name, role=self.who.role,
@@ -192,6 +200,8 @@ class RPCServerProtocol(FrameProtocol):
         self.transport.abortConnection()
 
     def buffer_changed(self, pending: int, progressed: bool) -> None:
+        if progressed:  # once per read, however many requests it held
+            self._arm_idle()
         if progressed and self._frame_timer is not None:
             if self._frame_timer.active():
                 self._frame_timer.cancel()
@@ -213,14 +223,13 @@ class RPCServerProtocol(FrameProtocol):
             f"frame of {length} bytes is over the {self.MAX_LENGTH}-byte limit"))
         self._close()
 
-    def stringReceived(self, string: bytes) -> None:
+    def stringReceived(self, string: bytes | bytearray) -> None:
         if self.peer is None or self.who is None:  # pre-handshake data never reaches us
             self.transport.abortConnection()
             return
-        rid = None
+        value = None
         try:
             value = codec.decode(string, self.MAX_LENGTH)
-            rid = codec.request_id_of(value)
             request = codec.parse_request(value)
             if request.id in self._in_flight:
                 raise BadRequest(f"request id {request.id} is already in flight")
@@ -231,32 +240,38 @@ class RPCServerProtocol(FrameProtocol):
             elif len(self._in_flight) >= self.limits.max_in_flight:
                 raise Unavailable(f"more than {self.limits.max_in_flight} requests in flight")
         except JobWorkerError as e:
-            self._send_error(rid, e)
+            self._send_error(codec.request_id_of(value), e)
             self._arm_idle()
             return
         except Exception:
             self.log.failure("request.decode_bug")
-            self._send_error(rid, JobWorkerError("internal error"))
+            self._send_error(codec.request_id_of(value), JobWorkerError("internal error"))
             return
-        # The policy may be reloaded (SIGHUP) while we are connected: ask it every time.
-        self.who = self.server.authz.principal(self.peer)
+        # The policy may be reloaded (SIGHUP) while we are connected: a new policy object
+        # means the caller's role is worked out again before this request is authorized.
+        authz = self.server.authz
+        if authz.policy is not self._policy:
+            self._policy = authz.policy
+            self.who = authz.principal(self.peer)
         call = Call(self, request.id, request.method, self.who)
         try:
             outcome = self.server.dispatch(call, request.params)
         except Exception:
             self._finished(Failure(), call)
             return
-        if isinstance(outcome, Coroutine):
+        if type(outcome) is CoroutineType:
             # Only methods that wait (stop, wait, logs) pay for a Deferred and a coroutine.
             d = Deferred.fromCoroutine(outcome)
             self._in_flight[request.id] = d
-            self._arm_idle()
             d.addBoth(self._finished, call)
         else:
-            self._finished(outcome, call)
+            self._finished(outcome, call, False)
 
-    def _finished(self, result: Any, call: Call) -> None:
-        self._in_flight.pop(call.id, None)
+    def _finished(self, result: Any, call: Call, later: bool = True) -> None:
+        """Reply to ``call``; ``later``: it finished after the read that brought it, so
+        its reply is activity of its own for the idle timer."""
+        if later:
+            self._in_flight.pop(call.id, None)
         if isinstance(result, Failure):
             if result.check(CancelledError) or not self.connected_and_open:
                 return None
@@ -271,10 +286,14 @@ class RPCServerProtocol(FrameProtocol):
             if call.method == "hello":
                 self._hello = True
             try:
-                self.send_frame({"id": call.id, "result": result})
+                if type(result) is Encoded:  # a cached record (status)
+                    self.send_reply(call.id, result.data)
+                else:
+                    self.send_frame({"id": call.id, "result": result})
             except JobWorkerError as e:
                 self._send_error(call.id, e)
-        self._arm_idle()
+        if later:
+            self._arm_idle()
         return None
 
     def _close(self) -> None:
@@ -394,6 +413,8 @@ class RPCServer(Factory):
             job = self.jobs.find(ref)
         except NotFound:
             raise NotFound(f"no job {ref}") from None
+        if self.authz.can_see(call.who, job.owner):  # dispatch has checked the method
+            return job
         try:
             self.authz.check_job(call.who, call.method, job.owner, ref)
         except (NotFound, Forbidden) as e:

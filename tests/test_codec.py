@@ -266,6 +266,70 @@ def test_request_id_of_recovers_only_valid_ids() -> None:
     assert codec.request_id_of([5]) is None
 
 
+envelopes = st.dictionaries(
+    st.sampled_from(["id", "method", "params", "extra"]),
+    st.one_of(scalars, st.integers(min_value=-1, max_value=2**53 + 1),
+              st.text(max_size=70), st.dictionaries(st.text(max_size=4), scalars, max_size=2),
+              st.lists(scalars, max_size=2)),
+    max_size=4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(envelopes)
+def test_the_quick_envelope_check_agrees_with_the_careful_one(frame: dict[str, Any]) -> None:
+    """parse_request's one-test path accepts exactly what the field-by-field one accepts,
+    with the same result."""
+    try:
+        careful: codec.Request | BadRequest = codec._parse_request_slowly(frame)
+    except BadRequest as e:
+        careful = e
+    try:
+        quick: codec.Request | BadRequest = parse_request(frame)
+    except BadRequest as e:
+        quick = e
+    if isinstance(careful, BadRequest):
+        assert isinstance(quick, BadRequest) and quick.message == careful.message
+    else:
+        assert quick == careful
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2**53 - 1), wire_values(3),
+       st.sampled_from(["result", "chunk"]))
+def test_a_reply_head_and_an_encoded_value_equal_the_encoded_reply(
+        rid: int, value: Any, key: str) -> None:
+    """A cached record sent after reply_head is the same bytes as encoding the reply."""
+    assert codec.reply_head(rid, key) + encode(value) == encode({"id": rid, key: value})
+
+
+@pytest.mark.parametrize("rid", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32,
+                                 2**53 - 1])
+def test_reply_heads_at_every_integer_width(rid: int) -> None:
+    assert codec.reply_head(rid) + encode(None) == encode({"id": rid, "result": None})
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 65535, 65536])
+def test_an_array_head_and_encoded_elements_equal_the_encoded_list(n: int) -> None:
+    items = [{"i": i} for i in range(n)]
+    assert codec.array_head(n) + b"".join(map(encode, items)) == encode(items)
+
+
+def test_a_reply_decoder_keeps_the_limits_but_not_the_duplicate_key_check() -> None:
+    """decode_reply (a client reading its daemon) still refuses extension types, frames
+    over the limit and absurd nesting; a duplicate key keeps its last entry."""
+    assert codec.decode_reply(b"\x82\xa1a\x01\xa1a\x02") == {"a": 2}
+    with pytest.raises(BadRequest, match="ext"):
+        codec.decode_reply(b"\xd4\x01\x00")
+    with pytest.raises(BadRequest, match="over the 10-byte limit"):
+        codec.decode_reply(encode("x" * 20), 10)
+    with pytest.raises(BadRequest, match="nests too deeply"):
+        codec.decode_reply(b"\x91" * 100_000 + b"\x01", 1 << 20)
+    deep = b"\x91" * (MAX_DEPTH + 2) + b"\x01"  # refused by decode, fine for a reply
+    with pytest.raises(BadRequest):
+        decode(deep)
+    assert codec.decode_reply(deep) == msgpack.unpackb(deep)
+
+
 # -- per-method schemas ------------------------------------------------------------------------
 
 
@@ -313,6 +377,8 @@ def test_schema_fills_defaults_and_keeps_given_values() -> None:
     ({"name": "x", "n": 1, "job": 0}, "'job' must be an integer"),
     ({"name": "x", "n": 1, "job": ""}, "'job' must not be empty"),
     ({"name": "x", "n": 1, "job": [1]}, "'job' must be a string"),
+    ({"name": "x", "n": 1, "job": "a\0b"}, "'job' must not contain NUL"),
+    ({"name": "x", "n": 1, "job": "j" * 65}, "'job' is longer than 64"),
 ])
 def test_wrong_types_and_values_are_bad_requests(params: dict[str, Any], message: str) -> None:
     """Each wrong type, range or unknown key is a BadRequest naming the parameter."""

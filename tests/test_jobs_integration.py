@@ -223,6 +223,27 @@ def test_list_newest_first_and_running_filter(daemon: Daemon) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_list_of_records_too_big_for_one_frame_arrives_whole(daemon: Daemon) -> None:
+    """Thirty records of ~60 KiB each (one long argument) are 1.8 MiB together: list still
+    returns every one of them, split over several chunk frames under the 1 MiB limit."""
+    client = await connect(reactor, daemon.config("alice"))
+    try:
+        ids = []
+        for n in range(30):
+            rec = await client.start("true", [f"{n:02d}" + "x" * 60_000])
+            ids.append(rec.id)
+        chunks: list[int] = []
+        reply = await client.call("list", {}, on_chunk=lambda c: chunks.append(len(c)))
+        listed = await client.list()
+    finally:
+        client.close()
+    assert reply["count"] >= 30 and sum(chunks) == reply["count"]
+    assert len(chunks) >= 7  # at most four 60 KiB records fit in 256 KiB
+    by_id = {r.id: r for r in listed}
+    assert all(len(by_id[i].args[0]) == 60_002 for i in ids)
+
+
+@pytest_twisted.ensureDeferred
 async def test_ten_clients_hundred_jobs_each_exact(daemon: Daemon) -> None:
     """10 clients start 100 jobs each concurrently; every output and exit code is exact."""
     clients = [await connect(reactor, daemon.config(who))

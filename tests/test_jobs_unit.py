@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
@@ -664,3 +665,31 @@ def test_cancelled_observers_are_forgotten_at_once(reactor: ProcessReactor,
     assert job._observers == [kept]
     reactor.process(job.pid).exit(0)
     assert kept.called
+
+
+def test_packed_record_follows_the_job_and_is_kept_once_it_ended(
+        manager: JobManager, reactor: ProcessReactor) -> None:
+    """packed() is always the encoding of the current record; while running it is made
+    afresh (the record still changes), and once ended the same bytes are reused."""
+    job = start(manager)
+    running = job.packed()
+    assert msgpack.unpackb(running) == job.record().to_wire()
+    assert msgpack.unpackb(running)["state"] == RUNNING
+    reactor.process(job.pid).exit(3)
+    ended = job.packed()
+    assert msgpack.unpackb(ended) == job.record().to_wire()
+    assert (msgpack.unpackb(ended)["state"], msgpack.unpackb(ended)["exit_code"]) == (EXITED, 3)
+    assert job.packed() is ended
+    # What a finished job answers does not move afterwards, not even for a stop.
+    result_of(manager.stop(job))
+    assert job.packed() is ended
+
+
+def test_find_treats_a_decimal_string_as_a_pid_and_anything_else_as_an_id(
+        manager: JobManager) -> None:
+    job = start(manager)
+    with pytest.raises(errors.NotFound):
+        manager.find("12a")
+    with pytest.raises(errors.NotFound):
+        manager.find("")
+    assert manager.find(f"{job.pid}") is job

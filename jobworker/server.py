@@ -76,7 +76,7 @@ class Call:
         if type(chunk) is bytes:  # a log chunk: encoded around the bytes, not through them
             self.protocol.send_encoded(codec.encode_chunk_head(self.id, len(chunk)), chunk)
         elif type(chunk) is Encoded:
-            self.protocol.send_encoded(codec.reply_head(self.id, "chunk"), chunk.data)
+            self.protocol.send_encoded(codec.reply_head(self.id, "chunk"), chunk)
         else:
             self.protocol.send_frame({"id": self.id, "chunk": chunk})
 
@@ -287,7 +287,7 @@ class RPCServerProtocol(FrameProtocol):
                 self._hello = True
             try:
                 if type(result) is Encoded:  # a cached record (status)
-                    self.send_reply(call.id, result.data)
+                    self.send_reply(call.id, result)
                 else:
                     self.send_frame({"id": call.id, "result": result})
             except JobWorkerError as e:

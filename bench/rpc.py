@@ -167,7 +167,7 @@ def echo_server(pki_dir: str, direct: bool = False) -> None:
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from jobworker.protocol import _PREFIX, FrameProtocol
-    from jobworker.tls import ServerTLS, ServerTLSFactory
+    from jobworker.tls import ServerTLS
 
     class Echo(FrameProtocol):
         def stringReceived(self, string: bytes) -> None:
@@ -180,6 +180,8 @@ def echo_server(pki_dir: str, direct: bool = False) -> None:
     tls = ServerTLS(os.path.join(pki_dir, "ca.pem"), os.path.join(pki_dir, "server.pem"),
                     os.path.join(pki_dir, "server.key"))
     if direct:
+        from jobworker.tls import ServerTLSFactory
+
         factory = ServerTLSFactory(tls, False, Factory.forProtocol(GatheringEcho))
     else:
         factory = TLSMemoryBIOFactory(tls, False, Factory.forProtocol(Echo))

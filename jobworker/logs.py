@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from jobworker.messages import UTCStamp
 
 STREAMS = ("stdout", "stderr")
 
@@ -17,9 +18,12 @@ _FILE_MODE = 0o640
 _MAX_READ = 1 << 20  # one pread at a time; callers bound their own total
 
 
+_stamp = UTCStamp("%Y%m%dT%H%M%S")
+
+
 def stamp(when: float) -> str:
     """A filesystem-safe, sortable UTC timestamp such as ``20261128T041000.123456Z``."""
-    return datetime.fromtimestamp(when, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return _stamp(when)
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,8 @@ class Job:
         self._spawning = False
         self.pid = self.protocol.pid
         self.log.info(
-            "{event} job={job_id} owner={owner} pid={pid} command={command!r}",
+            _as_format(f"job.started job={self.id} owner={self.owner} pid={self.pid}"
+                       f" command={self.command!r}"),
             event="job.started",
             job_id=self.id,
             owner=self.owner,
@@ -355,8 +356,9 @@ class Job:
         self._cancel_timeout()
         # A pending KILL stays armed: it also sweeps children left in the group.
         self.log.info(
-            "{event} job={job_id} owner={owner} pid={pid} state={state} exit_code={exit_code}"
-            " signal={signal} timed_out={timed_out}",
+            _as_format(f"job.ended job={self.id} owner={self.owner} pid={self.pid}"
+                       f" state={self.state} exit_code={self.exit_code} signal={self.signal}"
+                       f" timed_out={self.timed_out}"),
             event="job.ended",
             job_id=self.id,
             owner=self.owner,
@@ -557,6 +559,18 @@ class JobManager(service.Service):
 
     def _job_ended(self, job: Job) -> None:
         self._store.ended(job)
+
+
+def _as_format(text: str) -> str:
+    """Already-rendered text as a twisted.logger format with no fields in it.
+
+    For the two events every job logs (``job.started``, ``job.ended``): twistd's text
+    observer renders a format through ``string.Formatter`` one field at a time, ~8 us per
+    event for these; text rendered once here by an f-string costs it a scan for braces.
+    The event keeps its keys (event, job_id, owner, pid, ...) for observers and tests; the
+    line reads exactly as the keyword-field format rendered it.
+    """
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _check_request(args: Sequence[str], timeout: float | None) -> None:

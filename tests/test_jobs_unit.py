@@ -262,12 +262,17 @@ def test_unwritable_log_store_fails_job(reactor: ProcessReactor, tmp_path: Any) 
 
 
 def test_failed_spawn_closes_log_fds(manager: JobManager, reactor: ProcessReactor) -> None:
-    """The parent's copies of the log and /dev/null fds are closed whether or not spawn works."""
+    """The parent's copies of the log fds are closed whether or not spawn works; stdin's
+    /dev/null is one descriptor kept for the daemon's life, not one per job."""
+    start(manager)  # the first spawn opens the shared /dev/null
+    stdin = reactor.processes[-1].child_fds[0]
     before = len(os.listdir("/proc/self/fd"))
     start(manager)
     reactor.spawn_error = OSError(errno.EACCES, "Permission denied")
     start(manager)
     assert len(os.listdir("/proc/self/fd")) == before
+    assert reactor.processes[-1].child_fds[0] == stdin
+    assert os.readlink(f"/proc/self/fd/{stdin}") == os.devnull
 
 
 # -- ending ------------------------------------------------------------------------------

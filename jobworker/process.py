@@ -197,42 +197,38 @@ class JobProcess(_twisted_process.Process):
         proto: ProcessProtocol,
         childFDs: dict[int, int],
     ) -> None:
+        # Not Process.__init__: it is general (pipes, uid/gid, fork or spawn) and hands
+        # the pid to Twisted's reap-everything table (a waitpid) for _watch_exit to take
+        # back.  A job has only descriptors the daemon already opened: spawn, connect the
+        # protocol, watch the pidfd.  What Process's other methods use is set here.
+        self._reactor = reactor
         self._pidfd_watcher: _PidfdWatcher | None = None
-        super().__init__(reactor, executable, args, environment, path, proto, childFDs=childFDs)
-        self._watch_exit()
-
-    def _trySpawnInsteadOfFork(
-        self,
-        path: str | None,
-        uid: int | None,
-        gid: int | None,
-        executable: str,
-        args: list[str],
-        environment: dict[str, str],
-        kwargs: dict[str, Any],
-    ) -> bool:
-        if uid is not None or gid is not None:
-            return False  # never asked for by spawn(); leave it to Twisted's fork path
+        _twisted_process._BaseProcess.__init__(self, proto)
+        self.pipes: dict[int, Any] = {}
         self.pid = posix_spawn_job(  # type: ignore[assignment]
-            executable, args, environment, path, kwargs["fdmap"]
+            executable, args, environment, path, childFDs
         )
         self.status = -1
-        return True
+        try:
+            proto.makeConnection(self)
+        except BaseException:
+            log.failure("{event} pid={pid}", event="process.connect_failed", pid=self.pid)
+        self._watch_exit()
 
     def _watch_exit(self) -> None:
-        """Move this pid from Twisted's reap-everything table to a pidfd of its own."""
-        pid = self.pid
-        if pid is None or _twisted_process.reapProcessHandlers.get(pid) is not self:
-            return  # already reaped while Process.__init__ registered it
-        if not IReactorFDSet.providedBy(self._reactor):
-            return
-        try:
-            pidfd = os.pidfd_open(pid)  # always close-on-exec
-        except (AttributeError, OSError):
-            return  # old kernel: Twisted's SIGCHLD reaper keeps the job
-        _twisted_process.unregisterReapProcessHandler(pid, self)
-        self._pidfd_watcher = _PidfdWatcher(self, pid, pidfd)
-        self._reactor.addReader(self._pidfd_watcher)
+        """Watch the child on a pidfd of its own; where there is none (old kernel, a
+        reactor without file descriptors), Twisted's SIGCHLD reaper takes it."""
+        pid = cast(int, self.pid)
+        if IReactorFDSet.providedBy(self._reactor):
+            try:
+                pidfd = os.pidfd_open(pid)  # always close-on-exec; works on a zombie too
+            except (AttributeError, OSError):
+                pass
+            else:
+                self._pidfd_watcher = _PidfdWatcher(self, pid, pidfd)
+                self._reactor.addReader(self._pidfd_watcher)
+                return
+        _twisted_process.registerReapProcessHandler(pid, self)
 
     def _reaped(self, status: int) -> None:
         self._pidfd_watcher = None

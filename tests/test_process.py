@@ -254,6 +254,22 @@ async def test_exit_status_reaped_elsewhere_is_lost(reactor: Any, manager: JobMa
 
 
 @pytest_twisted.ensureDeferred
+async def test_without_pidfd_twisted_reaps_the_job(reactor: Any, manager: JobManager,
+                                                   monkeypatch: Any) -> None:
+    """Where pidfd_open is missing (old kernel), Twisted's SIGCHLD reaper ends the job, with
+    its exact status."""
+    def no_pidfd(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    job = manager.start("alice", "sh", ["-c", "exit 3"])
+    assert job.pid in twisted_process.reapProcessHandlers or job.ended
+    record = await ended(reactor, job)
+    assert (record.state, record.exit_code) == (EXITED, 3)
+    assert job.pid not in twisted_process.reapProcessHandlers
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_service_stops_real_jobs(reactor: Any, manager: JobManager) -> None:
     """stopService ends every running job and leaves no timer of its own."""
     jobs = [manager.start("alice", "sleep", ["60"]) for _ in range(3)]

@@ -374,9 +374,10 @@ class Job:
         self.ended_at = iso8601(self._reactor.seconds())
         self._on_ended(self)
         observers, self._observers = self._observers, []
-        record = self.record()
-        for d in observers:
-            d.callback(record)
+        if observers:  # most jobs end unwatched: no record to build then
+            record = self.record()
+            for d in observers:
+                d.callback(record)
 
     def _cancel_timeout(self) -> None:
         if self._timeout_call is not None and self._timeout_call.active():

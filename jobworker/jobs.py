@@ -35,6 +35,16 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JOB_ID_VAR = "JOBWORKER_JOB_ID"
 
 
+class SpareLogDirs(Protocol):
+    """Log directories made ahead of time; ``jobworker.logpool.LogDirPool`` is the real one.
+    Without one, JobManager makes each job's directory when the job starts."""
+
+    def take(self, log_dir: str) -> tuple[int, int] | None:
+        """Rename a spare to ``log_dir`` and hand over its (stdout, stderr) descriptors,
+        or None when none is ready."""
+        ...
+
+
 class Spawner(Protocol):
     """What JobManager needs to start a process; ``jobworker.process.spawn`` is the real one."""
 
@@ -402,9 +412,11 @@ class JobManager(service.Service):
         base_env: dict[str, str] | None = None,
         killpg: Callable[[int, int], None] = os.killpg,
         store: JobStore | None = None,
+        spare_logs: SpareLogDirs | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
+        self._spare_logs = spare_logs
         self.grace = grace
         self._spawner = spawner
         self._base_env = dict(base_env) if base_env is not None else daemon_base_env()
@@ -452,6 +464,7 @@ class JobManager(service.Service):
         job_id = str(uuid.uuid4())
         started = self._reactor.seconds()
         cwd = os.path.abspath(dir) if dir is not None else os.getcwd()
+        log_dir = self._log_store.dir_for(job_id, started)
         job = Job(
             self._reactor,
             id=job_id,
@@ -459,7 +472,7 @@ class JobManager(service.Service):
             command=command,
             args=list(args),
             dir=cwd,
-            log_dir=self._log_store.dir_for(job_id, started),
+            log_dir=log_dir,
             started=started,
             timeout=timeout,
             timeout_grace=self.grace,
@@ -468,8 +481,10 @@ class JobManager(service.Service):
         )
         self._store.add(job)
         try:
-            # Created and opened once: these descriptors become the child's stdout/stderr.
-            _, out, err = self._log_store.create_open(job_id, started)
+            # Created and opened once (ahead of time when a spare is ready): these
+            # descriptors become the child's stdout/stderr.
+            fds = self._spare_logs.take(log_dir) if self._spare_logs is not None else None
+            out, err = fds if fds is not None else self._log_store.create_at(log_dir)
         except OSError as e:
             job.fail(f"cannot create job logs in {job.log_dir}: {e.strerror or e}")
             return job

@@ -7,19 +7,27 @@ copies output; readers come back later through ``read_range`` and ``size``.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from jobworker.messages import UTCStamp
 
 STREAMS = ("stdout", "stderr")
 
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 _MAX_READ = 1 << 20  # one pread at a time; callers bound their own total
+# Spare directories wait here (see jobworker.logpool); a job id never starts with ".", so
+# no job's directory can be called this.
+_SPARE = ".spare"
+
+
+_stamp = UTCStamp("%Y%m%dT%H%M%S")
 
 
 def stamp(when: float) -> str:
     """A filesystem-safe, sortable UTC timestamp such as ``20261128T041000.123456Z``."""
-    return datetime.fromtimestamp(when, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return _stamp(when)
 
 
 @dataclass(frozen=True)
@@ -57,21 +65,46 @@ class JobLogs:
         return out, err
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``Umask:`` in /proc/self/status), so
+    no other thread can create a file in a set-and-restore window; where /proc lacks the
+    field (Linux < 4.7), set-and-restore, which callers do before starting threads."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class LogStore:
     """Owns the log root (the daemon passes ``<state-dir>/logs``, made 0750 on first use);
-    each job gets ``<root>/<job id>-<start stamp>/``."""
+    each job gets ``<root>/<job id>-<start stamp>/``, either made at its start or a spare
+    made earlier (``make_spare``) and renamed to that name (``adopt_spare``).
+
+    Safe to use from a worker thread as well as the reactor thread once the umask is known
+    (``read_umask``).
+    """
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self._spare_root = os.path.join(self.root, _SPARE)
         self._umask_cache: int | None = None
+
+    def read_umask(self) -> None:
+        """Take the daemon's umask now (at service start: twistd may set it after start-up,
+        when it daemonizes), before any thread makes files here."""
+        self._umask_cache = current_umask()
 
     @property
     def _umask(self) -> int:
-        """The daemon's umask, read at the first job (twistd may set it after start-up,
-        when it daemonizes): decides whether modes need an explicit chmod."""
+        """The daemon's umask: decides whether modes need an explicit chmod."""
         if self._umask_cache is None:
-            self._umask_cache = os.umask(0o022)
-            os.umask(self._umask_cache)
+            self._umask_cache = current_umask()
         return self._umask_cache
 
     def dir_for(self, job_id: str, started: float) -> str:
@@ -91,35 +124,81 @@ class LogStore:
         """``create``, returning the two files open for appending (close-on-exec): the
         spawn hands them to the child as fds 1 and 2; the caller closes these copies."""
         logs = JobLogs(self.dir_for(job_id, started))
+        out, err = self.create_at(logs.dir)
+        return logs, out, err
+
+    def create_at(self, log_dir: str) -> tuple[int, int]:
+        """``create_open`` for a directory ``dir_for`` named: its (stdout, stderr) fds."""
+        return self._make(log_dir)
+
+    # -- spares (made ahead of time by jobworker.logpool) ----------------------------------
+
+    def make_spare(self, group: str, name: str) -> tuple[str, int, int]:
+        """Make ``<root>/.spare/<group>/<name>/`` holding empty log files exactly as
+        ``create_at`` would (same modes, same open flags); returns its path and the two
+        fds.  (Spares come in groups so that making one never locks the directory another
+        is being renamed out of.)"""
+        group_dir = os.path.join(self._spare_root, group)
+        path = os.path.join(group_dir, name)
         try:
-            os.mkdir(logs.dir, _DIR_MODE)
+            out, err = self._make(path)
         except FileNotFoundError:
             self._make_root()
-            os.mkdir(logs.dir, _DIR_MODE)
+            self._make_dir(self._spare_root)
+            self._make_dir(group_dir)
+            out, err = self._make(path)
+        return path, out, err
+
+    def adopt_spare(self, spare_dir: str, log_dir: str) -> None:
+        """Give a spare the job's name (``log_dir`` from ``dir_for``).  A rename in one
+        file system: atomic, and no inode to allocate.  The target never exists: job ids
+        are fresh UUIDs."""
+        os.rename(spare_dir, log_dir)
+
+    def sweep_spares(self) -> None:
+        """Remove every spare directory (leftovers of a daemon that did not stop cleanly,
+        or this one's at its stop); files still open elsewhere stay valid until closed."""
+        shutil.rmtree(self._spare_root, ignore_errors=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _make(self, path: str) -> tuple[int, int]:
+        """mkdir ``path`` (its parent made if the log root is missing) and create its two
+        files, open for appending and close-on-exec."""
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileNotFoundError:
+            self._make_root()
+            os.mkdir(path, _DIR_MODE)
         # Modes are set explicitly when the daemon's umask would narrow them.
-        if self._umask & _DIR_MODE:
-            os.chmod(logs.dir, _DIR_MODE)
+        umask = self._umask
+        if umask & _DIR_MODE:
+            os.chmod(path, _DIR_MODE)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fds: list[int] = []
         try:
-            for path in (logs.stdout_path, logs.stderr_path):
-                fd = os.open(path, flags, _FILE_MODE)
+            for name in ("stdout.log", "stderr.log"):
+                fd = os.open(os.path.join(path, name), flags, _FILE_MODE)
                 fds.append(fd)
-                if self._umask & _FILE_MODE:
+                if umask & _FILE_MODE:
                     os.fchmod(fd, _FILE_MODE)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return logs, fds[0], fds[1]
+        return fds[0], fds[1]
 
     def _make_root(self) -> None:
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        self._make_dir(self.root)
+
+    def _make_dir(self, path: str) -> None:
+        """mkdir 0750 whatever the umask; an existing one is left as it is."""
         try:
-            os.mkdir(self.root, _DIR_MODE)
+            os.mkdir(path, _DIR_MODE)
         except FileExistsError:
             return
-        os.chmod(self.root, _DIR_MODE)
+        os.chmod(path, _DIR_MODE)
 
 
 def size(path: str) -> int:

@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import stat
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -153,18 +154,26 @@ def spawn(
     Raises OSError if the kernel refuses (exec format error, permission...).  The caller
     still owns ``stdout_fd``/``stderr_fd`` and should close them once this returns.
     """
-    stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        child_fds = {0: stdin_fd, 1: stdout_fd, 2: stderr_fd}
-        if isinstance(reactor, PosixReactorBase):
-            process = JobProcess(reactor, executable, list(args), dict(env), cwd, protocol, child_fds)
-            return cast(IProcessTransport, process)
-        # Fakes (jobworker.testing) only need to see the call.
-        return reactor.spawnProcess(  # type: ignore[no-any-return]
-            protocol, executable, list(args), dict(env), path=cwd, childFDs=child_fds
-        )
-    finally:
-        os.close(stdin_fd)
+    child_fds = {0: _stdin_fd(), 1: stdout_fd, 2: stderr_fd}
+    if isinstance(reactor, PosixReactorBase):
+        process = JobProcess(reactor, executable, list(args), dict(env), cwd, protocol, child_fds)
+        return cast(IProcessTransport, process)
+    # Fakes (jobworker.testing) only need to see the call.
+    return reactor.spawnProcess(  # type: ignore[no-any-return]
+        protocol, executable, list(args), dict(env), path=cwd, childFDs=child_fds
+    )
+
+
+_devnull_fd = -1
+
+
+def _stdin_fd() -> int:
+    """/dev/null, read-only and close-on-exec, opened once for the daemon's life: every
+    job's stdin is a dup2 of it (an open and a close fewer per spawn)."""
+    global _devnull_fd
+    if _devnull_fd < 0:
+        _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull_fd
 
 
 @implementer(IProcessTransport)
@@ -188,42 +197,38 @@ class JobProcess(_twisted_process.Process):
         proto: ProcessProtocol,
         childFDs: dict[int, int],
     ) -> None:
+        # Not Process.__init__: it is general (pipes, uid/gid, fork or spawn) and hands
+        # the pid to Twisted's reap-everything table (a waitpid) for _watch_exit to take
+        # back.  A job has only descriptors the daemon already opened: spawn, connect the
+        # protocol, watch the pidfd.  What Process's other methods use is set here.
+        self._reactor = reactor
         self._pidfd_watcher: _PidfdWatcher | None = None
-        super().__init__(reactor, executable, args, environment, path, proto, childFDs=childFDs)
-        self._watch_exit()
-
-    def _trySpawnInsteadOfFork(
-        self,
-        path: str | None,
-        uid: int | None,
-        gid: int | None,
-        executable: str,
-        args: list[str],
-        environment: dict[str, str],
-        kwargs: dict[str, Any],
-    ) -> bool:
-        if uid is not None or gid is not None:
-            return False  # never asked for by spawn(); leave it to Twisted's fork path
+        _twisted_process._BaseProcess.__init__(self, proto)
+        self.pipes: dict[int, Any] = {}
         self.pid = posix_spawn_job(  # type: ignore[assignment]
-            executable, args, environment, path, kwargs["fdmap"]
+            executable, args, environment, path, childFDs
         )
         self.status = -1
-        return True
+        try:
+            proto.makeConnection(self)
+        except BaseException:
+            log.failure("{event} pid={pid}", event="process.connect_failed", pid=self.pid)
+        self._watch_exit()
 
     def _watch_exit(self) -> None:
-        """Move this pid from Twisted's reap-everything table to a pidfd of its own."""
-        pid = self.pid
-        if pid is None or _twisted_process.reapProcessHandlers.get(pid) is not self:
-            return  # already reaped while Process.__init__ registered it
-        if not IReactorFDSet.providedBy(self._reactor):
-            return
-        try:
-            pidfd = os.pidfd_open(pid)  # always close-on-exec
-        except (AttributeError, OSError):
-            return  # old kernel: Twisted's SIGCHLD reaper keeps the job
-        _twisted_process.unregisterReapProcessHandler(pid, self)
-        self._pidfd_watcher = _PidfdWatcher(self, pid, pidfd)
-        self._reactor.addReader(self._pidfd_watcher)
+        """Watch the child on a pidfd of its own; where there is none (old kernel, a
+        reactor without file descriptors), Twisted's SIGCHLD reaper takes it."""
+        pid = cast(int, self.pid)
+        if IReactorFDSet.providedBy(self._reactor):
+            try:
+                pidfd = os.pidfd_open(pid)  # always close-on-exec; works on a zombie too
+            except (AttributeError, OSError):
+                pass
+            else:
+                self._pidfd_watcher = _PidfdWatcher(self, pid, pidfd)
+                self._reactor.addReader(self._pidfd_watcher)
+                return
+        _twisted_process.registerReapProcessHandler(pid, self)
 
     def _reaped(self, status: int) -> None:
         self._pidfd_watcher = None
@@ -348,7 +353,12 @@ class _LibcSpawn:
     """glibc's posix_spawn called through ctypes, for the two file actions Python 3.11's
     os.posix_spawn lacks: ``addclosefrom_np(3)`` closes every fd but 0-2 in the child
     without the daemon listing its (1,000+) fds on each spawn, and ``addchdir_np`` changes
-    directory in the child rather than in the daemon.  Needs glibc >= 2.34."""
+    directory in the child rather than in the daemon.  Needs glibc >= 2.34.
+
+    Per spawn only the file actions are built (chdir, the dup2s, closefrom); the attributes
+    (new session, every signal to its default, nothing blocked) never change, so they are
+    built once.  Called from the reactor thread only.
+    """
 
     # From glibc's <spawn.h>.
     _SETSIGDEF = 0x04
@@ -372,7 +382,6 @@ class _LibcSpawn:
             "posix_spawn_file_actions_addclosefrom_np": [c_void_p, c_int],
             "posix_spawn_file_actions_addchdir_np": [c_void_p, c_char_p],
             "posix_spawnattr_init": [c_void_p],
-            "posix_spawnattr_destroy": [c_void_p],
             "posix_spawnattr_setflags": [c_void_p, ctypes.c_short],
             "posix_spawnattr_setsigdefault": [c_void_p, c_void_p],
             "posix_spawnattr_setsigmask": [c_void_p, c_void_p],
@@ -385,19 +394,30 @@ class _LibcSpawn:
             fn.argtypes = argtypes
             fn.restype = c_int
             self._fn[name] = fn
+        # The per-spawn calls, bound once (a dict lookup and a wrapper fewer each).
+        self._actions_init = self._fn["posix_spawn_file_actions_init"]
+        self._actions_destroy = self._fn["posix_spawn_file_actions_destroy"]
+        self._adddup2 = self._fn["posix_spawn_file_actions_adddup2"]
+        self._addclose = self._fn["posix_spawn_file_actions_addclose"]
+        self._addclosefrom = self._fn["posix_spawn_file_actions_addclosefrom_np"]
+        self._addchdir = self._fn["posix_spawn_file_actions_addchdir_np"]
         # Every signal to its default (what exec would do for handled ones; ignored ones
-        # would otherwise stay ignored), and an empty mask: fixed, so built once.
+        # would otherwise stay ignored), an empty mask, a new session: the same for every
+        # job, so one attribute object serves them all (posix_spawn only reads it).
         self._all = ctypes.create_string_buffer(self._STRUCT_SIZE)
         self._none = ctypes.create_string_buffer(self._STRUCT_SIZE)
         self._call("sigfillset", self._all)
         self._call("sigemptyset", self._none)
+        self._attr = ctypes.create_string_buffer(self._STRUCT_SIZE)
+        self._call("posix_spawnattr_init", self._attr)
+        self._call("posix_spawnattr_setflags", self._attr,
+                   self._SETSID | self._SETSIGDEF | self._SETSIGMASK)
+        self._call("posix_spawnattr_setsigdefault", self._attr, self._all)
+        self._call("posix_spawnattr_setsigmask", self._attr, self._none)
 
     def _call(self, name: str, *args: Any) -> None:
         # posix_spawn* return an error number; sig*set return -1 and set errno.
-        rc = self._fn[name](*args)
-        if rc != 0:
-            code = rc if rc > 0 else ctypes.get_errno()
-            raise OSError(code, f"{name}: {os.strerror(code)}")
+        _check(name, self._fn[name](*args))
 
     def __call__(
         self,
@@ -407,48 +427,64 @@ class _LibcSpawn:
         cwd: str | None,
         fdmap: dict[int, int],
     ) -> int:
-        argv = _c_strings([os.fsencode(a) for a in args])
-        envp = _c_strings([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()])
+        argv = _c_strings(args)
+        envp = _c_strings([f"{k}={v}" for k, v in env.items()])
         actions = ctypes.create_string_buffer(self._STRUCT_SIZE)
-        attr = ctypes.create_string_buffer(self._STRUCT_SIZE)
-        self._call("posix_spawn_file_actions_init", actions)
+        _check("posix_spawn_file_actions_init", self._actions_init(actions))
         try:
-            self._call("posix_spawnattr_init", attr)
-            try:
-                if cwd is not None:
-                    self._call("posix_spawn_file_actions_addchdir_np", actions, os.fsencode(cwd))
+            if cwd is not None:
+                _check("posix_spawn_file_actions_addchdir_np",
+                       self._addchdir(actions, cwd.encode(_FS_ENCODING, _FS_ERRORS)))
+            if fdmap.keys().isdisjoint(fdmap.values()):
+                # The usual case (stdin /dev/null, the two log files, all >= 3): no dup2
+                # can clobber another's source, so any order will do.
+                for child_fd, parent_fd in fdmap.items():
+                    _check("posix_spawn_file_actions_adddup2",
+                           self._adddup2(actions, parent_fd, child_fd))
+            else:
                 # Twisted's planner orders the dup2s so no target clobbers a later source.
                 state = [(fd, True) for fd in set(fdmap.values())]
-                for action in _twisted_process._getFileActions(state, fdmap, doClose=0, doDup2=1):
+                for action in _twisted_process._getFileActions(state, fdmap, doClose=0,
+                                                               doDup2=1):
                     if action[0] == 1:
-                        self._call("posix_spawn_file_actions_adddup2", actions, *action[1:])
+                        _check("posix_spawn_file_actions_adddup2",
+                               self._adddup2(actions, *action[1:]))
                     else:
-                        self._call("posix_spawn_file_actions_addclose", actions, action[1])
-                self._call("posix_spawn_file_actions_addclosefrom_np", actions, max(fdmap) + 1)
-                self._call(
-                    "posix_spawnattr_setflags", attr, self._SETSID | self._SETSIGDEF | self._SETSIGMASK
-                )
-                self._call("posix_spawnattr_setsigdefault", attr, self._all)
-                self._call("posix_spawnattr_setsigmask", attr, self._none)
-                pid = ctypes.c_int(0)
-                rc = self._spawn(
-                    ctypes.byref(pid), os.fsencode(executable), actions, attr, argv, envp
-                )
-                if rc != 0:
-                    raise OSError(rc, os.strerror(rc), executable)
-                return pid.value
-            finally:
-                self._fn["posix_spawnattr_destroy"](attr)
+                        _check("posix_spawn_file_actions_addclose",
+                               self._addclose(actions, action[1]))
+            _check("posix_spawn_file_actions_addclosefrom_np",
+                   self._addclosefrom(actions, max(fdmap) + 1))
+            pid = ctypes.c_int(0)
+            rc = self._spawn(
+                ctypes.byref(pid), executable.encode(_FS_ENCODING, _FS_ERRORS), actions,
+                self._attr, argv, envp,
+            )
+            if rc != 0:
+                raise OSError(rc, os.strerror(rc), executable)
+            return pid.value
         finally:
-            self._fn["posix_spawn_file_actions_destroy"](actions)
+            self._actions_destroy(actions)
 
 
-def _c_strings(items: list[bytes]) -> Any:
-    """A NULL-terminated ``char *[]``; ctypes keeps the bytes alive with the array."""
-    if any(b"\0" in item for item in items):
-        raise ValueError("embedded NUL byte")
-    array = (ctypes.c_char_p * (len(items) + 1))(*items, None)
-    return array
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+
+def _check(name: str, rc: int) -> None:
+    """posix_spawn* return an error number; sig*set return -1 and set errno."""
+    if rc != 0:
+        code = rc if rc > 0 else ctypes.get_errno()
+        raise OSError(code, f"{name}: {os.strerror(code)}")
+
+
+def _c_strings(items: Sequence[str]) -> Any:
+    """A NULL-terminated ``char *[]`` of ``items`` encoded as os.fsencode would; ctypes
+    keeps the bytes alive with the array."""
+    encoded = [item.encode(_FS_ENCODING, _FS_ERRORS) for item in items]
+    for item in encoded:
+        if b"\0" in item:
+            raise ValueError("embedded NUL byte")
+    return (ctypes.c_char_p * (len(encoded) + 1))(*encoded, None)
 
 
 def _load_libc_spawn() -> _LibcSpawn | None:

@@ -174,6 +174,7 @@ def makeService(config: Options) -> service.MultiService:
     from jobworker.audit import AuditLog
     from jobworker.follow import FileWatcher
     from jobworker.jobs import JobManager
+    from jobworker.logpool import LogDirPool
     from jobworker.logs import LogStore
 
     try:
@@ -201,13 +202,16 @@ def makeService(config: Options) -> service.MultiService:
                     idle_timeout=config["idle-timeout"],
                     frame_timeout=config["frame-timeout"])
     authz = Authorizer(policy)
-    jobs = JobManager(reactor, logs, grace=config["grace"])
+    spare_logs = LogDirPool(reactor, logs)
+    jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs)
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), limits.max_connections)
 
     top = service.MultiService()
-    # Jobs first, listener second: on shutdown the listener stops accepting before
-    # running jobs are stopped (MultiService stops children in reverse order).
+    # Spare log directories first, jobs second, listener third: on shutdown the listener
+    # stops accepting before running jobs are stopped, and the spares go once no job can
+    # start (MultiService stops children in reverse order).
+    spare_logs.setServiceParent(top)
     jobs.setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)

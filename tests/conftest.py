@@ -84,6 +84,18 @@ def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fds_but_spares(pid: int) -> int:
+    """``open_fd_count`` without the descriptors on spare log files, which the spare pool
+    opens and hands over as it goes (``<logs>/.spare/<group>/<n>/*.log``)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += "/logs/.spare/" not in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
 class PKI:
     """A CA, a server certificate and named client certificates in one directory."""
 

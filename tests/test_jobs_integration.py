@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Daemon, dead, open_fd_count, wait_for, zombie_children
+from conftest import Daemon, dead, fds_but_spares, wait_for, zombie_children
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
+from jobworker import logpool
 from jobworker.client import Client, connect
 from jobworker.messages import JobRecord
 
@@ -267,25 +268,60 @@ async def test_ten_clients_hundred_jobs_each_exact(daemon: Daemon) -> None:
         assert (Path(rec.log_dir) / "stdout.log").read_bytes() == f"token-{n}".encode()
 
 
+def test_daemon_sweeps_leftover_spares_uses_spares_and_removes_them_at_stop(
+        make_daemon: Any, tmp_path: Path) -> None:
+    """A daemon sweeps the spare directories a crashed one left, gives a job a spare made
+    ahead of time (renamed: its fds 1 and 2 are the job's files), and removes the spares
+    when it stops."""
+    spare_root = tmp_path / "state0" / "logs" / ".spare"
+    leftover = spare_root / "9" / "77"
+    leftover.mkdir(parents=True)
+    (leftover / "stdout.log").write_bytes(b"from a crash")
+    d = make_daemon()
+    # A whole first batch made: it is handed over long before jwclient has even started.
+    wait_for(lambda: not leftover.exists() and len(spare_inodes(spare_root)) >= logpool.BATCH,
+             what="leftovers swept and spares made")
+    ready = spare_inodes(spare_root)
+    job_id = start(d, "sh", "-c", "readlink /proc/self/fd/1; readlink /proc/self/fd/2")
+    d.jwclient("wait", job_id, check=True)
+    rec = record(d, job_id)
+    log_dir = Path(rec["log_dir"])
+    assert log_dir.stat().st_ino in ready
+    assert log_bytes(rec).decode().splitlines() == [str(log_dir / "stdout.log"),
+                                                    str(log_dir / "stderr.log")]
+    assert d.stop() in (0, -signal.SIGTERM)
+    assert not spare_root.exists()
+
+
+def spare_inodes(spare_root: Path) -> set[int]:
+    """Inode numbers of the spare directories with both their files made."""
+    if not spare_root.exists():
+        return set()
+    return {spare.stat().st_ino for group in spare_root.iterdir() for spare in group.iterdir()
+            if (spare / "stdout.log").exists() and (spare / "stderr.log").exists()}
+
+
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_no_zombies_and_fd_count_back_to_baseline_after_500_jobs(
         make_daemon: Any) -> None:
-    """After 500 jobs the daemon has no zombie children and its descriptors are back."""
+    """After 500 jobs the daemon has no zombie children and its descriptors are back
+    (spare log directories included: once the pool has refilled, exactly as many)."""
     d = make_daemon()
     client = await connect(reactor, d.config())
-    await client.call("whoami")
-    baseline = open_fd_count(d.pid)
 
     async def one(i: int) -> None:
         rec = await client.start("true")
         await client.call("wait", {"job": rec.id})
 
+    await one(0)  # let lazily made fds appear (stdin's /dev/null)
+    baseline = fds_but_spares(d.pid)
+
     for _ in range(5):
         await DeferredList([Deferred.fromCoroutine(one(i)) for i in range(100)],
                            fireOnOneErrback=True)
     assert zombie_children(d.pid) == []
-    assert open_fd_count(d.pid) == baseline
+    assert fds_but_spares(d.pid) == baseline
     client.close()
 
 

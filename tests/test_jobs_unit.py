@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from jobworker import errors
 from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env, signal_name
@@ -103,6 +103,33 @@ def test_start_logs_started_event(manager: JobManager, events: list[dict[str, An
     job = start(manager)
     [event] = named(events, "job.started")
     assert (event["job_id"], event["owner"], event["pid"]) == (job.id, "alice", job.pid)
+
+
+# The keyword-field formats these events had: the operator's line must read the same.
+STARTED_LINE = "{event} job={job_id} owner={owner} pid={pid} command={command!r}"
+ENDED_LINE = ("{event} job={job_id} owner={owner} pid={pid} state={state} exit_code={exit_code}"
+              " signal={signal} timed_out={timed_out}")
+
+
+def test_started_and_ended_lines_read_as_before(
+    manager: JobManager, reactor: ProcessReactor, events: list[dict[str, Any]], tmp_path: Any
+) -> None:
+    """job.started and job.ended render exactly as their keyword-field formats did, even with
+    braces in the command, and keep every key."""
+    prog = tmp_path / "we{ir}d {0} {x!r}"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    job = start(manager, f"./{prog.name}", [], dir=str(tmp_path))
+    reactor.processes[0].kill(signal.SIGTERM)
+    [started] = named(events, "job.started")
+    [ended] = named(events, "job.ended")
+    assert formatEvent(started) == STARTED_LINE.format(**started)
+    assert formatEvent(ended) == ENDED_LINE.format(**ended)
+    assert "command='./we{ir}d {0} {x!r}'" in formatEvent(started)
+    assert (started["job_id"], started["owner"], started["pid"], started["command"]) == (
+        job.id, "alice", job.pid, job.command)
+    assert (ended["state"], ended["exit_code"], ended["signal"], ended["timed_out"]) == (
+        EXITED, None, "SIGTERM", False)
 
 
 def test_relative_dir_is_made_absolute(manager: JobManager, reactor: ProcessReactor) -> None:
@@ -236,12 +263,17 @@ def test_unwritable_log_store_fails_job(reactor: ProcessReactor, tmp_path: Any) 
 
 
 def test_failed_spawn_closes_log_fds(manager: JobManager, reactor: ProcessReactor) -> None:
-    """The parent's copies of the log and /dev/null fds are closed whether or not spawn works."""
+    """The parent's copies of the log fds are closed whether or not spawn works; stdin's
+    /dev/null is one descriptor kept for the daemon's life, not one per job."""
+    start(manager)  # the first spawn opens the shared /dev/null
+    stdin = reactor.processes[-1].child_fds[0]
     before = len(os.listdir("/proc/self/fd"))
     start(manager)
     reactor.spawn_error = OSError(errno.EACCES, "Permission denied")
     start(manager)
     assert len(os.listdir("/proc/self/fd")) == before
+    assert reactor.processes[-1].child_fds[0] == stdin
+    assert os.readlink(f"/proc/self/fd/{stdin}") == os.devnull
 
 
 # -- ending ------------------------------------------------------------------------------

@@ -211,6 +211,26 @@ async def test_child_has_only_stdio_fds(reactor: Any, manager: JobManager, spawn
     assert output(job) == b"[0, 1, 2] /dev/null\n"
 
 
+def test_descriptor_map_with_targets_that_are_also_sources(tmp_path: Any, spawn_path: str) -> None:
+    """A map whose child fds are also parent fds (here a swap) still gives each child fd the
+    parent fd asked for: the dup2s are ordered so none clobbers a later source."""
+    a = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    b = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    script = (f"import os; os.write(1, b'1 '); os.write(2, b'2 '); os.write({a}, b'{a} ');"
+              f" os.write({b}, b'{b} ')")
+    try:
+        pid = process.posix_spawn_job(sys.executable, [sys.executable, "-c", script], {},
+                                      str(tmp_path), {0: process._stdin_fd(), 1: a, 2: b,
+                                                      a: b, b: a})
+    finally:
+        os.close(a)
+        os.close(b)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "a").read_text() == f"1 {b} "
+    assert (tmp_path / "b").read_text() == f"2 {a} "
+
+
 @pytest_twisted.ensureDeferred
 async def test_child_signal_dispositions_are_default(reactor: Any, manager: JobManager, spawn_path: str) -> None:
     """Signals Python ignores (SIGPIPE, SIGXFSZ) are default again, and none is blocked."""
@@ -231,6 +251,22 @@ async def test_exit_status_reaped_elsewhere_is_lost(reactor: Any, manager: JobMa
     os.waitpid(job.pid, 0)  # noqa: ASYNC222 (a stray reaper steals the status)
     record = await ended(reactor, job)
     assert record.state == LOST and record.exit_code is None and record.signal is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_pidfd_twisted_reaps_the_job(reactor: Any, manager: JobManager,
+                                                   monkeypatch: Any) -> None:
+    """Where pidfd_open is missing (old kernel), Twisted's SIGCHLD reaper ends the job, with
+    its exact status."""
+    def no_pidfd(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    job = manager.start("alice", "sh", ["-c", "exit 3"])
+    assert job.pid in twisted_process.reapProcessHandlers or job.ended
+    record = await ended(reactor, job)
+    assert (record.state, record.exit_code) == (EXITED, 3)
+    assert job.pid not in twisted_process.reapProcessHandlers
 
 
 @pytest_twisted.ensureDeferred

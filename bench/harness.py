@@ -206,12 +206,16 @@ def bare_spawn_wait(program: str, count: int, logs: LogDirs | None = None) -> li
 
 class LogDirs:
     """What jobworker's file system work per job amounts to, without jobworker: a new
-    directory holding two new files that become the child's stdout and stderr."""
+    directory holding two new files that become the child's stdout and stderr, under a
+    root marked as jobworker marks its log root (``spread_subdirectories``)."""
 
     def __init__(self, root: Path) -> None:
+        from jobworker.logs import spread_subdirectories
+
         self.root = root
         self.count = 0
         root.mkdir(parents=True, exist_ok=True)
+        spread_subdirectories(str(root))
 
     def make(self) -> tuple[int, int]:
         self.count += 1

@@ -439,6 +439,7 @@ class JobManager(service.Service):
     # -- service -------------------------------------------------------------------------
 
     def startService(self) -> None:
+        self._log_store.prepare()
         soft, hard = raise_nofile_limit()
         self.log.info("{event} nofile={soft}/{hard}", event="jobs.limits", soft=soft, hard=hard)
         super().startService()

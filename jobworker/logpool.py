@@ -122,6 +122,7 @@ class LogDirPool(service.Service):
     def startService(self) -> None:
         # On the reactor thread, before the first worker thread makes a file.
         self._store.read_umask()
+        self._store.prepare()
         super().startService()
         self._maybe_refill()
 

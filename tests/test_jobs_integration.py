@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from jobworker import logpool
 from jobworker.client import Client, connect
+from jobworker.logs import spread_subdirectories
 from jobworker.messages import JobRecord
 
 PY = sys.executable
@@ -291,6 +292,19 @@ def test_daemon_sweeps_leftover_spares_uses_spares_and_removes_them_at_stop(
                                                     str(log_dir / "stderr.log")]
     assert d.stop() in (0, -signal.SIGTERM)
     assert not spare_root.exists()
+
+
+def test_the_daemons_log_root_spreads_job_directories(daemon: Daemon) -> None:
+    """The daemon marks <state-dir>/logs FS_TOPDIR_FL at start (see logs.py for why)."""
+    from test_logs import topdir_flag
+
+    root = daemon.state_dir / "logs"
+    wait_for(root.is_dir, what="log root made at start")
+    probe = root.parent / "probe-topdir"
+    probe.mkdir(exist_ok=True)
+    if not spread_subdirectories(str(probe)):
+        pytest.skip(f"{root} is not on ext2/3/4")
+    assert topdir_flag(root)
 
 
 def spare_inodes(spare_root: Path) -> set[int]:

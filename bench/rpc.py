@@ -56,6 +56,13 @@ def run(quick: bool) -> Result:
     result.add(Figure(f"  status requests/s ({WINDOW} in flight), against an echo on the "
                       "daemon's transport", rate, "req/s", "TLS echo, direct writes",
                       sum(m["direct_rate"]) / rounds))
+    us = 1e6 / rounds
+    result.add(Figure(f"  daemon CPU per status ({WINDOW} in flight)",
+                      sum(m["server_cpu"]) * us, "us", "echo server CPU per request",
+                      sum(m["echo_server_cpu"]) * us))
+    result.add(Figure(f"  client CPU per status ({WINDOW} in flight)",
+                      sum(m["client_cpu"]) * us, "us", "client CPU per echo",
+                      sum(m["echo_client_cpu"]) * us))
     result.series["rpc"] = {"rate_rounds": m["rate"], "echo_rate_rounds": m["echo_rate"],
                             "direct_echo_rate_rounds": m["direct_rate"]}
     return result
@@ -80,16 +87,33 @@ async def measure(reactor: Any, bench: Bench, echo: EchoServer, direct: EchoServ
         for c in (client, echo_client, direct_client):  # warm every path
             for _ in range(100):
                 await c.call("status", params)
+        servers = {"echo_": echo.proc.pid if echo.proc else 0, "": bench.pid,
+                   "direct_": direct.proc.pid if direct.proc else 0}
+        for key in servers:
+            out[key + "server_cpu"], out[key + "client_cpu"] = [], []
         for _ in range(rounds):
             for c, key in ((echo_client, "echo_"), (client, ""), (direct_client, "direct_")):
                 out[key + "lat"] += await sequential(c, params, count)
-                out[key + "rate"].append(await pipelined(c, params, seconds))
+                s0, c0 = cpu_seconds(servers[key]), cpu_seconds(os.getpid())
+                began = time.perf_counter()
+                rate = await pipelined(c, params, seconds)
+                requests = rate * (time.perf_counter() - began)
+                out[key + "rate"].append(rate)
+                out[key + "server_cpu"].append((cpu_seconds(servers[key]) - s0) / requests)
+                out[key + "client_cpu"].append((cpu_seconds(os.getpid()) - c0) / requests)
         say(f"  rates per round: status {[round(r) for r in out['rate']]}, "
             f"echo {[round(r) for r in out['echo_rate']]}, "
             f"echo on direct writes {[round(r) for r in out['direct_rate']]}")
         return out
     finally:
         harness.close_all([client, echo_client, direct_client])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``), every thread."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def sequential(client: Any, params: dict[str, Any], count: int) -> list[float]:

@@ -97,6 +97,14 @@ class ProcessReactor(MemoryReactorClock):
     ``signals`` lists every ``killpg(pgid, sig)`` with sig != 0 (0 is only a probe).
     """
 
+    @classmethod
+    def at(cls, when: float) -> ProcessReactor:
+        """A fake reactor whose clock already reads ``when`` (a real-looking instant, so
+        timestamps in records are plausible)."""
+        reactor = cls()
+        reactor.advance(when)
+        return reactor
+
     def __init__(self) -> None:
         super().__init__()
         self.processes: list[FakeProcess] = []

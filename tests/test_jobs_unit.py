@@ -6,13 +6,12 @@ import errno
 import os
 import signal
 import stat
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from jobworker import errors
 from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env, signal_name
@@ -29,22 +28,12 @@ SLEEP = resolve_program("sleep", "/usr/bin:/bin")
 
 @pytest.fixture
 def reactor() -> ProcessReactor:
-    r = ProcessReactor()
-    r.advance(T0)
-    return r
+    return ProcessReactor.at(T0)
 
 
 @pytest.fixture
 def manager(reactor: ProcessReactor, tmp_path: Any) -> JobManager:
     return JobManager(reactor, LogStore(str(tmp_path / "state" / "logs")), grace=GRACE, killpg=reactor.killpg)
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    captured: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
 
 
 def result_of(d: Deferred[Any]) -> Any:

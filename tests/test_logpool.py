@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from conftest import fds_but_spares, open_fd_count, until
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
 
 from jobworker.jobs import JobManager
 from jobworker.logpool import BATCH, SIZE, LogDirPool
@@ -61,9 +60,7 @@ class StepClock:
 
 @pytest.fixture
 def reactor() -> ProcessReactor:
-    r = ProcessReactor()
-    r.advance(T0)
-    return r
+    return ProcessReactor.at(T0)
 
 
 @pytest.fixture
@@ -89,14 +86,6 @@ def pool(reactor: ProcessReactor, store: LogStore, threads: ManualThreads,
     if p.running:
         p.stopService()
         threads.run_all()
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    captured: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
 
 
 def spare_dirs(store: LogStore) -> list[Path]:

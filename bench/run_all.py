@@ -194,8 +194,10 @@ def readme_section(report: dict[str, Any]) -> str:
          "(a bare `posix_spawn`, a bare Twisted TLS echo, a shell redirect, `cat`), so the "
          "ratio says how close jobworker gets to what the machine allows; the absolute "
          "numbers move with the machine and its load, the ratios less so. "
-         "`bench/spawn_paths.py` (not part of the suite) compares Twisted's and jobworker's "
-         "spawn paths on their own."),
+         "Not part of the suite: `bench/spawn_paths.py` compares Twisted's and jobworker's "
+         "spawn paths on their own, `bench/request_path.py` times the daemon's own Python "
+         "per request (no TLS, no sockets), and `bench/fs_topdir.py` what a job's log "
+         "directory costs on the host's disk."),
         "",
         (f"Measured on {m['date']} at commit `{m['commit']}`: {m['cores']} cores "
          f"({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}; "

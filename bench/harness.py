@@ -205,24 +205,22 @@ def bare_spawn_wait(program: str, count: int, logs: LogDirs | None = None) -> li
 
 
 class LogDirs:
-    """What jobworker's file system work per job amounts to, without jobworker: a new
-    directory holding two new files that become the child's stdout and stderr, under a
-    root marked as jobworker marks its log root (``spread_subdirectories``)."""
+    """What jobworker's file system work per job amounts to, without the daemon: a new
+    directory holding two new files that become the child's stdout and stderr, made by
+    jobworker's own LogStore (so the root is marked to spread directories exactly when the
+    daemon's would be)."""
 
     def __init__(self, root: Path) -> None:
-        from jobworker.logs import spread_subdirectories
+        from jobworker.logs import LogStore
 
         self.root = root
         self.count = 0
-        root.mkdir(parents=True, exist_ok=True)
-        spread_subdirectories(str(root))
+        self.store = LogStore(str(root))
+        self.store.prepare()
 
     def make(self) -> tuple[int, int]:
         self.count += 1
-        d = self.root / str(self.count)
-        os.mkdir(d, 0o750)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        return os.open(d / "stdout.log", flags, 0o640), os.open(d / "stderr.log", flags, 0o640)
+        return self.store.create_at(str(self.root / str(self.count)))
 
 
 def bare_spawn_rate(program: str, seconds: float, logs: LogDirs | None = None) -> float:

@@ -11,6 +11,8 @@ import fcntl
 import os
 import platform
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobworker.messages import UTCStamp
@@ -34,18 +36,18 @@ _FLAGS_IOCTLS = (0x80086601, 0x40086602) if platform.machine() in ("x86_64", "aa
 _FS_TOPDIR_FL = 0x00020000
 
 
-def spread_subdirectories(path: str) -> bool:
-    """Mark ``path`` a top of directory hierarchies (``chattr +T``, FS_TOPDIR_FL): ext2/3/4
-    then place each new subdirectory in a block group of its own choosing (Orlov) instead
-    of its parent's.  Best effort: False where the file system has no such flag.
+def spread_subdirectories(path: str, on: bool = True) -> bool:
+    """Mark ``path`` a top of directory hierarchies (``chattr +T``, FS_TOPDIR_FL), or take
+    the mark off (``on=False``): ext2/3/4 place each new subdirectory of a marked directory
+    in a block group of its own choosing (Orlov) instead of its parent's.  Best effort:
+    False where the file system has no such flag.
 
     Why: for minutes after many files were deleted, ext4 without a journal skips every
     recently freed inode of a group when allocating one, searching the parent's group
     first, and a log root's group is exactly where deleted job directories were.  A job
     directory and its two files on this machine's disk (``bench/fs_topdir.py``): plain
-    50-260 us as other runs left the disk, 230-930 us right after deletions; marked a
-    steady 70-95 us.  The price: on a disk with no recent deletions, 70 us instead of
-    ~40 (a new group's bitmaps to read); on a fresh file system 27-31 us either way.
+    30-40 us on a quiet disk but 230-930 us right after deletions; marked a steady 70-95
+    us.  So ``LogStore`` marks its root only while plain placement is slow.
     """
     if _FLAGS_IOCTLS is None:
         return False
@@ -57,8 +59,9 @@ def spread_subdirectories(path: str) -> bool:
     try:
         flags = array.array("i", [0])
         fcntl.ioctl(fd, get, flags)
-        if not flags[0] & _FS_TOPDIR_FL:
-            flags[0] |= _FS_TOPDIR_FL
+        wanted = flags[0] | _FS_TOPDIR_FL if on else flags[0] & ~_FS_TOPDIR_FL
+        if wanted != flags[0]:
+            flags[0] = wanted
             fcntl.ioctl(fd, set_, flags)
         return True
     except OSError:  # not ext2/3/4 (ENOTTY, EOPNOTSUPP), or not allowed (EPERM)
@@ -132,10 +135,26 @@ class LogStore:
     (``read_umask``).
     """
 
-    def __init__(self, root: str) -> None:
+    #: Job directories made slower than this (a moving average of wall time) have the
+    #: root marked to spread them (``spread_subdirectories``) ...
+    SLOW_MKDIR = 200e-6
+    #: ... for this long; then the mark comes off, to see whether plain placement (about
+    #: half the cost of spreading on a quiet disk) is cheap again.
+    SPREAD_HOLD = 60.0
+
+    def __init__(self, root: str, clock: Callable[[], float] = time.perf_counter) -> None:
         self.root = os.path.abspath(root)
         self._spare_root = os.path.join(self.root, _SPARE)
         self._umask_cache: int | None = None
+        self._clock = clock
+        self._mkdir_cost = 0.0
+        self._spread_since: float | None = None
+        self._can_spread = True
+
+    @property
+    def spreading(self) -> bool:
+        """Whether the root is marked to spread job directories now."""
+        return self._spread_since is not None
 
     def read_umask(self) -> None:
         """Take the daemon's umask now (at service start: twistd may set it after start-up,
@@ -143,16 +162,18 @@ class LogStore:
         self._umask_cache = current_umask()
 
     def prepare(self) -> None:
-        """At service start: make the log root if it is missing and have the file system
-        spread job directories (``spread_subdirectories``).  Best effort: a root that cannot
-        be made now fails each job with the reason instead, as before."""
+        """At service start: make the log root if it is missing, unmarked (plain placement
+        until it proves slow), and mark the spares' root, whose directories are made off the
+        reactor thread (``spread_subdirectories``).  Best effort: a root that cannot be made
+        now fails each job with the reason instead, as before."""
         try:
             self._make_root()
         except OSError:
             return
-        for path in (self.root, self._spare_root):
-            if os.path.isdir(path):
-                spread_subdirectories(path)
+        spread_subdirectories(self.root, on=False)
+        self._spread_since = None
+        if os.path.isdir(self._spare_root):
+            spread_subdirectories(self._spare_root)
 
     @property
     def _umask(self) -> int:
@@ -182,8 +203,24 @@ class LogStore:
         return logs, out, err
 
     def create_at(self, log_dir: str) -> tuple[int, int]:
-        """``create_open`` for a directory ``dir_for`` named: its (stdout, stderr) fds."""
-        return self._make(log_dir)
+        """``create_open`` for a directory ``dir_for`` named: its (stdout, stderr) fds.
+        Timed, to mark the root while making directories in it is slow (reactor thread
+        only: spares are made elsewhere)."""
+        began = self._clock()
+        fds = self._make(log_dir)
+        now = self._clock()
+        self._mkdir_cost += (now - began - self._mkdir_cost) / 4
+        if self._spread_since is None:
+            if self._mkdir_cost > self.SLOW_MKDIR and self._can_spread:
+                if spread_subdirectories(self.root):
+                    self._spread_since = now
+                else:  # not ext2/3/4: no use asking again for every job
+                    self._can_spread = False
+        elif now - self._spread_since > self.SPREAD_HOLD:
+            spread_subdirectories(self.root, on=False)
+            self._spread_since = None
+            self._mkdir_cost = 0.0
+        return fds
 
     # -- spares (made ahead of time by jobworker.logpool) ----------------------------------
 
@@ -244,7 +281,7 @@ class LogStore:
 
     def _make_root(self) -> None:
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
-        self._make_dir(self.root, spread=True)
+        self._make_dir(self.root)
 
     def _make_dir(self, path: str, spread: bool = False) -> None:
         """mkdir 0750 whatever the umask; an existing one is left as it is.  ``spread``:

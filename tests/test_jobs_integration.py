@@ -294,17 +294,17 @@ def test_daemon_sweeps_leftover_spares_uses_spares_and_removes_them_at_stop(
     assert not spare_root.exists()
 
 
-def test_the_daemons_log_root_spreads_job_directories(daemon: Daemon) -> None:
-    """The daemon marks <state-dir>/logs FS_TOPDIR_FL at start (see logs.py for why)."""
+def test_the_daemon_marks_the_spare_root_to_spread_spares(daemon: Daemon) -> None:
+    """The spares' root is marked FS_TOPDIR_FL (see logs.py); the log root starts plain."""
     from test_logs import topdir_flag
 
     root = daemon.state_dir / "logs"
-    wait_for(root.is_dir, what="log root made at start")
+    wait_for(lambda: (root / ".spare").is_dir(), what="spares made at start")
     probe = root.parent / "probe-topdir"
     probe.mkdir(exist_ok=True)
     if not spread_subdirectories(str(probe)):
         pytest.skip(f"{root} is not on ext2/3/4")
-    assert topdir_flag(root)
+    assert topdir_flag(root / ".spare")
 
 
 def spare_inodes(spare_root: Path) -> set[int]:

@@ -6,6 +6,7 @@ call the method; per-job visibility is checked through ``RPCServer.visible_job``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from jobworker import PROTOCOL_VERSION, __version__
@@ -87,15 +88,7 @@ class Methods:
         server = self.server
         records = [job.packed() for job in server.jobs.jobs(running_only=p["running"])
                    if server.authz.can_see(call.who, job.owner)]
-        batch: list[bytes] = []
-        size = 0
-        for record in records:
-            if batch and (len(batch) == LIST_BATCH or size + len(record) > LIST_BATCH_BYTES):
-                call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
-                batch, size = [], 0
-            batch.append(record)
-            size += len(record)
-        if batch:
+        for batch in _chunks(records):
             call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
         return {"count": len(records)}
 
@@ -105,6 +98,21 @@ class Methods:
         stream = LogStream(call, job, path, p["offset"], p["follow"], self.server.follower)
         offset = await stream.start()
         return {"offset": offset, "record": job.wire()}
+
+
+def _chunks(records: list[bytes]) -> Iterator[list[bytes]]:
+    """Encoded records in runs of at most LIST_BATCH of them and LIST_BATCH_BYTES (a run
+    is never empty: one record over the bytes bound still goes, alone)."""
+    batch: list[bytes] = []
+    size = 0
+    for record in records:
+        if batch and (len(batch) == LIST_BATCH or size + len(record) > LIST_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(record)
+        size += len(record)
+    if batch:
+        yield batch
 
 
 def table(server: RPCServer) -> dict[str, tuple[Schema, Handler]]:

@@ -153,22 +153,6 @@ class FrameProtocol(Int32StringReceiver):
             self.transport.writeSequence(out)
 
 
-    def send_reply(self, rid: int, result: bytes) -> None:
-        """Send ``{"id": rid, "result": ...}`` around an already-encoded result."""
-        head = codec.reply_head(rid)
-        size = len(head) + len(result)
-        if size > self.max_send:
-            raise FrameTooLarge(f"refusing to send a {size}-byte frame")
-        if self._outbox is None:
-            self.transport.writeSequence([_PREFIX.pack(size), head, result])
-            return
-        self._outbox += (_PREFIX.pack(size), head, result)
-        self._outbox_size += 4 + size
-        if self._outbox_size >= self.OUTBOX_LIMIT:
-            out, self._outbox, self._outbox_size = self._outbox, [], 0
-            self.transport.writeSequence(out)
-
-
 class RPCClientProtocol(FrameProtocol):
     """Client end: numbers requests, matches replies, fails everything pending on loss."""
 

@@ -287,7 +287,7 @@ class RPCServerProtocol(FrameProtocol):
                 self._hello = True
             try:
                 if type(result) is Encoded:  # a cached record (status)
-                    self.send_reply(call.id, result)
+                    self.send_encoded(codec.reply_head(call.id), result)
                 else:
                     self.send_frame({"id": call.id, "result": result})
             except JobWorkerError as e:

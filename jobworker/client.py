@@ -18,7 +18,7 @@ from jobworker import PROTOCOL_VERSION, __version__
 from jobworker.errors import ConnectionLost, JobWorkerError
 from jobworker.messages import JobRecord
 from jobworker.protocol import RPCClientProtocol
-from jobworker.tls import ClientTLS
+from jobworker.tls import ClientTLS, ClientTLSEndpoint
 
 DEFAULT_SERVER = "127.0.0.1:8443"
 
@@ -113,7 +113,7 @@ async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> 
         tls = ClientTLS(config.ca, config.cert, config.key, host)
     except Exception as e:
         raise ClientError(str(e)) from None
-    endpoint = endpoints.wrapClientTLS(
+    endpoint = ClientTLSEndpoint(
         tls, endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout))
     protocol = RPCClientProtocol()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,13 +23,20 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITransport,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from jobworker.writethrough import write_through
 
 ROLES = ("admin", "user", "viewer")
 
@@ -196,17 +204,52 @@ class ServerTLS:
         return SSL.Connection(self._context, None)
 
 
-class ServerTLSFactory(TLSMemoryBIOFactory):
-    """TLS for the daemon's listener, writing each reply batch as soon as it is made.
+class PromptTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS that sends each write as soon as it is made, on both sides of the RPC.
 
-    Twisted's default transport (``BufferingTLSTransport``) holds every write until the
-    next reactor iteration, to merge many small writes into one TLS record.  The daemon
-    already writes all the replies one read produced in a single call (see
-    ``FrameProtocol.flush``), so that wait only costs a timed call and another pass of the
-    reactor per batch: about 8% of the ``status`` rate (``bench/rpc.py``).
+    Twisted's default (``BufferingTLSTransport``) holds every write until the next
+    reactor iteration, to merge many small writes into one TLS record, and the socket
+    transport under it holds the record until the iteration after that.  Our peers
+    already write all the frames one read produced in a single call (see
+    ``FrameProtocol.flush``), so both waits only cost timed calls and reactor passes:
+    the first was about 8% of the ``status`` rate (``bench/rpc.py``); for the second see
+    ``jobworker.writethrough``.
     """
 
-    protocol = TLSMemoryBIOProtocol
+    def makeConnection(self, transport: ITransport) -> None:
+        write_through(transport)
+        super().makeConnection(transport)
+
+
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """TLS for the daemon's listener (see PromptTLSProtocol)."""
+
+    protocol = PromptTLSProtocol
+
+
+class ClientTLSFactory(TLSMemoryBIOFactory):
+    """TLS for the client's connection (see PromptTLSProtocol)."""
+
+    protocol = PromptTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class ClientTLSEndpoint:
+    """``endpoints.wrapClientTLS`` with ClientTLSFactory in place of Twisted's buffering
+    factory: connects ``wrapped``, then speaks TLS over it."""
+
+    def __init__(self, creator: IOpenSSLClientConnectionCreator,
+                 wrapped: IStreamClientEndpoint) -> None:
+        self._creator = creator
+        self._wrapped = wrapped
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        factory = ClientTLSFactory(self._creator, True, protocolFactory)
+
+        def unwrap(tls: Any) -> IProtocol:
+            return cast(IProtocol, tls.wrappedProtocol)
+
+        return self._wrapped.connect(factory).addCallback(unwrap)
 
 
 def _server_verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,

@@ -180,6 +180,9 @@ async def test_the_client_connects_and_says_hello(daemon: Daemon) -> None:
     try:
         assert client.server_info["version"] == PROTOCOL_VERSION
         assert await client.call("whoami") == {"identity": "alice", "role": "user"}
+        # Its TLS records leave at once (jobworker.writethrough), not a reactor turn later.
+        tcp = client.protocol.transport.transport
+        assert "write" in vars(tcp), "the client's socket writes are not write-through"
     finally:
         client.close()
 

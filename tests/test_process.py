@@ -231,6 +231,38 @@ def test_descriptor_map_with_targets_that_are_also_sources(tmp_path: Any, spawn_
     assert (tmp_path / "b").read_text() == f"2 {a} "
 
 
+def test_cached_file_actions_follow_directory_and_descriptors(tmp_path: Any,
+                                                               monkeypatch: Any) -> None:
+    """glibc path: the file actions are built once per (directory, fd map) and reused; every
+    spawn still gets its own directory and descriptors, also past the cache's capacity."""
+    spawner = process._libc_spawn
+    if spawner is None:
+        pytest.skip("this libc lacks posix_spawn_file_actions_addclosefrom_np")
+    monkeypatch.setattr(spawner, "ACTIONS_CACHE", 2)
+    monkeypatch.setattr(spawner, "_actions", {})
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    script = "import os; print(os.getcwd())"
+    for round_ in range(2):
+        for d in dirs:  # three keys through a cache of two: built, evicted, built again
+            out = os.open(d / f"out{round_}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                pid = process.posix_spawn_job(sys.executable, [sys.executable, "-c", script],
+                                              {}, str(d), {0: process._stdin_fd(), 1: out,
+                                                           2: out})
+            finally:
+                os.close(out)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert (d / f"out{round_}").read_text() == f"{d}\n"
+            assert len(spawner._actions) <= 2
+    key = (str(dirs[2]), *{0: process._stdin_fd(), 1: out, 2: out}.items())
+    assert key in spawner._actions  # the last one is cached, the first evicted
+    assert (str(dirs[0]), *{0: process._stdin_fd(), 1: out, 2: out}.items()) \
+        not in spawner._actions
+
+
 @pytest_twisted.ensureDeferred
 async def test_child_signal_dispositions_are_default(reactor: Any, manager: JobManager, spawn_path: str) -> None:
     """Signals Python ignores (SIGPIPE, SIGXFSZ) are default again, and none is blocked."""

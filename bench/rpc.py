@@ -10,8 +10,10 @@ straight back, so it costs TLS + framing and nothing else; the same client sends
 same ``status`` frames.  Daemon and echo are measured alternately, several rounds each.
 Target: status rate >= 0.7 x the echo's rate.  For scale, a second echo runs on the
 daemon's own transport (jobworker.tls.ServerTLSFactory, which writes each read's replies
-at once rather than on the next reactor iteration, and replies gathered per read as the
-daemon does): the ratio against it is what the daemon's request handling alone costs.
+straight to the socket rather than one or two reactor iterations later, and replies gathered
+per read as the daemon does): the ratio against it is what the daemon's request handling
+alone costs.  The client (jobworker.client) is the same for all three and also writes
+straight to its socket.
 """
 
 from __future__ import annotations

@@ -176,6 +176,7 @@ def makeService(config: Options) -> service.MultiService:
     from jobworker.jobs import JobManager
     from jobworker.logpool import LogDirPool
     from jobworker.logs import LogStore
+    from jobworker.process import QuietChildSignals
 
     try:
         tls = ServerTLS(config["ca"], config["cert"], config["key"], config["crl"])
@@ -212,6 +213,7 @@ def makeService(config: Options) -> service.MultiService:
     # stops accepting before running jobs are stopped, and the spares go once no job can
     # start (MultiService stops children in reverse order).
     spare_logs.setServiceParent(top)
+    QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)

@@ -59,6 +59,27 @@ def test_exit_codes_are_exact(daemon: Daemon, code: int) -> None:
     assert set(rec) == RECORD_FIELDS
 
 
+def caught_signals(pid: int) -> set[int]:
+    """The signals ``pid`` has a handler for (SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+
+
+def test_the_daemon_reaps_jobs_without_a_sigchld_handler(daemon: Daemon) -> None:
+    """Jobs are reaped through their pidfds, so the daemon takes the reactor's SIGCHLD
+    handler off (each exit would cost it a signal and a wake-up) yet sees every end, with
+    its status, and leaves no zombie."""
+    wait_for(lambda: signal.SIGCHLD not in caught_signals(daemon.pid), 10,
+             what="the daemon to take its SIGCHLD handler off")
+    assert signal.SIGTERM in caught_signals(daemon.pid)  # its other handlers stay
+    ids = [start(daemon, "sh", "-c", f"exit {code}") for code in (0, 3, 7)]
+    for job_id, code in zip(ids, (0, 3, 7), strict=True):
+        result = daemon.jwclient("--json", "wait", job_id)
+        assert json.loads(result.stdout)["exit_code"] == code
+    assert zombie_children(daemon.pid) == []
+
+
 def test_killed_by_signal_reports_signal_and_128_plus_n(daemon: Daemon) -> None:
     """A job killed by a signal has signal set, no exit code, and wait exits 128+N."""
     job_id = start(daemon, "sh", "-c", "kill -KILL $$")

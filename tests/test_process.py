@@ -3,6 +3,7 @@ byte-exact logs, reaping without leaks, and start rate."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -299,6 +300,54 @@ async def test_without_pidfd_twisted_reaps_the_job(reactor: Any, manager: JobMan
     record = await ended(reactor, job)
     assert (record.state, record.exit_code) == (EXITED, 3)
     assert job.pid not in twisted_process.reapProcessHandlers
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_end_with_sigchld_quiet_and_after_a_fallback(
+        reactor: Any, manager: JobManager, monkeypatch: Any, tmp_path: Any) -> None:
+    """With the reactor's SIGCHLD handler off (as in the daemon), a job watched on its pidfd
+    still ends with its status; a job that must fall back to Twisted's reaper puts the
+    handler back before it is handed over, and ends too."""
+    twisted_handler = signal.getsignal(signal.SIGCHLD)
+    if twisted_handler in (signal.SIG_DFL, signal.SIG_IGN, None):
+        pytest.skip("the reactor installed no SIGCHLD handler in this process")
+    signals = process.child_signals
+    assert signals.quiet()
+    try:
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+        job = manager.start("alice", "sh", ["-c", "exit 4"])
+        assert (await ended(reactor, job)).exit_code == 4
+
+        def no_pidfd(pid: int) -> int:
+            raise OSError(errno.ENOSYS, "no pidfd_open here")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+        go = tmp_path / "go"
+        os.mkfifo(go)  # the job cannot end before it is handed to Twisted's reaper
+        job = manager.start("alice", "sh", ["-c", f"read x < {go}; exit 5"])
+        assert signal.getsignal(signal.SIGCHLD) is twisted_handler
+        assert not signals.quiet_now
+        writer = os.open(go, os.O_RDWR)  # never blocks; the line waits for the reader
+        try:
+            os.write(writer, b"go\n")
+            assert (await ended(reactor, job)).exit_code == 5
+        finally:
+            os.close(writer)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGCHLD) is twisted_handler
+
+
+def test_sigchld_stays_while_twisteds_reaper_has_children(monkeypatch: Any) -> None:
+    """quiet() leaves the handler alone while Twisted's reaper still watches a child, and
+    when there is no Python handler to take off."""
+    signals = process.ChildSignals()
+    monkeypatch.setitem(process._twisted_process.reapProcessHandlers, 999_999_999, object())
+    monkeypatch.setattr(signal, "getsignal", lambda n: (lambda *a: None))
+    assert not signals.quiet()
+    monkeypatch.delitem(process._twisted_process.reapProcessHandlers, 999_999_999)
+    monkeypatch.setattr(signal, "getsignal", lambda n: signal.SIG_DFL)
+    assert not signals.quiet()
 
 
 @pytest_twisted.ensureDeferred

@@ -150,7 +150,7 @@ class Job:
         self.error: str | None = None
         self.started = started
         self._started_at: tuple[float, str] | None = None
-        self._packed: bytes | None = None
+        self._packed: codec.Encoded | None = None
         self.ended_at: str | None = None
         self.timed_out = False
         self._timeout_grace = timeout_grace
@@ -188,13 +188,13 @@ class Job:
         spends on the record)."""
         return self._fields()
 
-    def packed(self) -> bytes:
+    def packed(self) -> codec.Encoded:
         """``wire()`` encoded as msgpack.  An ended job's record never changes again, so it
         is encoded once: a ``status`` or ``list`` of finished jobs, the common case, sends
         these bytes as they are."""
         packed = self._packed
         if packed is None:
-            packed = codec.encode(self._fields())
+            packed = codec.Encoded(codec.encode(self._fields()))
             if self.ended:
                 self._packed = packed
         return packed

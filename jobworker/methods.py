@@ -76,7 +76,7 @@ class Methods:
         return record.to_wire()
 
     def status(self, call: Call, p: dict[str, Any]) -> Encoded:
-        return Encoded(self.server.visible_job(call, p["job"]).packed())
+        return self.server.visible_job(call, p["job"]).packed()
 
     async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.server.visible_job(call, p["job"])
@@ -86,8 +86,8 @@ class Methods:
     def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds the count."""
         server = self.server
-        records = [job.packed() for job in server.jobs.jobs(running_only=p["running"])
-                   if server.authz.can_see(call.who, job.owner)]
+        records: list[bytes] = [job.packed() for job in server.jobs.jobs(
+            running_only=p["running"]) if server.authz.can_see(call.who, job.owner)]
         for batch in _chunks(records):
             call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
         return {"count": len(records)}

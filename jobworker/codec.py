@@ -5,6 +5,7 @@ Nothing here imports Twisted: these are the wire values shared by daemon and cli
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -68,10 +69,20 @@ _ID_KEY = b"\x82\xa2id"  # a map of two entries, then the key "id"
 _KEYS = {key: msgpack.packb(key) for key in ("result", "chunk")}
 
 
+#: ``reply_head`` of a result whose id takes 2 or 4 bytes (every id past 255: the usual
+#: case on a busy connection) in one call instead of four concatenated pieces.
+_RESULT_HEAD_16 = struct.Struct(">5sH7s")
+_RESULT_HEAD_32 = struct.Struct(">5sI7s")
+
+
 def reply_head(rid: int, key: str = "result") -> bytes:
     """The encoding of ``{"id": rid, key: value}`` up to ``value``: with an encoded value
     appended it equals ``encode`` of that map byte for byte (a cached job record is sent
     without being decoded and encoded again)."""
+    if key == "result" and 0x100 <= rid < 0x100000000:
+        if rid < 0x10000:
+            return _RESULT_HEAD_16.pack(b"\x82\xa2id\xcd", rid, b"\xa6result")
+        return _RESULT_HEAD_32.pack(b"\x82\xa2id\xce", rid, b"\xa6result")
     return _ID_KEY + _uint(rid) + _KEYS[key]
 
 

@@ -196,8 +196,9 @@ def readme_section(report: dict[str, Any]) -> str:
          "numbers move with the machine and its load, the ratios less so. "
          "Not part of the suite: `bench/spawn_paths.py` compares Twisted's and jobworker's "
          "spawn paths on their own, `bench/request_path.py` times the daemon's own Python "
-         "per request (no TLS, no sockets), and `bench/fs_topdir.py` what a job's log "
-         "directory costs on the host's disk."),
+         "per request (no TLS, no sockets), `bench/fs_topdir.py` what a job's log "
+         "directory costs on the host's disk, and `bench/ab.py` compares two checkouts "
+         "with paired, alternating windows (rate and CPU per request of each daemon)."),
         "",
         (f"Measured on {m['date']} at commit `{m['commit']}`: {m['cores']} cores "
          f"({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, Twisted {m['twisted']}; "

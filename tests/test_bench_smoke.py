@@ -31,3 +31,18 @@ def test_quick_bench_run_writes_results_table_and_plot(tmp_path: Path) -> None:
     assert "| figure | value | baseline | ratio | target |" in table
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ab_compares_a_checkout_with_itself() -> None:
+    """bench/ab.py runs two daemons from the given checkouts and prints each row with a
+    paired ratio (here A/A, so only its shape is judged, never the figures)."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), "--a", str(ROOT),
+                          "--rounds", "2", "--window", "0.2"],
+                         capture_output=True, text=True, timeout=100, check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = [line for line in run.stdout.splitlines() if "B/A paired" in line]
+    assert [row.split()[0] for row in rows] == ["requests/s", "daemon", "client"]
+    for row in rows:
+        assert float(row.rsplit(None, 1)[1]) > 0

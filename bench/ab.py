@@ -44,25 +44,14 @@ def cpu_seconds(pid: int) -> float:
 async def window(bench: Bench, clients: list[Any], method: str, params: dict[str, Any],
                  seconds: float, inflight: int) -> tuple[float, float, float]:
     """(requests/s, daemon CPU us per request, client CPU us per request)."""
-    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.defer import gatherResults
 
     await gatherResults([c.call(method, params) for c in clients for _ in range(3)])
-    done = [0]
-    deadline = time.perf_counter() + seconds
-
-    async def loop(client: Any) -> None:
-        while time.perf_counter() < deadline:
-            await client.call(method, params)
-            done[0] += 1
-
-    daemon, mine, began = cpu_seconds(bench.pid), time.process_time(), time.perf_counter()
-    await gatherResults([Deferred.fromCoroutine(loop(c)) for c in clients
-                         for _ in range(inflight)])
-    elapsed = time.perf_counter() - began
-    n = max(done[0], 1)
-    return (done[0] / elapsed, (cpu_seconds(bench.pid) - daemon) / n * 1e6,
+    daemon, mine = cpu_seconds(bench.pid), time.process_time()
+    done, elapsed = await harness.back_to_back(clients, method, params, seconds, inflight)
+    n = max(done, 1)
+    return (done / elapsed, (cpu_seconds(bench.pid) - daemon) / n * 1e6,
             (time.process_time() - mine) / n * 1e6)
-
 
 async def measure(reactor: Any, a: Bench, b: Bench, opts: argparse.Namespace
                   ) -> dict[str, list[tuple[float, float, float]]]:

@@ -489,6 +489,26 @@ async def connect(reactor: Any, bench: Bench, count: int = 1) -> list[Any]:
     return [await _connect(reactor, bench.config()) for _ in range(count)]
 
 
+async def back_to_back(clients: Sequence[Any], method: str, params: dict[str, Any],
+                       seconds: float, in_flight: int = 1) -> tuple[int, float]:
+    """Each client keeps ``in_flight`` calls of ``method`` going, each sent as soon as the
+    previous one is answered, until ``seconds`` have passed; (replies, elapsed seconds)."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    done = [0]
+    began = time.perf_counter()
+    deadline = began + seconds
+
+    async def loop(client: Any) -> None:
+        while time.perf_counter() < deadline:
+            await client.call(method, params)
+            done[0] += 1
+
+    await gatherResults([Deferred.fromCoroutine(loop(c)) for c in clients
+                         for _ in range(in_flight)])
+    return done[0], time.perf_counter() - began
+
+
 def close_all(clients: Iterable[Any]) -> None:
     for c in clients:
         if c.protocol.transport is not None:

@@ -114,8 +114,6 @@ def perf_main(opts: argparse.Namespace) -> None:
 
 async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: float,
                window: int = 1) -> float:
-    from twisted.internet.defer import Deferred, gatherResults
-
     clients = await harness.connect(reactor, bench, clients_n)
     try:
         if path == "follow":
@@ -125,18 +123,8 @@ async def load(reactor: Any, bench: Bench, path: str, clients_n: int, seconds: f
         else:
             record = await clients[0].call("start", {"command": TRUE, "args": []})
             method, params = "status", {"job": record["id"]}
-        done = [0]
-        deadline = time.perf_counter() + seconds
-
-        async def loop(client: Any) -> None:
-            while time.perf_counter() < deadline:
-                await client.call(method, params)
-                done[0] += 1
-
-        began = time.perf_counter()
-        await gatherResults([Deferred.fromCoroutine(loop(c)) for c in clients
-                             for _ in range(window)])
-        return done[0] / (time.perf_counter() - began)
+        done, elapsed = await harness.back_to_back(clients, method, params, seconds, window)
+        return done / elapsed
     finally:
         harness.close_all(clients)
 

@@ -5,7 +5,7 @@ How: ``jwclient status JOB`` is run as a subprocess N times against a real daemo
 ``python -c pass`` (the same interpreter as jwclient's) N times, alternately; medians of
 the wall times.  Run as installed: with bytecode caches written (PYTHONDONTWRITEBYTECODE
 is dropped from the children's environment and one unmeasured run of each comes first).
-Also timed the same way: ``python -c "import jobworker.commands"`` (what
+Also timed the same way: ``python -c "import jobworker.client.commands"`` (what
 jwclient imports before it connects), to split import time from the rest.  The ten
 slowest imports come from ``python -X importtime``.
 """
@@ -35,7 +35,7 @@ def run(quick: bool) -> Result:
         job = started.stdout.strip()
         status = bench.jwclient_argv("status", job)
         bare = [sys.executable, "-c", "pass"]
-        imports = [sys.executable, "-c", "import jobworker.commands"]
+        imports = [sys.executable, "-c", "import jobworker.client.commands"]
         times: dict[str, list[float]] = {"status": [], "bare": [], "imports": []}
         for argv in (bare, status, imports):  # unmeasured: writes the bytecode caches
             _wall(argv)
@@ -44,13 +44,13 @@ def run(quick: bool) -> Result:
                 times[key].append(_wall(argv))
     result.add(Figure("jwclient status, wall time", median(times["status"]) * 1000, "ms",
                       "python -c pass", median(times["bare"]) * 1000))
-    result.add(Figure("  of which imports (import jobworker.commands)",
+    result.add(Figure("  of which imports (import jobworker.client.commands)",
                       median(times["imports"]) * 1000, "ms", "python -c pass",
                       median(times["bare"]) * 1000))
     slowest = import_times()
-    result.notes.append("largest imports under jobworker.commands (cumulative us): " +
+    result.notes.append("largest imports under jobworker.client.commands (cumulative us): " +
                         ", ".join(f"{name.strip()} {us}" for us, name in slowest))
-    say("  largest imports under jobworker.commands (cumulative, us, indented = nested):")
+    say("  largest imports under jobworker.client.commands (cumulative, us, indented = nested):")
     for us, name in slowest:
         say(f"    {us:>8}  {name}")
     return result
@@ -67,8 +67,8 @@ def _wall(argv: list[str]) -> float:
 
 
 def import_times(top: int = 10) -> list[tuple[int, str]]:
-    """The largest cumulative import times under jobworker.commands, two levels deep."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import jobworker.commands"],
+    """The largest cumulative import times under jobworker.client.commands, two levels deep."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import jobworker.client.commands"],
                          capture_output=True, text=True, timeout=TIMEOUT, env=ENV,
                          check=False).stderr
     rows = []

@@ -4,7 +4,7 @@ jobworker marks its log root (FS_TOPDIR_FL, ``chattr +T``).
 Run: .venv/bin/python bench/fs_topdir.py [--dir /var/lib/jobworker] [--count 500] [--dirty N]
 
 How: in two sibling directories under DIR (default: a new one in /tmp, the file system the
-other benchmarks use), one plain and one marked by ``jobworker.logs.spread_subdirectories``,
+other benchmarks use), one plain and one marked by ``jobworker.jobs.placement.spread_subdirectories``,
 make COUNT job-like directories each holding two new files (exactly what a start makes),
 alternating plain and marked, three rounds; the figure is the mean time per directory.
 
@@ -28,7 +28,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobworker.logs import spread_subdirectories  # noqa: E402 (after the path fallback)
+from jobworker.jobs.logs import spread_subdirectories  # noqa: E402 (after the path fallback)
 
 
 def make_dirs(root: str, count: int) -> float:

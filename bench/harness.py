@@ -211,7 +211,7 @@ class LogDirs:
     daemon's would be)."""
 
     def __init__(self, root: Path) -> None:
-        from jobworker.logs import LogStore
+        from jobworker.jobs.logs import LogStore
 
         self.root = root
         self.count = 0
@@ -357,7 +357,7 @@ class Bench:
         return f"127.0.0.1:{self.port}"
 
     def config(self) -> Any:
-        from jobworker.client import ClientConfig
+        from jobworker.client.api import ClientConfig
 
         return ClientConfig(self.address, str(self.pki_dir / "ca.pem"),
                             str(self.pki_dir / f"{IDENTITY}.pem"),
@@ -484,7 +484,7 @@ def run_on_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
 
 async def connect(reactor: Any, bench: Bench, count: int = 1) -> list[Any]:
     """``count`` connected, hello'd clients."""
-    from jobworker.client import connect as _connect
+    from jobworker.client.api import connect as _connect
 
     return [await _connect(reactor, bench.config()) for _ in range(count)]
 
@@ -522,7 +522,7 @@ async def start_background(reactor: Any, bench: Bench, client: Any, count: int,
     so nothing outlives the benchmark by long even if every cleanup failed."""
     from twisted.internet.defer import gatherResults
 
-    from jobworker.messages import RUNNING, JobRecord
+    from jobworker.wire.record import RUNNING, JobRecord
 
     records: list[Any] = []
     params = {"command": SLEEP, "args": [str(seconds)], "timeout": float(seconds + 5)}

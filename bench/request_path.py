@@ -38,10 +38,10 @@ from OpenSSL import crypto  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from jobworker import PROTOCOL_VERSION, pki  # noqa: E402
-from jobworker.authz import Authorizer  # noqa: E402
-from jobworker.jobs import JobManager  # noqa: E402
-from jobworker.logs import LogStore  # noqa: E402
-from jobworker.server import RPCServer  # noqa: E402
+from jobworker.daemon.authz import Authorizer  # noqa: E402
+from jobworker.daemon.server import RPCServer  # noqa: E402
+from jobworker.jobs.logs import LogStore  # noqa: E402
+from jobworker.jobs.manager import JobManager  # noqa: E402
 from jobworker.testing import ProcessReactor  # noqa: E402
 
 

@@ -5,11 +5,11 @@ ended job.  Latency: one request at a time, N round trips, p50 and p99.  Rate: 1
 kept in flight on the connection for a fixed window; replies per second.
 
 Baseline, same run: an echo server in its own process built from the same pieces
-(jobworker.tls.ServerTLS, TLSMemoryBIOFactory, FrameProtocol) that sends every frame
+(jobworker.rpc.tls.ServerTLS, TLSMemoryBIOFactory, FrameProtocol) that sends every frame
 straight back, so it costs TLS + framing and nothing else; the same client sends it the
 same ``status`` frames.  Daemon and echo are measured alternately, several rounds each.
 Target: status rate >= 0.7 x the echo's rate.  For scale, a second echo runs on the
-daemon's own transport (jobworker.tls.ServerTLSFactory, which writes each read's replies
+daemon's own transport (jobworker.rpc.transport.ServerTLSFactory, which writes each read's replies
 straight to the socket rather than one or two reactor iterations later, and replies gathered
 per read as the daemon does): the ratio against it is what the daemon's request handling
 alone costs.  The client (jobworker.client) is the same for all three and also writes
@@ -72,7 +72,7 @@ def run(quick: bool) -> Result:
 
 async def measure(reactor: Any, bench: Bench, echo: EchoServer, direct: EchoServer,
                   rounds: int, count: int, seconds: float) -> dict[str, list[float]]:
-    from jobworker.client import ClientConfig, connect
+    from jobworker.client.api import ClientConfig, connect
 
     (client,) = await harness.connect(reactor, bench)
     cfg = bench.config()
@@ -185,15 +185,35 @@ class EchoServer:
             proc.wait(10)
 
 
+def _older_server_tls_factory(base: Any) -> Any:
+    """The daemon's TLS factory in checkouts that predate ``jobworker.rpc.transport``."""
+    try:
+        from jobworker.tls import ServerTLSFactory  # type: ignore[import-not-found]
+
+        return ServerTLSFactory
+    except ImportError:  # older still: the same thing spelled out
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        class ServerTLSFactory(base):  # type: ignore[no-redef]
+            protocol = TLSMemoryBIOProtocol
+
+        return ServerTLSFactory
+
+
 def echo_server(pki_dir: str, direct: bool = False) -> None:
-    """Mutual TLS 1.3 from jobworker.tls, frames from jobworker.protocol, nothing else.
+    """Mutual TLS 1.3 from jobworker.rpc.tls, frames from jobworker.rpc.framing, nothing else.
     ``direct``: the daemon's transport, and each read's replies written together."""
     from twisted.internet import endpoints, reactor
     from twisted.internet.protocol import Factory
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from jobworker.protocol import _PREFIX, FrameProtocol
-    from jobworker.tls import ServerTLS
+    try:
+        from jobworker.rpc.framing import FrameProtocol
+        from jobworker.rpc.tls import ServerTLS
+        from jobworker.wire.frames import PREFIX as _PREFIX
+    except ImportError:  # a checkout from before the layered layout
+        from jobworker.protocol import _PREFIX, FrameProtocol  # type: ignore[no-redef]
+        from jobworker.tls import ServerTLS  # type: ignore[no-redef]
 
     class Echo(FrameProtocol):
         def stringReceived(self, string: bytes) -> None:
@@ -207,13 +227,9 @@ def echo_server(pki_dir: str, direct: bool = False) -> None:
                     os.path.join(pki_dir, "server.key"))
     if direct:
         try:
-            from jobworker.tls import ServerTLSFactory
-        except ImportError:  # an older checkout: the same thing spelled out
-            from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-            class ServerTLSFactory(TLSMemoryBIOFactory):  # type: ignore[no-redef]
-                protocol = TLSMemoryBIOProtocol
-
+            from jobworker.rpc.transport import ServerTLSFactory
+        except ImportError:
+            ServerTLSFactory = _older_server_tls_factory(TLSMemoryBIOFactory)
         factory = ServerTLSFactory(tls, False, Factory.forProtocol(GatheringEcho))
     else:
         factory = TLSMemoryBIOFactory(tls, False, Factory.forProtocol(Echo))

@@ -8,7 +8,7 @@ measures spawn + exit notification + reap, serially), over a fixed wall-clock wi
   bare posix_spawn+waitpid  os.posix_spawn and a blocking waitpid, no reactor: the floor.
   twisted spawnProcess      reactor.spawnProcess in the daemon's cwd (Twisted's posix_spawnp).
   twisted spawnProcess+path path= another directory: Twisted falls back to fork+exec.
-  jobworker spawn           jobworker.process.spawn (posix_spawn, setsid, pidfd reaping),
+  jobworker spawn           jobworker.jobs.process.spawn (posix_spawn, setsid, pidfd reaping),
                             cwd = the daemon's, then cwd = another directory; "fallback"
                             is its os.posix_spawn path (lists every open fd, fchdir trick)
                             used where glibc lacks posix_spawn_file_actions_addclosefrom_np.
@@ -38,8 +38,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from jobworker import process
-from jobworker.process import spawn
+from jobworker.jobs import posix_spawn
+from jobworker.jobs.process import spawn
 
 TRUE = "/bin/true"
 SLEEP = "/bin/sleep"
@@ -89,7 +89,7 @@ async def _measure(reactor: Any, seconds: float, background: int, null: int,
     here = os.getcwd()
     fds = {0: null, 1: null, 2: null}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {seconds}s per line, "
-          f"glibc spawn path {'available' if process._libc_spawn else 'unavailable'}",
+          f"glibc spawn path {'available' if posix_spawn._libc_spawn else 'unavailable'}",
           flush=True)
 
     async def bare() -> None:
@@ -165,14 +165,14 @@ async def _measure(reactor: Any, seconds: float, background: int, null: int,
 
 @contextmanager
 def _spawn_path(libc: bool) -> Iterator[None]:
-    """Force jobworker.process onto its os.posix_spawn fallback for a moment."""
-    saved = process._libc_spawn
+    """Force jobworker.jobs.posix_spawn onto its os.posix_spawn fallback for a moment."""
+    saved = posix_spawn._libc_spawn
     if not libc:
-        process._libc_spawn = None
+        posix_spawn._libc_spawn = None
     try:
         yield
     finally:
-        process._libc_spawn = saved
+        posix_spawn._libc_spawn = saved
 
 
 if __name__ == "__main__":
@@ -180,7 +180,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=1.5, help="window per measurement")
     parser.add_argument("--background", type=int, default=1000, help="sleeps kept running")
     opts = parser.parse_args()
-    from jobworker.process import raise_nofile_limit
+    from jobworker.jobs.rlimits import raise_nofile_limit
 
     raise_nofile_limit()
     task.react(main, (opts.seconds, opts.background))

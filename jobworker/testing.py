@@ -1,12 +1,15 @@
-"""Fakes for jobworker's own tests and for anyone testing code built on it.
+"""Fakes and helpers for jobworker's own tests and for anyone testing code built on it.
 
 ``ProcessReactor`` is a ``MemoryReactorClock`` whose ``spawnProcess`` records the call and
 returns a ``FakeProcess`` the test ends at will; its ``killpg`` records group signals, so a
 JobManager built with ``killpg=reactor.killpg`` never touches real processes.
+``create_logs`` makes a job's log directory as a start would; ``read_range`` and ``size``
+read a log file back.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -17,6 +20,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from jobworker.jobs.logs import JobLogs, LogStore
 
 
 @implementer(IProcessTransport)
@@ -162,4 +167,51 @@ class ProcessReactor(MemoryReactorClock):
         return [s for g, s in self.signals if g == pgid]
 
 
-__all__ = ["FakeProcess", "ProcessReactor"]
+# -- log files -------------------------------------------------------------------------------
+
+_MAX_READ = 1 << 20  # one pread at a time
+
+
+def create_logs(store: LogStore, job_id: str, started: float) -> JobLogs:
+    """Make a job's log directory and its two empty files, as a start does."""
+    logs, out, err = create_open_logs(store, job_id, started)
+    os.close(out)
+    os.close(err)
+    return logs
+
+
+def create_open_logs(store: LogStore, job_id: str, started: float) -> tuple[JobLogs, int, int]:
+    """``create_logs``, returning the two files open for appending as a start holds them."""
+    logs = JobLogs(store.dir_for(job_id, started))
+    out, err = store.create_at(logs.dir)
+    return logs, out, err
+
+
+def size(path: str) -> int:
+    """The current length of a log file in bytes."""
+    return os.stat(path).st_size
+
+
+def read_range(path: str, offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes from ``offset``; shorter only at end of file.
+
+    Blocking file I/O: keep calls small, or off the reactor thread for large ranges.
+    """
+    if offset < 0 or size < 0:
+        raise ValueError("offset and size must be non-negative")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while size > 0:
+            chunk = os.pread(fd, min(size, _MAX_READ), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["FakeProcess", "ProcessReactor", "create_logs", "create_open_logs", "read_range", "size"]

@@ -218,7 +218,7 @@ class Daemon:
         return self.proc.returncode
 
     def config(self, identity: str = "alice"):  # type: ignore[no-untyped-def]
-        from jobworker.client import ClientConfig
+        from jobworker.client.api import ClientConfig
 
         return ClientConfig(self.address, *self.pki.paths(identity))
 

@@ -13,13 +13,13 @@ from conftest import PKI, Daemon, wait_for
 from twisted.internet import reactor
 
 from jobworker import pki
-from jobworker.client import Client, ClientConfig, ClientError, connect
-from jobworker.errors import JobWorkerError
+from jobworker.client.api import Client, ClientConfig, ClientError, connect
+from jobworker.wire.errors import JobWorkerError
 
 OK = "ok"
 
 # Expected outcome of every role x method x target, written out by hand (not derived
-# from jobworker.authz) so that a change in policy code shows up here.
+# from jobworker.daemon.authz) so that a change in policy code shows up here.
 #   own:     a job the caller started (viewer and norole cannot start one: they get the
 #            admin's job, like "other")
 #   other:   a job started by another identity

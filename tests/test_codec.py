@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker import codec
-from jobworker.codec import MAX_DEPTH, decode, encode, parse_request
-from jobworker.errors import BadRequest
+from jobworker.wire import codec, frames, schema
+from jobworker.wire.codec import MAX_DEPTH, decode, encode
+from jobworker.wire.errors import BadRequest
+from jobworker.wire.frames import parse_request
 
 # -- strategies ------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ def test_the_reserved_type_byte_is_refused_with_a_reason() -> None:
 def test_a_well_formed_request_parses() -> None:
     """id, method and params come out as given; params defaults to an empty map."""
     assert parse_request({"id": 7, "method": "status", "params": {"job": "x"}}) == \
-        codec.Request(7, "status", {"job": "x"})
+        frames.Request(7, "status", {"job": "x"})
     assert parse_request({"id": 0, "method": "whoami"}).params == {}
     assert parse_request({"id": 2**53 - 1, "method": "m"}).id == 2**53 - 1
 
@@ -259,11 +260,11 @@ def test_malformed_envelopes_are_bad_requests(frame: Any) -> None:
 
 def test_request_id_of_recovers_only_valid_ids() -> None:
     """A malformed request's error carries its id only when that id is itself valid."""
-    assert codec.request_id_of({"id": 5, "method": 3}) == 5
-    assert codec.request_id_of({"id": "5"}) is None
-    assert codec.request_id_of({"id": True}) is None
-    assert codec.request_id_of({"id": 2**53}) is None
-    assert codec.request_id_of([5]) is None
+    assert frames.request_id_of({"id": 5, "method": 3}) == 5
+    assert frames.request_id_of({"id": "5"}) is None
+    assert frames.request_id_of({"id": True}) is None
+    assert frames.request_id_of({"id": 2**53}) is None
+    assert frames.request_id_of([5]) is None
 
 
 envelopes = st.dictionaries(
@@ -280,11 +281,11 @@ def test_the_quick_envelope_check_agrees_with_the_careful_one(frame: dict[str, A
     """parse_request's one-test path accepts exactly what the field-by-field one accepts,
     with the same result."""
     try:
-        careful: codec.Request | BadRequest = codec._parse_request_slowly(frame)
+        careful: frames.Request | BadRequest = frames._parse_request_slowly(frame)
     except BadRequest as e:
         careful = e
     try:
-        quick: codec.Request | BadRequest = parse_request(frame)
+        quick: frames.Request | BadRequest = parse_request(frame)
     except BadRequest as e:
         quick = e
     if isinstance(careful, BadRequest):
@@ -333,11 +334,11 @@ def test_a_reply_decoder_keeps_the_limits_but_not_the_duplicate_key_check() -> N
 # -- per-method schemas ------------------------------------------------------------------------
 
 
-SCHEMA = codec.schema(
-    {"name": codec.string(8, nonempty=True), "n": codec.integer(1, 10)},
-    {"ratio": (codec.number(0.0, 1.0), 0.5), "flag": (codec.boolean(), False),
-     "pick": (codec.one_of("a", "b"), "a"), "items": (codec.list_of(codec.string(4), 3), []),
-     "job": (codec.job_ref(), None)},
+SCHEMA = schema.schema(
+    {"name": schema.string(8, nonempty=True), "n": schema.integer(1, 10)},
+    {"ratio": (schema.number(0.0, 1.0), 0.5), "flag": (schema.boolean(), False),
+     "pick": (schema.one_of("a", "b"), "a"), "items": (schema.list_of(schema.string(4), 3), []),
+     "job": (schema.job_ref(), None)},
 )
 
 

@@ -28,15 +28,17 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from jobworker import PROTOCOL_VERSION, pki
-from jobworker.authz import Authorizer
-from jobworker.client import Client, connect
-from jobworker.errors import ConnectionLost
-from jobworker.follow import CHUNK_SIZE, POLL_INTERVAL, FileWatcher
-from jobworker.jobs import JobManager
-from jobworker.logs import JobLogs, LogStore
-from jobworker.messages import JobRecord
-from jobworker.server import RPCServer, RPCServerProtocol
+from jobworker.client.api import Client, connect
+from jobworker.daemon.authz import Authorizer
+from jobworker.daemon.connection import RPCServerProtocol
+from jobworker.daemon.follow import CHUNK_SIZE
+from jobworker.daemon.server import RPCServer
+from jobworker.daemon.watcher import POLL_INTERVAL, FileWatcher
+from jobworker.jobs.logs import JobLogs, LogStore
+from jobworker.jobs.manager import JobManager
 from jobworker.testing import ProcessReactor
+from jobworker.wire.errors import ConnectionLost
+from jobworker.wire.record import JobRecord
 
 # Last resort if a deadline below fails to fire; every wait has its own.
 pytestmark = pytest.mark.timeout(120, method="thread")

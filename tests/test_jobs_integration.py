@@ -15,10 +15,10 @@ from conftest import Daemon, dead, fds_but_spares, wait_for, zombie_children
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from jobworker import logpool
-from jobworker.client import Client, connect
-from jobworker.logs import spread_subdirectories
-from jobworker.messages import JobRecord
+from jobworker.client.api import Client, connect
+from jobworker.jobs import logpool
+from jobworker.jobs.logs import spread_subdirectories
+from jobworker.wire.record import JobRecord
 
 PY = sys.executable
 RECORD_FIELDS = {"id", "pid", "command", "args", "dir", "owner", "state", "exit_code",

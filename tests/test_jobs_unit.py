@@ -13,12 +13,14 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
 
-from jobworker import errors
-from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env, signal_name
-from jobworker.logs import JobLogs, LogStore, read_range, size
-from jobworker.messages import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord
-from jobworker.process import SpawnError, resolve_program
-from jobworker.testing import ProcessReactor
+from jobworker.jobs.environment import JOB_ID_VAR, daemon_base_env
+from jobworker.jobs.job import Job, signal_name
+from jobworker.jobs.logs import JobLogs, LogStore
+from jobworker.jobs.manager import JobManager
+from jobworker.jobs.programs import SpawnError, resolve_program
+from jobworker.testing import ProcessReactor, create_logs, read_range, size
+from jobworker.wire import errors
+from jobworker.wire.record import EXITED, FAILED, LOST, RUNNING, STOPPED, JobRecord
 
 T0 = 1_795_000_000.25  # a fixed instant, 2026-11-18T11:06:40.25Z
 GRACE = 5.0
@@ -616,7 +618,7 @@ def test_log_store_modes_and_names(tmp_path: Any) -> None:
     """Log root and job dirs are 0750, files 0640, whatever the umask."""
     old = os.umask(0o077)
     try:
-        logs = LogStore(str(tmp_path / "state" / "logs")).create("abc", T0)
+        logs = create_logs(LogStore(str(tmp_path / "state" / "logs")), "abc", T0)
     finally:
         os.umask(old)
     assert logs.dir == str(tmp_path / "state" / "logs" / "abc-20261118T110640.250000Z")
@@ -632,14 +634,14 @@ def test_log_store_refuses_unsafe_ids(tmp_path: Any) -> None:
     """An id that would escape the log root is refused."""
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(ValueError):
-            LogStore(str(tmp_path)).create(bad, T0)
+            create_logs(LogStore(str(tmp_path)), bad, T0)
 
 
 def test_open_for_child_appends_close_on_exec(tmp_path: Any) -> None:
     """The child's fds are append-only, write-only and close-on-exec in the parent."""
     import fcntl
 
-    logs = LogStore(str(tmp_path)).create("abc", T0)
+    logs = create_logs(LogStore(str(tmp_path)), "abc", T0)
     out, err = logs.open_for_child()
     try:
         for fd in (out, err):

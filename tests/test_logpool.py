@@ -16,11 +16,11 @@ import pytest_twisted
 from conftest import fds_but_spares, open_fd_count, until
 from twisted.internet.defer import Deferred
 
-from jobworker.jobs import JobManager
-from jobworker.logpool import BATCH, SIZE, LogDirPool
-from jobworker.logs import LogStore, current_umask
-from jobworker.messages import EXITED, FAILED, RUNNING
+from jobworker.jobs.logpool import BATCH, SIZE, LogDirPool
+from jobworker.jobs.logs import LogStore, current_umask
+from jobworker.jobs.manager import JobManager
 from jobworker.testing import ProcessReactor
+from jobworker.wire.record import EXITED, FAILED, RUNNING
 
 T0 = 1_795_000_000.25
 BUSY = 1e-3  # CPU seconds per spare the fake clock reports: above busy_cost, keep refilling

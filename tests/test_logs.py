@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from jobworker import logs
-from jobworker.logs import LogStore, spread_subdirectories
+from jobworker.jobs import placement
+from jobworker.jobs.logs import LogStore
+from jobworker.jobs.placement import SpreadWhenSlow, spread_subdirectories
+from jobworker.testing import create_open_logs
 
 
 def topdir_flag(path: Path) -> bool:
     """FS_TOPDIR_FL as the kernel reports it (``lsattr -d`` shows it as T)."""
-    assert logs._FLAGS_IOCTLS is not None
+    assert placement._FLAGS_IOCTLS is not None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         flags = array.array("i", [0])
-        fcntl.ioctl(fd, logs._FLAGS_IOCTLS[0], flags)
-        return bool(flags[0] & logs._FS_TOPDIR_FL)
+        fcntl.ioctl(fd, placement._FLAGS_IOCTLS[0], flags)
+        return bool(flags[0] & placement._FS_TOPDIR_FL)
     finally:
         os.close(fd)
 
@@ -54,7 +56,7 @@ JOB = "0c8f0a4e-3b1e-4a57-9d43-7d2b7b1b9a11"
 
 def make_job_dirs(store: LogStore, n: int, first: int = 0) -> None:
     for i in range(first, first + n):
-        _, out, err = store.create_open(f"{JOB[:-4]}{i:04d}", 1.5)
+        _, out, err = create_open_logs(store, f"{JOB[:-4]}{i:04d}", 1.5)
         os.close(out)
         os.close(err)
 
@@ -81,7 +83,7 @@ def test_slow_job_directories_mark_the_root_for_a_while(ext_dir: Path) -> None:
     store.prepare()
     make_job_dirs(store, 4)
     assert store.spreading and topdir_flag(ext_dir / "logs")
-    clock.now += LogStore.SPREAD_HOLD
+    clock.now += SpreadWhenSlow.SPREAD_HOLD
     make_job_dirs(store, 1, first=4)
     assert not store.spreading and not topdir_flag(ext_dir / "logs")
 
@@ -130,7 +132,7 @@ def test_a_file_system_without_the_flag_is_asked_once(tmp_path: Path,
         calls.append((path, on))
         return False
 
-    monkeypatch.setattr(logs, "spread_subdirectories", unsupported)
+    monkeypatch.setattr(placement, "spread_subdirectories", unsupported)
     store = LogStore(str(tmp_path / "logs"), clock=SteppingClock(0.001))
     make_job_dirs(store, 10)
     assert calls == [(store.root, True)] and not store.spreading

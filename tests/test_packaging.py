@@ -17,9 +17,9 @@ import json, sys
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "jobworker"]
-import jobworker.tap, twisted.plugins.jobworker_plugin as dropin
+import jobworker.daemon.tap, twisted.plugins.jobworker_plugin as dropin
 print(json.dumps({"count": len(makers), "module": makers[0].module if makers else None,
-                  "dropin": dropin.__file__, "tap": jobworker.tap.__file__,
+                  "dropin": dropin.__file__, "tap": jobworker.daemon.tap.__file__,
                   "path": sys.path}))
 """
 
@@ -52,7 +52,7 @@ def test_the_install_holds_the_dropin_and_no_twisted_package_init(installed: Pat
     assert (installed / "twisted" / "plugins" / "jobworker_plugin.py").is_file()
     assert not (installed / "twisted" / "__init__.py").exists()
     assert not (installed / "twisted" / "plugins" / "__init__.py").exists()
-    assert (installed / "jobworker" / "tap.py").is_file()
+    assert (installed / "jobworker" / "daemon" / "tap.py").is_file()
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_getplugins_finds_jobworker_in_the_plain_install(installed: Path,
     result = run_python("-c", PROBE, pythonpath=str(installed), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    assert found["count"] == 1 and found["module"] == "jobworker.tap"
+    assert found["count"] == 1 and found["module"] == "jobworker.daemon.tap"
     assert found["dropin"].startswith(str(installed) + os.sep)
     assert found["tap"].startswith(str(installed) + os.sep)
 

@@ -16,10 +16,13 @@ import pytest_twisted
 from conftest import dead, open_fd_count, until, zombie_children
 from twisted.internet import process as twisted_process
 
-from jobworker import process
-from jobworker.jobs import JOB_ID_VAR, Job, JobManager, daemon_base_env
-from jobworker.logs import JobLogs, LogStore, read_range, size
-from jobworker.messages import EXITED, FAILED, LOST, STOPPED, JobRecord
+from jobworker.jobs import posix_spawn, process, reaping
+from jobworker.jobs.environment import JOB_ID_VAR, daemon_base_env
+from jobworker.jobs.job import Job
+from jobworker.jobs.logs import JobLogs, LogStore
+from jobworker.jobs.manager import JobManager
+from jobworker.testing import read_range, size
+from jobworker.wire.record import EXITED, FAILED, LOST, STOPPED, JobRecord
 
 # Last resort if a Deferred timeout fails to fire; each wait below has its own deadline.
 pytestmark = pytest.mark.timeout(60, method="thread")
@@ -43,10 +46,10 @@ def manager(reactor: Any, tmp_path: Any) -> JobManager:
 def spawn_path(request: Any, monkeypatch: Any) -> str:
     """Run a test on the glibc spawn path and again on the os.posix_spawn fallback."""
     if request.param == "glibc":
-        if process._libc_spawn is None:
+        if posix_spawn._libc_spawn is None:
             pytest.skip("this libc lacks posix_spawn_file_actions_addclosefrom_np")
     else:
-        monkeypatch.setattr(process, "_libc_spawn", None)
+        monkeypatch.setattr(posix_spawn, "_libc_spawn", None)
     return str(request.param)
 
 
@@ -220,7 +223,7 @@ def test_descriptor_map_with_targets_that_are_also_sources(tmp_path: Any, spawn_
     script = (f"import os; os.write(1, b'1 '); os.write(2, b'2 '); os.write({a}, b'{a} ');"
               f" os.write({b}, b'{b} ')")
     try:
-        pid = process.posix_spawn_job(sys.executable, [sys.executable, "-c", script], {},
+        pid = posix_spawn.posix_spawn_job(sys.executable, [sys.executable, "-c", script], {},
                                       str(tmp_path), {0: process._stdin_fd(), 1: a, 2: b,
                                                       a: b, b: a})
     finally:
@@ -236,7 +239,7 @@ def test_cached_file_actions_follow_directory_and_descriptors(tmp_path: Any,
                                                                monkeypatch: Any) -> None:
     """glibc path: the file actions are built once per (directory, fd map) and reused; every
     spawn still gets its own directory and descriptors, also past the cache's capacity."""
-    spawner = process._libc_spawn
+    spawner = posix_spawn._libc_spawn
     if spawner is None:
         pytest.skip("this libc lacks posix_spawn_file_actions_addclosefrom_np")
     monkeypatch.setattr(spawner, "ACTIONS_CACHE", 2)
@@ -249,7 +252,7 @@ def test_cached_file_actions_follow_directory_and_descriptors(tmp_path: Any,
         for d in dirs:  # three keys through a cache of two: built, evicted, built again
             out = os.open(d / f"out{round_}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                pid = process.posix_spawn_job(sys.executable, [sys.executable, "-c", script],
+                pid = posix_spawn.posix_spawn_job(sys.executable, [sys.executable, "-c", script],
                                               {}, str(d), {0: process._stdin_fd(), 1: out,
                                                            2: out})
             finally:
@@ -311,7 +314,7 @@ async def test_jobs_end_with_sigchld_quiet_and_after_a_fallback(
     twisted_handler = signal.getsignal(signal.SIGCHLD)
     if twisted_handler in (signal.SIG_DFL, signal.SIG_IGN, None):
         pytest.skip("the reactor installed no SIGCHLD handler in this process")
-    signals = process.child_signals
+    signals = reaping.child_signals
     assert signals.quiet()
     try:
         assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
@@ -341,11 +344,11 @@ async def test_jobs_end_with_sigchld_quiet_and_after_a_fallback(
 def test_sigchld_stays_while_twisteds_reaper_has_children(monkeypatch: Any) -> None:
     """quiet() leaves the handler alone while Twisted's reaper still watches a child, and
     when there is no Python handler to take off."""
-    signals = process.ChildSignals()
-    monkeypatch.setitem(process._twisted_process.reapProcessHandlers, 999_999_999, object())
+    signals = reaping.ChildSignals()
+    monkeypatch.setitem(twisted_process.reapProcessHandlers, 999_999_999, object())
     monkeypatch.setattr(signal, "getsignal", lambda n: (lambda *a: None))
     assert not signals.quiet()
-    monkeypatch.delitem(process._twisted_process.reapProcessHandlers, 999_999_999)
+    monkeypatch.delitem(twisted_process.reapProcessHandlers, 999_999_999)
     monkeypatch.setattr(signal, "getsignal", lambda n: signal.SIG_DFL)
     assert not signals.quiet()
 

@@ -18,11 +18,15 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from jobworker import PROTOCOL_VERSION, codec, pki
-from jobworker.authz import Authorizer
-from jobworker.errors import ConnectionLost, FrameTooLarge, NotFound
-from jobworker.protocol import FrameProtocol, RPCClientProtocol
-from jobworker.server import Limits, RPCServer, RPCServerProtocol
+from jobworker import PROTOCOL_VERSION, pki
+from jobworker.daemon.authz import Authorizer
+from jobworker.daemon.connection import RPCServerProtocol
+from jobworker.daemon.limits import Limits
+from jobworker.daemon.server import RPCServer
+from jobworker.rpc.correlation import RPCClientProtocol
+from jobworker.rpc.framing import FrameProtocol
+from jobworker.wire import codec, frames, schema
+from jobworker.wire.errors import ConnectionLost, FrameTooLarge, NotFound
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -365,7 +369,7 @@ def test_an_oversize_request_raises_and_is_not_left_pending(client: Any) -> None
     """call() with params too big to send raises FrameTooLarge and sends nothing."""
     proto, transport = client
     with pytest.raises(FrameTooLarge):
-        proto.call("start", {"command": "x" * (codec.DEFAULT_MAX_FRAME + 1)})
+        proto.call("start", {"command": "x" * (frames.DEFAULT_MAX_FRAME + 1)})
     assert transport.value() == b""
     d = proto.call("whoami")
     proto.connectionLost(Failure(ConnectionLost()))
@@ -448,7 +452,7 @@ def test_hello_then_whoami_answers_with_the_certificate_identity(alice_cert: Any
     s = Server(alice_cert)
     [hello] = s.send(frame({"id": 1, "method": "hello", "params": {"version": 1}}))
     assert hello["id"] == 1 and hello["result"]["version"] == PROTOCOL_VERSION
-    assert hello["result"]["max_frame"] == codec.DEFAULT_MAX_FRAME
+    assert hello["result"]["max_frame"] == frames.DEFAULT_MAX_FRAME
     [me] = s.send(frame({"id": 2, "method": "whoami", "params": {}}))
     assert me == {"id": 2, "result": {"identity": "alice", "role": "user"}}
 
@@ -532,7 +536,7 @@ def test_an_oversize_frame_is_frame_too_large_then_close(alice_cert: Any) -> Non
     """A length prefix over --max-frame gets frame_too_large (no id) and a close."""
     s = Server(alice_cert)
     s.hello()
-    [reply] = s.send(struct.pack("!I", codec.DEFAULT_MAX_FRAME + 1) + b"x" * 100)
+    [reply] = s.send(struct.pack("!I", frames.DEFAULT_MAX_FRAME + 1) + b"x" * 100)
     assert reply["id"] is None and error_code(reply) == "frame_too_large"
     assert s.closed
     assert s.send(frame({"id": 5, "method": "whoami"})) == []
@@ -611,7 +615,7 @@ def test_a_request_in_flight_suspends_the_idle_timer(alice_cert: Any) -> None:
     async def slow(call: Any, params: dict[str, Any]) -> Any:
         return await blocker
 
-    s.factory.methods["slow"] = (codec.schema(), slow)
+    s.factory.methods["slow"] = (schema.schema(), slow)
     s.proto.server.authz.check_method = lambda who, method: None  # type: ignore[method-assign]
     s.send(frame({"id": 3, "method": "slow"}))
     s.reactor.advance(600)
@@ -729,7 +733,7 @@ def test_an_internal_error_is_logged_and_sent_as_internal(alice_cert: Any,
     async def buggy(call: Any, params: dict[str, Any]) -> Any:
         raise KeyError("bug")
 
-    s.factory.methods["whoami"] = (codec.schema(), buggy)
+    s.factory.methods["whoami"] = (schema.schema(), buggy)
     [reply] = s.send(frame({"id": 1, "method": "whoami"}))
     assert error_code(reply) == "internal" and "bug" not in reply["error"]["message"]
     assert len(logged_failures) == 1

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, Daemon
 
-from jobworker import batch
-from jobworker.messages import JobRecord
+from jobworker.client import batch
+from jobworker.wire.record import JobRecord
 
 # Last resort; every wait below has its own deadline.
 pytestmark = pytest.mark.timeout(120, method="thread")

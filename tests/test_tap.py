@@ -11,8 +11,8 @@ import pytest
 from conftest import BIN, PKI, wait_for
 from twisted.python import usage
 
-from jobworker import codec
-from jobworker.tap import Options
+from jobworker.daemon.tap import Options
+from jobworker.wire import frames
 
 # -- Options, parsed in-process (as twisted/runner/test/test_procmontap.py does) ---------------
 
@@ -28,7 +28,7 @@ def test_defaults() -> None:
     opts = parse("--pki", "/p")
     assert opts["listen"] == "tcp:8443:interface=127.0.0.1"
     assert opts["state-dir"] == "./jobworker-state"
-    assert opts["max-frame"] == codec.DEFAULT_MAX_FRAME
+    assert opts["max-frame"] == frames.DEFAULT_MAX_FRAME
     assert opts["max-connections"] == 1024
     assert (opts["handshake-timeout"], opts["idle-timeout"], opts["frame-timeout"]) == \
         (10.0, 300.0, 30.0)
@@ -221,3 +221,26 @@ def test_usage_errors_exit_non_zero_without_traceback(test_pki: PKI, tmp_path: P
     assert result.returncode != 0
     assert "--frame-timeout must be between" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_the_documented_connection_limits_are_the_defaults() -> None:
+    """docs/protocol.md states each connection limit's default: the one in Limits, which
+    the options and the connection protocol both use."""
+    from jobworker.daemon.limits import DEFAULTS
+
+    text = " ".join((Path(__file__).parents[1] / "docs" / "protocol.md").read_text().split())
+    for phrase in (
+        f"`--max-frame` bytes (default {DEFAULTS.max_frame:,})",
+        f"`--handshake-timeout` ({DEFAULTS.handshake_timeout:g} s)",
+        f"`--idle-timeout` ({DEFAULTS.idle_timeout:g} s)",
+        f"not complete within {DEFAULTS.frame_timeout:g} s",
+        f"`--max-connections` ({DEFAULTS.max_connections:,})",
+        f"At most {DEFAULTS.max_in_flight} requests may be in flight",
+    ):
+        assert phrase in text
+    options = Options()
+    options.parseOptions(["--pki", "unused"])
+    assert (options["max-frame"], options["max-connections"], options["handshake-timeout"],
+            options["idle-timeout"], options["frame-timeout"]) == (
+        DEFAULTS.max_frame, DEFAULTS.max_connections, DEFAULTS.handshake_timeout,
+        DEFAULTS.idle_timeout, DEFAULTS.frame_timeout)

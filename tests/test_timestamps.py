@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from jobworker.logs import stamp
-from jobworker.messages import UTCStamp, iso8601
+from jobworker.jobs.logs import stamp
+from jobworker.wire.timestamps import UTCStamp, iso8601
 
 # From before the cache: the formulas the output must keep matching.
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"

@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from jobworker import PROTOCOL_VERSION, pki
-from jobworker.client import ClientConfig, ClientError, connect
+from jobworker.client.api import ClientConfig, ClientError, connect
 
 HELLO = {"id": 1, "method": "hello", "params": {"version": PROTOCOL_VERSION}}
 
@@ -180,7 +180,7 @@ async def test_the_client_connects_and_says_hello(daemon: Daemon) -> None:
     try:
         assert client.server_info["version"] == PROTOCOL_VERSION
         assert await client.call("whoami") == {"identity": "alice", "role": "user"}
-        # Its TLS records leave at once (jobworker.writethrough), not a reactor turn later.
+        # Its TLS records leave at once (jobworker.rpc.writethrough), not a reactor turn later.
         tcp = client.protocol.transport.transport
         assert "write" in vars(tcp), "the client's socket writes are not write-through"
     finally:
@@ -192,7 +192,7 @@ async def test_the_client_refuses_a_server_named_for_another_host(
         make_daemon: Any, test_pki: PKI, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A server certificate for other.example only, dialled as 127.0.0.1: ClientError naming the mismatch."""
-    monkeypatch.setattr(pki, "DEFAULT_SERVER_HOSTS", ())  # no localhost/127.0.0.1 SANs
+    monkeypatch.setattr(pki.certs, "DEFAULT_SERVER_HOSTS", ())  # no localhost/127.0.0.1 SANs
     key, cert = pki.make_server_cert(test_pki.ca_key, test_pki.ca_cert, ["other.example"])
     pki.write_key(tmp_path / "other.key", key)
     pki.write_cert(tmp_path / "other.pem", cert)

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import abstract, main
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from jobworker.writethrough import write_through
+from jobworker.rpc.writethrough import write_through
 
 
 class SocketTransport(abstract.FileDescriptor):

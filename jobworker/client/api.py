@@ -1,0 +1,171 @@
+"""Client side of the RPC: connect with mutual TLS, say hello, call methods.
+
+Shared by ``jwclient``, the tests and the benchmarks; takes the reactor as a parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, DNSLookupError
+
+from jobworker.rpc.correlation import RPCClientProtocol
+from jobworker.rpc.tls import ClientTLS
+from jobworker.rpc.transport import ClientTLSEndpoint
+from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.hello import hello_params
+from jobworker.wire.record import JobRecord
+
+DEFAULT_SERVER = "127.0.0.1:8443"
+
+
+class ClientError(Exception):
+    """Anything that keeps the client from getting an answer, with a one-line message."""
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare host (port 8443)."""
+    host, port = server, "8443"
+    if server.startswith("["):
+        end = server.find("]")
+        if end < 0:
+            raise ClientError(f"bad server address {server!r}")
+        host, rest = server[1:end], server[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ClientError(f"bad server address {server!r}")
+            port = rest[1:]
+    elif server.count(":") == 1:
+        host, port = server.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"bad server address {server!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str
+    ca: str
+    cert: str
+    key: str
+
+    @classmethod
+    def from_pki(cls, server: str, pki: str, identity: str) -> ClientConfig:
+        return cls(server, os.path.join(pki, "ca.pem"), os.path.join(pki, f"{identity}.pem"),
+                   os.path.join(pki, f"{identity}.key"))
+
+
+class Client:
+    """A connected, hello'd session with the daemon."""
+
+    def __init__(self, protocol: RPCClientProtocol, server_info: dict[str, Any]) -> None:
+        self.protocol = protocol
+        self.server_info = server_info
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_chunk: Callable[[Any], None] | None = None) -> Deferred[Any]:
+        return self.protocol.call(method, params, on_chunk)
+
+    async def start(self, command: str, args: list[str] | None = None,
+                    env: list[str] | None = None, dir: str | None = None,
+                    timeout: float | None = None) -> JobRecord:
+        params: dict[str, Any] = {"command": command, "args": args or []}
+        if env:
+            params["env"] = env
+        if dir is not None:
+            params["dir"] = dir
+        if timeout is not None:
+            params["timeout"] = timeout
+        return JobRecord.from_wire(await self.call("start", params))
+
+    async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:
+        params = {"job": job, **{k: v for k, v in extra.items() if v is not None}}
+        return JobRecord.from_wire(await self.call(method, params))
+
+    async def list(self, running: bool = False) -> list[JobRecord]:
+        records: list[JobRecord] = []
+        await self.call("list", {"running": running},
+                        lambda batch: records.extend(JobRecord.from_wire(r) for r in batch))
+        return records
+
+    async def logs(self, job: str | int, sink: Callable[[bytes], None], stream: str = "stdout",
+                   offset: int = 0, follow: bool = False) -> dict[str, Any]:
+        def on_chunk(chunk: Any) -> None:
+            if not isinstance(chunk, bytes):
+                raise ConnectionLost("server sent a log chunk that is not bytes")
+            sink(chunk)
+
+        return await self.call("logs", {"job": job, "stream": stream, "offset": offset,
+                                        "follow": follow}, on_chunk)
+
+    def close(self) -> None:
+        self.protocol.transport.loseConnection()
+
+
+async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> Client:
+    """Connect, complete the TLS handshake and the protocol hello."""
+    host, port = parse_server(config.server)
+    try:
+        tls = ClientTLS(config.ca, config.cert, config.key, host)
+    except Exception as e:
+        raise ClientError(str(e)) from None
+    endpoint = ClientTLSEndpoint(
+        tls, endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout))
+    protocol = RPCClientProtocol()
+    try:
+        await endpoints.connectProtocol(endpoint, protocol)
+    except (ConnectError, DNSLookupError) as e:
+        raise ClientError(f"cannot connect to {config.server}: {_reason(e)}") from None
+    except ValueError as e:  # HostnameEndpoint: "invalid hostname"
+        raise ClientError(f"bad server address {config.server!r}: {e}") from None
+    hello = protocol.call("hello", hello_params())
+    hello.addTimeout(timeout, reactor)
+    try:
+        info = await hello
+    except ConnectionLost as e:
+        raise ClientError(f"{config.server}: TLS handshake or hello failed "
+                          f"({_handshake_reason(e.message)})") from None
+    except JobWorkerError as e:
+        protocol.transport.loseConnection()
+        raise ClientError(f"{config.server}: {e.message}") from None
+    except Exception as e:  # timeout
+        protocol.transport.abortConnection()
+        raise ClientError(f"{config.server}: no answer within {timeout:g}s "
+                          f"({type(e).__name__})") from None
+    return Client(protocol, info)
+
+
+def _reason(e: Exception) -> str:
+    os_error = getattr(e, "osError", None)
+    if isinstance(os_error, int):  # Twisted's TCP client gives the bare errno
+        text = os.strerror(os_error)
+    else:
+        text = str(os_error) if os_error else str(e)
+    return text.strip().rstrip(".") or type(e).__name__
+
+
+def _handshake_reason(message: str) -> str:
+    """Turn OpenSSL's error tuples into a short human reason."""
+    lowered = message.lower()
+    for needle, text in (
+        ("does not match", message.replace("connection lost: ", "")),
+        ("lacks the", message.replace("connection lost: ", "")),
+        ("no extended key usage", message.replace("connection lost: ", "")),
+        ("ca certificate", message.replace("connection lost: ", "")),
+        ("certificate verify failed", "server certificate verify failed"),
+        ("certificate required", "server requires a client certificate"),
+        ("unknown ca", "server does not trust our certificate (unknown CA)"),
+        ("certificate expired", "server refused our certificate: expired"),
+        ("certificate revoked", "server refused our certificate: revoked"),
+        ("bad certificate", "server refused our certificate"),
+        ("unsupported certificate", "server refused our certificate (unsupported purpose)"),
+        ("protocol version", "TLS version mismatch (TLS 1.3 required)"),
+    ):
+        if needle in lowered:
+            return text
+    return message.replace("connection lost: ", "")

@@ -1,0 +1,160 @@
+"""``jwclient``: schedule jobs on a jobworker daemon and fetch their results and logs.
+
+Imports stay lean until a command runs: ``jwclient status`` is mostly interpreter
+start-up and Twisted import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+USAGE_EXIT = 2
+#: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).
+OWN_ERROR_EXIT = 125
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, as every jwclient error is."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"jwclient: {message} (see {self.prog} --help)\n")
+        raise SystemExit(USAGE_EXIT)
+
+
+def _duration(text: str) -> float:
+    """``30``, ``30s``, ``5m``, ``1h``, ``250ms``."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}") from None
+    if not 0 < value < 10**8:
+        raise argparse.ArgumentTypeError(f"duration {text!r} out of range")
+    return value
+
+
+def _job_ref(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def _env_entry(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
+    return text
+
+
+def _add_start_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", "-e", action="append", type=_env_entry, default=[],
+                   metavar="K=V", help="set a variable in the job's environment (repeatable)")
+    p.add_argument("--dir", "-C", help="working directory of the job (default: the daemon's)")
+    p.add_argument("--timeout", type=_duration, help="stop the job after this long (30s, 5m)")
+    p.add_argument("program", help="program path, or a name looked up in the job's PATH")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = _Parser(prog="jwclient", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--server", default=env("JWCLIENT_SERVER", "127.0.0.1:8443"),
+                        help="HOST:PORT of the daemon [$JWCLIENT_SERVER, 127.0.0.1:8443]")
+    parser.add_argument("--ca", default=env("JWCLIENT_CA"), help="CA file [$JWCLIENT_CA]")
+    parser.add_argument("--cert", default=env("JWCLIENT_CERT"),
+                        help="client certificate [$JWCLIENT_CERT]")
+    parser.add_argument("--key", default=env("JWCLIENT_KEY"), help="client key [$JWCLIENT_KEY]")
+    parser.add_argument("--pki", default=env("JWCLIENT_PKI"),
+                        help="directory with ca.pem, NAME.pem, NAME.key [$JWCLIENT_PKI]")
+    parser.add_argument("--identity", default=env("JWCLIENT_IDENTITY"),
+                        help="NAME within --pki [$JWCLIENT_IDENTITY]")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--connect-timeout", type=_duration, default=10.0,
+                        help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    sub.add_parser("whoami", help="print the identity and role the server sees")
+
+    p = sub.add_parser("start", help="start a job and print its id",
+                       description="Start PROGRAM (never through a shell) and print the new "
+                                   "job's id alone on one line.")
+    _add_start_options(p)
+
+    p = sub.add_parser("stop", help="stop a job (SIGTERM, then SIGKILL after a grace)")
+    p.add_argument("job", type=_job_ref, help="job id or pid")
+    p.add_argument("--grace", type=_duration, help="seconds between SIGTERM and SIGKILL")
+
+    p = sub.add_parser("status", help="show one job, by id or pid")
+    p.add_argument("job", type=_job_ref)
+
+    p = sub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--running", action="store_true", help="only running jobs")
+
+    p = sub.add_parser("logs", help="write a job's output to stdout, byte-exact")
+    p.add_argument("job", type=_job_ref)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stderr", action="store_true", help="the job's stderr instead")
+    which.add_argument("--both", action="store_true",
+                       help="stdout to stdout and stderr to stderr")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    p.add_argument("--offset", type=int, default=0, help="start at this byte")
+
+    p = sub.add_parser("wait", help="wait for a job to end; exit with its status",
+                       description="Wait for the job to end and exit with its status: the "
+                                   "exit code, 128+N if killed by signal N, 125 on errors.")
+    p.add_argument("job", type=_job_ref)
+
+    p = sub.add_parser("run", help="start a job, stream its output, exit with its status",
+                       description="Start PROGRAM, stream its stdout and stderr here, and "
+                                   "exit with its status. Ctrl-C stops the job.")
+    _add_start_options(p)
+
+    p = sub.add_parser("submit", help="start a batch of jobs from a TOML file")
+    p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")
+    p.add_argument("--wait", action="store_true", help="show progress until all have ended")
+    return parser
+
+
+def _credentials(args: argparse.Namespace) -> tuple[str, str, str]:
+    ca, cert, key = args.ca, args.cert, args.key
+    if args.pki:
+        if not args.identity and not (cert and key):
+            raise UsageError("--pki needs --identity NAME")
+        ca = ca or os.path.join(args.pki, "ca.pem")
+        if args.identity:
+            cert = cert or os.path.join(args.pki, f"{args.identity}.pem")
+            key = key or os.path.join(args.pki, f"{args.identity}.key")
+    missing = [n for n, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if not v]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} required (or --pki DIR --identity NAME)")
+    return ca, cert, key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("start", "run") and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
+    try:
+        creds = _credentials(args)
+    except UsageError as e:
+        sys.stderr.write(f"jwclient: {e}\n")
+        return USAGE_EXIT
+    from jobworker.client import commands  # Twisted is imported only from here on
+
+    return commands.run(args, creds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

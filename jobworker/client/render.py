@@ -1,0 +1,108 @@
+"""Human output for jwclient: aligned tables with relative times and durations.
+
+``--json`` bypasses all of this; scripts never parse these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from jobworker.wire.record import FAILED, LOST, RUNNING, STOPPED, JobRecord
+
+
+def parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def ago(then: float | None, now: float) -> str:
+    if then is None:
+        return "-"
+    delta = max(0.0, now - then)
+    return "just now" if delta < 1 else f"{duration(delta)} ago"
+
+
+def runtime(record: JobRecord, now: float) -> str:
+    start = parse_time(record.started_at)
+    end = parse_time(record.ended_at) if record.ended_at else now
+    if start is None or end is None:
+        return "-"
+    return duration(max(0.0, end - start))
+
+
+def outcome(record: JobRecord) -> str:
+    """``exited 0``, ``killed by SIGKILL``, ``stopped (SIGTERM)``, ``failed: why``,
+    ``lost: why``."""
+    if record.state == RUNNING:
+        return "running"
+    if record.state == FAILED:
+        return f"failed: {record.error}"
+    if record.state == LOST:
+        return f"lost: {record.error}" if record.error else "lost"
+    how = (f"code {record.exit_code}" if record.exit_code is not None
+           else f"{record.signal}" if record.signal else "?")
+    extra = ", timed out" if record.timed_out else ""
+    if record.state == STOPPED:
+        return f"stopped ({how}{extra})"
+    if record.signal:
+        return f"killed by {record.signal}{extra}"
+    return f"exited {record.exit_code}{extra}"
+
+
+def _command_line(record: JobRecord, width: int | None) -> str:
+    text = " ".join([record.command, *record.args])
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+def record(r: JobRecord, now: float, tty: bool) -> str:
+    rows = [
+        ("id", r.id),
+        ("state", outcome(r)),
+        ("command", _command_line(r, None)),
+        ("pid", str(r.pid) if r.pid is not None else "-"),
+        ("owner", r.owner),
+        ("dir", r.dir),
+        ("started", f"{r.started_at} ({ago(parse_time(r.started_at), now)})"),
+        ("ended", f"{r.ended_at} ({ago(parse_time(r.ended_at), now)})" if r.ended_at else "-"),
+        ("runtime", runtime(r, now)),
+        ("logs", r.log_dir),
+    ]
+    if r.timeout is not None:
+        rows.append(("timeout", duration(r.timeout)))
+    width = max(len(k) for k, _ in rows) + 1
+    return "".join(f"{k + ':':<{width}} {v}\n" for k, v in rows)
+
+
+def table(records: list[JobRecord], now: float, tty: bool) -> str:
+    header = ("ID", "PID", "STATE", "OWNER", "STARTED", "RUNTIME", "COMMAND")
+    rows = [(r.id, str(r.pid) if r.pid is not None else "-", outcome(r), r.owner,
+             ago(parse_time(r.started_at), now), runtime(r, now),
+             _command_line(r, 60 if tty else None)) for r in records]
+    if not rows:
+        return "no jobs\n" if tty else ""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,27 @@
+"""Per-connection protections: the one home of their defaults, used by the connection
+protocol and by ``twistd jobworker``'s options alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobworker.wire.frames import DEFAULT_MAX_FRAME
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection protections; all times in seconds."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    #: Time allowed to finish a frame once its first byte arrived, so a client
+    #: dripping bytes cannot hold a connection open while requests are in flight.
+    frame_timeout: float = 30.0
+    max_connections: int = 1024
+    #: Requests one connection may have in flight at once.
+    max_in_flight: int = 256
+
+
+#: The defaults, for option parsers and documentation.
+DEFAULTS = Limits()

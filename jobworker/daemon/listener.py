@@ -1,0 +1,64 @@
+"""Accepting connections: the listening service, and the cap on connections that refuses
+the excess before any TLS work is spent on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.protocols import policies
+from twisted.python.failure import Failure
+
+from jobworker.daemon.startup import fail
+
+
+class Listener(service.Service):
+    """Listens on the endpoint and logs where; failing to listen fails startup."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._description = description
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:  # an endpoint that listens asynchronously
+            fail(f"cannot listen on {self._description}: endpoint did not listen at once")
+        if isinstance(outcome[0], Failure):
+            fail(f"cannot listen on {self._description}: {outcome[0].getErrorMessage()}")
+        self._port = outcome[0]
+        host = self._port.getHost()
+        self.log.info("jobworker.listening host={host} port={port}",
+                      host=getattr(host, "host", None) or getattr(host, "name", None),
+                      port=getattr(host, "port", None))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+class ConnectionCap(policies.WrappingFactory):
+    """Refuses connections beyond a cap before any TLS work is spent on them."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, wrapped: Any, cap: int) -> None:
+        super().__init__(wrapped)
+        self.cap = cap
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.cap:
+            self.log.warn("connection.refused reason=cap cap={cap} peer={addr}",
+                          cap=self.cap, addr=str(addr))
+            return None
+        return super().buildProtocol(addr)

@@ -1,0 +1,127 @@
+"""One handler per RPC method, each with its parameter schema.
+
+Handlers receive parameters already validated by their schema
+(``jobworker.wire.params``) and the caller already allowed to call the method; per-job
+visibility is checked through ``JobAccess.visible_job``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from jobworker.daemon.access import JobAccess
+from jobworker.daemon.call import Call
+from jobworker.daemon.follow import LogStream
+from jobworker.daemon.limits import Limits
+from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.logs import JobLogs
+from jobworker.wire.codec import Encoded, array_head
+from jobworker.wire.errors import Unavailable
+from jobworker.wire.hello import check_version, hello_result
+from jobworker.wire.params import SCHEMAS
+from jobworker.wire.record import FAILED
+from jobworker.wire.schema import Schema
+
+#: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
+Handler = Callable[[Call, dict[str, Any]], Any]
+#: Method name -> its parameter schema and its handler.
+Table = dict[str, tuple[Schema, Handler]]
+
+#: Most records, and most encoded bytes of them, in one chunk frame of a ``list`` reply.
+#: The bytes bound matters: a record can be ~64 KiB (a start request's arguments), and 500
+#: of those would make a frame over the client's 1 MiB limit.
+LIST_BATCH = 500
+LIST_BATCH_BYTES = 256 * 1024
+
+
+class Methods:
+    """One handler per method."""
+
+    def __init__(self, access: JobAccess, limits: Limits,
+                 follower: FileWatcher | None) -> None:
+        self.access = access
+        self.jobs = access.jobs
+        self.authz = access.authz
+        self.audit = access.audit
+        self.limits = limits
+        self.follower = follower
+
+    def hello(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        check_version(p["version"])
+        return hello_result(self.limits.max_frame)
+
+    def whoami(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        return {"identity": call.who.name, "role": call.who.role}
+
+    def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.jobs.start(owner=call.who.name, command=p["command"],
+                                     args=p["args"], env=p["env"], dir=p["dir"],
+                                     timeout=p["timeout"])
+        record = job.wire()
+        if self.audit is not None:
+            self.audit.record(
+                identity=call.who.name, role=call.who.role, method="start",
+                job_id=record["id"], outcome="failed" if record["state"] == FAILED else "started",
+                command=record["command"], args=record["args"], pid=record["pid"],
+                error=record["error"])
+        return record
+
+    async def stop(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.access.visible_job(call, p["job"])
+        if self.audit is not None:
+            self.audit.record(identity=call.who.name, role=call.who.role,
+                                     method="stop", job_id=job.id, outcome="requested",
+                                     state=job.record().state)
+        record = await self.jobs.stop(job, p["grace"])
+        return record.to_wire()
+
+    def status(self, call: Call, p: dict[str, Any]) -> Encoded:
+        return self.access.visible_job(call, p["job"]).packed()
+
+    async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.access.visible_job(call, p["job"])
+        record = await job.when_ended()
+        return record.to_wire()
+
+    def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Streams records newest first in batches; the final reply holds the count."""
+        records: list[bytes] = [job.packed() for job in self.jobs.jobs(
+            running_only=p["running"]) if self.authz.can_see(call.who, job.owner)]
+        for batch in _chunks(records):
+            call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
+        return {"count": len(records)}
+
+    async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.access.visible_job(call, p["job"])
+        path = JobLogs(job.log_dir).path(p["stream"])
+        if self.follower is None and p["follow"]:
+            raise Unavailable("this daemon cannot follow logs")
+        stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
+        offset = await stream.start()
+        return {"offset": offset, "record": job.wire()}
+
+
+def _chunks(records: list[bytes]) -> Iterator[list[bytes]]:
+    """Encoded records in runs of at most LIST_BATCH of them and LIST_BATCH_BYTES (a run
+    is never empty: one record over the bytes bound still goes, alone)."""
+    batch: list[bytes] = []
+    size = 0
+    for record in records:
+        if batch and (len(batch) == LIST_BATCH or size + len(record) > LIST_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(record)
+        size += len(record)
+    if batch:
+        yield batch
+
+
+def table(access: JobAccess, limits: Limits, follower: FileWatcher | None) -> Table:
+    """The dispatch table: each method's schema and its handler."""
+    m = Methods(access, limits, follower)
+    handlers: dict[str, Handler] = {
+        "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
+        "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,
+    }
+    return {name: (SCHEMAS[name], handler) for name, handler in handlers.items()}

@@ -1,0 +1,49 @@
+"""SIGHUP: re-read the policy file and the CRLs without a restart."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from jobworker.daemon.authz import Authorizer, Policy, PolicyError
+from jobworker.rpc.tls import ServerTLS, TLSConfigError
+
+
+class ReloadOnHangup(service.Service):
+    """SIGHUP re-reads the policy file and the CRLs; a bad file keeps the old one."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, tls: ServerTLS, authz: Authorizer,
+                 policy_path: str | None) -> None:
+        self._reactor = reactor
+        self._tls = tls
+        self._authz = authz
+        self._policy_path = policy_path
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def stopService(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+    def reload(self) -> None:
+        if self._policy_path:
+            try:
+                self._authz.policy = Policy.load(self._policy_path)
+                self.log.info("reload.policy path={path}", path=self._policy_path)
+            except PolicyError as e:
+                self.log.error("reload.policy_failed reason={reason}", reason=str(e))
+        try:
+            self._tls.reload_crls()
+            self.log.info("reload.tls")
+        except TLSConfigError as e:
+            self.log.error("reload.tls_failed reason={reason}", reason=str(e))

@@ -1,0 +1,64 @@
+"""The daemon's RPC server: builds a protocol per connection and dispatches each request
+to its method's handler through the one table of schemas and handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from jobworker.daemon.access import JobAccess
+from jobworker.daemon.audit import AuditLog
+from jobworker.daemon.authz import Authorizer
+from jobworker.daemon.call import Call
+from jobworker.daemon.connection import RPCServerProtocol
+from jobworker.daemon.limits import Limits
+from jobworker.daemon.methods import Table, table
+from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.manager import JobManager
+from jobworker.wire.errors import Forbidden, UnknownMethod
+
+
+class RPCServer(Factory):
+    """Holds what the methods need and the dispatch table: one handler per method."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, reactor: Any, jobs: JobManager, authz: Authorizer,
+                 audit: AuditLog | None = None, limits: Limits = Limits(),
+                 follower: FileWatcher | None = None) -> None:
+        self.reactor = reactor
+        self.jobs = jobs
+        self.authz = authz
+        self.audit = audit
+        self.limits = limits
+        self.follower = follower
+        self.connections: set[RPCServerProtocol] = set()
+        self.access = JobAccess(jobs, authz, audit)
+        self.methods: Table = table(self.access, limits, follower)
+
+    def buildProtocol(self, addr: Any) -> RPCServerProtocol | None:
+        proto = RPCServerProtocol(self, self.limits)
+        proto.factory = self
+        self.connections.add(proto)
+        return proto
+
+    def connection_closed(self, proto: RPCServerProtocol) -> None:
+        self.connections.discard(proto)
+
+    def dispatch(self, call: Call, params: dict[str, Any]) -> Any:
+        """Validate, authorize and run one request: its result, or a coroutine to await
+        for methods that wait."""
+        entry = self.methods.get(call.method)
+        if entry is None:
+            raise UnknownMethod(f"unknown method {call.method!r}")
+        method_schema, handler = entry
+        checked = method_schema.validate(params)
+        try:
+            self.authz.check_method(call.who, call.method)
+        except Forbidden as e:
+            self.access.audit_refusal(call, e, checked)
+            raise
+        return handler(call, checked)

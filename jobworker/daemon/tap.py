@@ -1,0 +1,128 @@
+"""``twistd jobworker``: command-line options and the service tree.
+
+This and ``jobworker.client.cli`` are the only places that pick the real reactor, files
+and ports.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from jobworker.daemon.audit import AuditLog
+from jobworker.daemon.authz import Authorizer, Policy, PolicyError
+from jobworker.daemon.limits import DEFAULTS, Limits
+from jobworker.daemon.listener import ConnectionCap, Listener
+from jobworker.daemon.reload import ReloadOnHangup
+from jobworker.daemon.server import RPCServer
+from jobworker.daemon.startup import fail
+from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.logpool import LogDirPool
+from jobworker.jobs.logs import LogStore
+from jobworker.jobs.manager import JobManager
+from jobworker.jobs.reaping import QuietChildSignals
+from jobworker.rpc.tls import ServerTLS, TLSConfigError
+from jobworker.rpc.transport import ServerTLSFactory
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the jobworker daemon: a mutual-TLS 1.3 RPC service that starts, "
+                "stops and reports on Linux processes for authenticated clients.")
+
+    optParameters = [
+        ["listen", "l", "tcp:8443:interface=127.0.0.1",
+         "Twisted endpoint description to listen on (TLS is added on top)."],
+        ["pki", None, None, "Directory holding ca.pem, server.pem and server.key."],
+        ["ca", None, None, "PEM file of the CA(s) that sign client certificates."],
+        ["cert", None, None, "PEM file of the server certificate (then any intermediates)."],
+        ["key", None, None, "PEM file of the server's private key."],
+        ["state-dir", None, "./jobworker-state", "Directory for job logs and the audit log."],
+        ["max-frame", None, DEFAULTS.max_frame, "Largest request frame in bytes.", int],
+        ["max-connections", None, DEFAULTS.max_connections,
+         "Most concurrent client connections.", int],
+        ["handshake-timeout", None, DEFAULTS.handshake_timeout,
+         "Seconds allowed for the TLS handshake.", float],
+        ["idle-timeout", None, DEFAULTS.idle_timeout,
+         "Seconds a connection may stay idle (no request in flight, no complete frame).",
+         float],
+        ["frame-timeout", None, DEFAULTS.frame_timeout,
+         "Seconds allowed to finish a frame once its first byte arrived.", float],
+        ["grace", None, 5.0, "Default seconds between SIGTERM and SIGKILL on stop.", float],
+        ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["crl"] = []
+
+    def opt_crl(self, path: str) -> None:
+        """PEM file of CRLs (one per issuing CA); may be given more than once."""
+        self["crl"].append(path)
+
+    def postOptions(self) -> None:
+        if self["pki"]:
+            for name, file in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key")):
+                if not self[name]:
+                    self[name] = os.path.join(self["pki"], file)
+        missing = [f"--{n}" for n in ("ca", "cert", "key") if not self[n]]
+        if missing:
+            raise usage.UsageError(f"{', '.join(missing)} required (or --pki DIR)")
+        if not 1024 <= self["max-frame"] <= 16 * 1024 * 1024:
+            raise usage.UsageError("--max-frame must be from 1024 to 16777216 bytes")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        for name in ("handshake-timeout", "idle-timeout", "frame-timeout", "grace"):
+            if not 0 < self[name] <= 86400:
+                raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
+        if self["listen"].split(":", 1)[0] == "ssl":
+            raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
+                                   "jobworker adds TLS itself")
+
+
+def makeService(config: Options) -> service.MultiService:
+    from twisted.internet import reactor  # the one twistd installed
+
+    try:
+        tls = ServerTLS(config["ca"], config["cert"], config["key"], config["crl"])
+    except TLSConfigError as e:
+        fail(str(e))
+    try:
+        policy = Policy.load(config["policy"]) if config["policy"] else Policy()
+    except PolicyError as e:
+        fail(str(e))
+    state_dir = os.path.abspath(config["state-dir"])
+    try:
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
+        logs = LogStore(os.path.join(state_dir, "logs"))
+    except OSError as e:
+        fail(f"cannot use state directory {state_dir}: {e.strerror}")
+    try:
+        endpoint = endpoints.serverFromString(reactor, config["listen"])
+    except (ValueError, TypeError, KeyError) as e:
+        fail(f"bad --listen {config['listen']!r}: {e}")
+
+    limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
+                    handshake_timeout=config["handshake-timeout"],
+                    idle_timeout=config["idle-timeout"],
+                    frame_timeout=config["frame-timeout"])
+    authz = Authorizer(policy)
+    spare_logs = LogDirPool(reactor, logs)
+    jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs)
+    rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
+    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), limits.max_connections)
+
+    top = service.MultiService()
+    # Spare log directories first, jobs second, listener third: on shutdown the listener
+    # stops accepting before running jobs are stopped, and the spares go once no job can
+    # start (MultiService stops children in reverse order).
+    spare_logs.setServiceParent(top)
+    QuietChildSignals(reactor).setServiceParent(top)
+    jobs.setServiceParent(top)
+    Listener(endpoint, factory, config["listen"]).setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)
+    return top

@@ -1,0 +1,7 @@
+"""``python -m jobworker.pki``: the same command as ``jobworker-certs``."""
+
+import sys
+
+from jobworker.pki.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The job record: its states, and its fields as one list from which every form is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any
+
+# Job states.  ``lost``: the daemon can no longer account for the job's end (its exit
+# status was taken elsewhere; later, a job a restarted daemon cannot re-adopt).
+RUNNING = "running"
+EXITED = "exited"
+STOPPED = "stopped"
+FAILED = "failed"
+LOST = "lost"
+STATES = (RUNNING, EXITED, STOPPED, FAILED, LOST)
+ENDED_STATES = (EXITED, STOPPED, FAILED, LOST)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as clients see it; ``to_wire`` is exactly what ``jwclient --json`` prints."""
+
+    id: str
+    pid: int | None
+    command: str
+    args: list[str]
+    dir: str
+    owner: str
+    state: str
+    exit_code: int | None
+    signal: str | None
+    error: str | None
+    started_at: str
+    ended_at: str | None
+    log_dir: str
+    timed_out: bool = False
+    timeout: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire_map(self)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> JobRecord:
+        """Build from a decoded map, ignoring fields a newer daemon may add."""
+        if not isinstance(value, dict):
+            raise ValueError("job record must be a map")
+        return cls(**{k: v for k, v in value.items() if k in _FIELD_SET})
+
+    @classmethod
+    def of(cls, source: Any) -> JobRecord:
+        """The record of anything with an attribute for each field (a live job)."""
+        return cls(*_values(source))
+
+    def exit_status(self) -> int:
+        """The shell-style status: exit code, or 128+N when killed by signal N."""
+        import signal as _signal
+
+        if self.exit_code is not None:
+            return self.exit_code
+        if self.signal:
+            try:
+                return 128 + int(_signal.Signals[self.signal])
+            except KeyError:
+                return 128
+        return 1
+
+
+#: The record's fields in order: the one list every form of a record is built from.
+FIELDS = tuple(f.name for f in fields(JobRecord))
+_FIELD_SET = frozenset(FIELDS)
+# One C call takes every field off an object (a JobRecord, or a live Job whose attributes
+# carry the same names): not dataclasses.asdict, which deep-copies and costs ~15 us.
+_values = attrgetter(*FIELDS)
+
+
+def wire_map(source: Any) -> dict[str, Any]:
+    """The record of ``source`` (a JobRecord, or a live job with an attribute for each
+    field) as the map a client receives and ``jwclient --json`` prints."""
+    record = dict(zip(FIELDS, _values(source), strict=True))
+    record["args"] = list(record["args"])
+    return record

@@ -36,11 +36,11 @@ run: $(STAMP) $(PKI)/ca.pem
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-RUFF_RULES := --isolated --line-length 100 --select E4,E7,E9,F,W,I,B,UP --ignore B008
-
+# ruff's settings are in pyproject.toml, import-linter's contracts (the layers) in setup.cfg.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check $(RUFF_RULES) jobworker tests bench twisted
+	$(VENV)/bin/ruff check jobworker tests bench twisted
 	$(VENV)/bin/mypy jobworker
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,lint,bench]'

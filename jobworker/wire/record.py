@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any
@@ -78,9 +79,18 @@ _FIELD_SET = frozenset(FIELDS)
 _values = attrgetter(*FIELDS)
 
 
-def wire_map(source: Any) -> dict[str, Any]:
-    """The record of ``source`` (a JobRecord, or a live job with an attribute for each
-    field) as the map a client receives and ``jwclient --json`` prints."""
-    record = dict(zip(FIELDS, _values(source), strict=True))
-    record["args"] = list(record["args"])
-    return record
+def _wire_map_from_fields() -> Callable[[Any], dict[str, Any]]:
+    """``wire_map``, written out from FIELDS once at import, as dataclasses writes its
+    ``__init__``: a dict display of the fields costs a third of ``dict(zip(...))`` (0.7
+    against 2.0 us), and every start and followed log reply builds one."""
+    items = ", ".join(f"{name!r}: list(source.args)" if name == "args"
+                      else f"{name!r}: source.{name}" for name in FIELDS)
+    namespace: dict[str, Any] = {}
+    exec(f"def wire_map(source):\n    return {{{items}}}\n", namespace)  # noqa: S102
+    built: Callable[[Any], dict[str, Any]] = namespace["wire_map"]
+    built.__doc__ = """The record of ``source`` (a JobRecord, or a live job with an attribute
+    for each field) as the map a client receives and ``jwclient --json`` prints."""
+    return built
+
+
+wire_map = _wire_map_from_fields()

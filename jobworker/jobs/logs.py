@@ -128,7 +128,7 @@ class LogStore:
         return self._umask_cache
 
     def dir_for(self, job_id: str, started: float) -> str:
-        """The directory ``create`` makes for this job (absolute)."""
+        """The directory ``create_at`` makes for this job (absolute)."""
         if not job_id or "/" in job_id or job_id.startswith(".") or "\0" in job_id:
             raise ValueError(f"unsafe job id for a path: {job_id!r}")
         return os.path.join(self.root, f"{job_id}-{stamp(started)}")

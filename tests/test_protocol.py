@@ -256,12 +256,15 @@ def test_the_linearity_measure_catches_a_quadratic_receiver() -> None:
     assert reassembly_ratio(Int32StringReceiver, runs=1) > 5
 
 
-def test_a_1mib_frame_in_pieces_costs_under_20_times_feeding_it_whole() -> None:
-    """The 64-byte split of a 1 MiB frame costs under 20x the CPU time of one dataReceived."""
+def test_a_1mib_frame_in_pieces_costs_under_40_times_feeding_it_whole() -> None:
+    """The 64-byte split of a 1 MiB frame costs under 40x the CPU time of one dataReceived
+    (16,384 calls against one; a receiver that copies its buffer per piece costs thousands
+    of times more).  On this 2-vCPU VM the ratio ranged 9.5-23.6 over 60 trials, on the
+    code before the layered layout as on the code after, so 20 was too tight a bound."""
     big = raw_frame(bytes(MIB))
     split = [big[i:i + PIECE] for i in range(0, len(big), PIECE)]
     # The whole frame is measured as many times as there are runs, to get above timer noise.
-    assert _feed_cpu_time(FrameProtocol, split) < 20 * _feed_cpu_time(FrameProtocol, [big] * 8)
+    assert _feed_cpu_time(FrameProtocol, split) < 40 * _feed_cpu_time(FrameProtocol, [big] * 8)
 
 
 # -- RPCClientProtocol: correlation ------------------------------------------------------------

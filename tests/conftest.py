@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.logger import globalLogBeginner, globalLogPublisher
 
 from jobworker import pki
+
+# Begin logging as twistd does, so that events are not kept in Twisted's start-up buffer
+# (it would hold every event's log_source, and so objects tests expect to be freed).
+globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -483,8 +483,10 @@ def test_losing_the_connection_closes_the_file_and_the_watch(rig: Rig) -> None:
     frees its log descriptor and its watch at once."""
     rig.append(os.urandom(2 * MiB))
     fds = fd_count(os.getpid())
-    rig.logs(follow=True)  # paused mid-stream
+    # The idle one first: once a stream fills the transport, the connection takes no
+    # further request until its peer reads.
     rig.logs(follow=True, stream="stderr")  # at the live end of an empty file
+    rig.logs(follow=True)  # paused mid-stream
     assert fd_count(os.getpid()) == fds + 2
     assert polls(rig.reactor) == 1
     rig.proto.connectionLost(Failure(ConnectionDone()))
@@ -646,8 +648,10 @@ async def test_a_follower_that_disconnects_frees_its_descriptors_and_watches(
         await until(lambda: idle_sink.size == 4 * MiB, what="the idle follower to catch up")
         paused = await connect(reactor, d.config())
         paused.protocol.transport.pauseProducing()  # stop reading the socket
+        # The idle stream first: once a stream fills the transport, the connection takes
+        # no further request until its peer reads.
         paused_follows = [Deferred.fromCoroutine(paused.logs(job.id, Hasher(), s, follow=True))
-                          for s in ("stdout", "stderr")]
+                          for s in ("stderr", "stdout")]
         process = Follower(d, tmp_path / "killed", job.id)
         followers.append(process)
         await until(lambda: process.size() == 4 * MiB, what="jwclient to catch up")

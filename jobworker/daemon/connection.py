@@ -75,7 +75,7 @@ class RPCServerProtocol(FrameProtocol):
         self._timer: DelayedCall | None = None
         self._frame_timer: DelayedCall | None = None
         self._idle_since = 0.0
-        self.streams = StreamFanout()
+        self.streams = StreamFanout(self.hold, self.release)
         self._closing = False
         self.connected_and_open = False
 
@@ -118,7 +118,7 @@ class RPCServerProtocol(FrameProtocol):
         pending, self._in_flight = self._in_flight, {}
         for d in pending.values():
             d.cancel()
-        self.streams.stop_all()
+        self.streams.close()
         self.server.connection_closed(self)
 
     # -- timers: reset only by complete frames -----------------------------------------

@@ -7,16 +7,17 @@ visibility is checked through ``JobAccess.visible_job``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from jobworker.daemon.access import JobAccess
 from jobworker.daemon.call import Call
 from jobworker.daemon.follow import LogStream
 from jobworker.daemon.limits import Limits
+from jobworker.daemon.listing import ListStream
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.logs import JobLogs
-from jobworker.wire.codec import Encoded, array_head
+from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import Unavailable
 from jobworker.wire.hello import check_version, hello_result
 from jobworker.wire.params import SCHEMAS
@@ -27,13 +28,6 @@ from jobworker.wire.schema import Schema
 Handler = Callable[[Call, dict[str, Any]], Any]
 #: Method name -> its parameter schema and its handler.
 Table = dict[str, tuple[Schema, Handler]]
-
-#: Most records, and most encoded bytes of them, in one chunk frame of a ``list`` reply.
-#: The bytes bound matters: a record can be ~64 KiB (a start request's arguments), and 500
-#: of those would make a frame over the client's 1 MiB limit.
-LIST_BATCH = 500
-LIST_BATCH_BYTES = 256 * 1024
-
 
 class Methods:
     """One handler per method."""
@@ -84,13 +78,11 @@ class Methods:
         record = await job.when_ended()
         return record.to_wire()
 
-    def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds the count."""
-        records: list[bytes] = [job.packed() for job in self.jobs.jobs(
-            running_only=p["running"]) if self.authz.can_see(call.who, job.owner)]
-        for batch in _chunks(records):
-            call.send_chunk(Encoded(array_head(len(batch)) + b"".join(batch)))
-        return {"count": len(records)}
+        jobs = [job for job in self.jobs.jobs(running_only=p["running"])
+                if self.authz.can_see(call.who, job.owner)]
+        return {"count": await ListStream(call, jobs).start()}
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.access.visible_job(call, p["job"])
@@ -100,21 +92,6 @@ class Methods:
         stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
         offset = await stream.start()
         return {"offset": offset, "record": job.wire()}
-
-
-def _chunks(records: list[bytes]) -> Iterator[list[bytes]]:
-    """Encoded records in runs of at most LIST_BATCH of them and LIST_BATCH_BYTES (a run
-    is never empty: one record over the bytes bound still goes, alone)."""
-    batch: list[bytes] = []
-    size = 0
-    for record in records:
-        if batch and (len(batch) == LIST_BATCH or size + len(record) > LIST_BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(record)
-        size += len(record)
-    if batch:
-        yield batch
 
 
 def table(access: JobAccess, limits: Limits, follower: FileWatcher | None) -> Table:

@@ -57,6 +57,25 @@ class FrameProtocol(Protocol):
     _outbox: list[bytes] | None = None
     _outbox_size = 0
 
+    #: Data that arrived while frames are held (``hold``), taken in order on ``release``.
+    _held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        """Take no more frames off the buffer, and stop reading the transport, until
+        ``release``: for a peer that is not reading what we send, so that its requests
+        wait in its own socket instead of as replies in our memory."""
+        if self._held is None:
+            self._held = []
+            self.transport.pauseProducing()
+
+    def release(self) -> None:
+        """Take frames again, first those that arrived while held, and read on."""
+        held, self._held = self._held, None
+        if held is None or self.transport is None:
+            return
+        self.transport.resumeProducing()
+        self.dataReceived(b"".join(held))
+
     def dataReceived(self, data: bytes) -> None:
         if self._outbox is not None:  # re-entered from a callback: already gathering
             self._receive(data)
@@ -75,6 +94,10 @@ class FrameProtocol(Protocol):
 
     def _receive(self, data: bytes) -> None:
         if self._refusing:
+            return
+        if self._held is not None:
+            if data:
+                self._held.append(data)
             return
         progressed = False
         if self._pieces is not None:
@@ -100,7 +123,7 @@ class FrameProtocol(Protocol):
         buf += data
         offset = 0
         size = len(buf)
-        while size - offset >= 4:
+        while size - offset >= 4 and self._held is None:
             (length,) = PREFIX.unpack_from(buf, offset)
             if length > self.MAX_LENGTH:
                 # The stream cannot be resynchronised: drop the rest of it.
@@ -127,7 +150,8 @@ class FrameProtocol(Protocol):
                 break
         # Deleting a prefix of a bytearray is cheap: CPython moves its start pointer.
         del buf[:offset]
-        self.buffer_changed(len(buf), progressed or offset > 0)
+        # Whole frames waiting while held are not a peer's unfinished frame.
+        self.buffer_changed(len(buf) if self._held is None else 0, progressed or offset > 0)
 
     def buffer_changed(self, pending: int, progressed: bool) -> None:
         """Hook: ``pending`` bytes of an incomplete frame are buffered; ``progressed``

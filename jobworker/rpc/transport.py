@@ -13,10 +13,12 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.rpc.writethrough import write_through
+from jobworker.rpc.writethrough import undo_write_through, write_through
 
 
 class PromptTLSProtocol(TLSMemoryBIOProtocol):
@@ -34,6 +36,11 @@ class PromptTLSProtocol(TLSMemoryBIOProtocol):
     def makeConnection(self, transport: ITransport) -> None:
         write_through(transport)
         super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.transport is not None:
+            undo_write_through(self.transport)
+        super().connectionLost(reason)
 
 
 class ServerTLSFactory(TLSMemoryBIOFactory):

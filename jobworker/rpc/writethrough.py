@@ -48,3 +48,10 @@ def write_through(transport: Any) -> bool:
 
     transport.write = write
     return True
+
+
+def undo_write_through(transport: Any) -> None:
+    """Take ``write_through`` off again (when the connection is lost): its ``write`` holds
+    the transport, a cycle that only the garbage collector would free, with the
+    transport's buffers in it."""
+    vars(transport).pop("write", None)

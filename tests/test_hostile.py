@@ -1,0 +1,298 @@
+"""Hostile clients: what a connection that never reads its replies, or that goes away, may
+cost the daemon.  Unit cases on fakes; the bounds against a real daemon and real TLS."""
+
+from __future__ import annotations
+
+import gc
+import select
+import socket
+import ssl
+import struct
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_twisted
+from conftest import PKI, Daemon, until, wait_for
+from OpenSSL import crypto
+from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+
+from jobworker import PROTOCOL_VERSION, pki
+from jobworker.client.api import connect
+from jobworker.daemon.authz import Authorizer
+from jobworker.daemon.connection import RPCServerProtocol
+from jobworker.daemon.server import RPCServer
+from jobworker.jobs.logs import LogStore
+from jobworker.jobs.manager import JobManager
+from jobworker.rpc.tls import ServerTLS
+from jobworker.rpc.transport import ServerTLSFactory
+from jobworker.testing import ProcessReactor
+
+MiB = 1 << 20
+
+
+def frame(value: Any) -> bytes:
+    payload = msgpack.packb(value, use_bin_type=True)
+    return struct.pack("!I", len(payload)) + payload
+
+
+def frames_in(data: bytes) -> list[Any]:
+    out, offset = [], 0
+    while len(data) - offset >= 4:
+        (length,) = struct.unpack_from("!I", data, offset)
+        out.append(msgpack.unpackb(data[offset + 4:offset + 4 + length], raw=False))
+        offset += 4 + length
+    assert offset == len(data)
+    return out
+
+
+class SlowPeer(StringTransport):
+    """A transport whose peer reads only when the test says (``drain``).
+
+    It pauses its push producer once more than ``limit`` bytes are unread, as a TCP
+    transport does over its buffer size, and counts how often it was asked to stop and
+    start reading (``pauseProducing``/``resumeProducing`` on the transport itself)."""
+
+    def __init__(self, cert: crypto.X509, limit: int = 64 * 1024) -> None:
+        super().__init__()
+        self.cert = cert
+        self.limit = limit
+        self.unread = 0
+        self.peak = 0
+        self.producer_paused = False
+
+    def getPeerCertificate(self) -> crypto.X509:
+        return self.cert
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        self.peak = max(self.peak, self.unread)
+        if self.producer is not None and self.unread > self.limit and not self.producer_paused:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def drain(self) -> list[Any]:
+        frames = frames_in(self.value())
+        self.clear()
+        self.unread = 0
+        if self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return frames
+
+
+@pytest.fixture(scope="module")
+def alice_cert() -> crypto.X509:
+    ca_key, ca_cert = pki.make_ca()
+    _, cert = pki.make_client_cert(ca_key, ca_cert, "alice", role="user")
+    return crypto.X509.from_cryptography(cert)
+
+
+class Rig:
+    """An RPCServer on a JobManager with fake processes and one connection on a SlowPeer."""
+
+    def __init__(self, tmp: Path, cert: crypto.X509) -> None:
+        self.reactor = ProcessReactor.at(1_795_000_000.0)
+        self.manager = JobManager(self.reactor, LogStore(str(tmp / "logs")),
+                                  killpg=self.reactor.killpg)
+        self.server = RPCServer(self.reactor, self.manager, Authorizer())
+        self.proto: RPCServerProtocol = self.server.buildProtocol(None)
+        self.peer = SlowPeer(cert)
+        self.proto.makeConnection(self.peer)
+        self.proto.handshakeCompleted()
+        self.proto.dataReceived(frame({"id": 0, "method": "hello",
+                                       "params": {"version": PROTOCOL_VERSION}}))
+        assert self.peer.drain()[0]["result"]["version"] == PROTOCOL_VERSION
+
+    def ended_job(self) -> str:
+        job = self.manager.start("alice", "true", [])
+        self.reactor.process(job.pid).exit(0)
+        return job.id
+
+    def read_all(self, expected: int) -> list[Any]:
+        """Drain until ``expected`` replies have come; each drain lets the daemon go on."""
+        replies: list[Any] = []
+        for _ in range(100_000):
+            replies += self.peer.drain()
+            if len(replies) >= expected:
+                return replies
+        raise AssertionError(f"only {len(replies)} of {expected} replies came")
+
+
+@pytest.fixture
+def rig(tmp_path: Path, alice_cert: crypto.X509) -> Rig:
+    return Rig(tmp_path, alice_cert)
+
+
+def test_unread_replies_stop_the_daemon_taking_requests(rig: Rig) -> None:
+    """2,000 pipelined status requests from a peer that reads nothing: the daemon answers
+    until the transport is full, then takes no more requests (and reads no more from the
+    socket) until the peer reads; every request is answered in the end, in order."""
+    job = rig.ended_job()
+    one_reply = len(rig.proto.server.jobs.get(job).packed()) + 16
+    rig.proto.dataReceived(b"".join(frame({"id": i, "method": "status", "params": {"job": job}})
+                                    for i in range(1, 2001)))
+    assert rig.peer.peak < 4 * rig.peer.limit  # not 2,000 replies (~1 MiB) at once
+    assert rig.peer.producerState == "paused"  # the socket is no longer read
+    replies = rig.read_all(2000)
+    assert [r["id"] for r in replies] == list(range(1, 2001))
+    assert all(r["result"]["id"] == job for r in replies)
+    assert rig.peer.peak < 4 * rig.peer.limit and 2000 * one_reply > 8 * rig.peer.limit
+    assert rig.peer.producerState == "producing"
+
+
+def test_a_list_reply_streams_with_backpressure(rig: Rig) -> None:
+    """A list of 3,000 jobs to a peer that reads nothing is sent a chunk at a time as the
+    peer reads, not built whole in the transport's buffer."""
+    ids = {rig.ended_job() for _ in range(3000)}
+    rig.proto.dataReceived(frame({"id": 7, "method": "list", "params": {}}))
+    assert rig.peer.peak < 4 * rig.peer.limit
+    frames: list[Any] = []
+    for _ in range(1000):
+        frames += rig.peer.drain()
+        if frames and "result" in frames[-1]:
+            break
+    assert frames[-1] == {"id": 7, "result": {"count": 3000}}
+    listed = [record["id"] for f in frames[:-1] for record in f["chunk"]]
+    assert len(listed) == 3000 and set(listed) == ids
+    assert rig.peer.peak < 4 * rig.peer.limit
+
+
+# -- real TLS: a closed connection is freed at once ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_connection_is_freed_without_the_garbage_collector(
+        test_pki: PKI, tmp_path: Path) -> None:
+    """With the cycle collector off, a connection that has closed (its protocol, its TLS
+    layer and its socket transport, and so the buffers they hold) is freed by reference
+    counting alone."""
+    manager = JobManager(ProcessReactor(), LogStore(str(tmp_path / "logs")))
+    server = RPCServer(reactor, manager, Authorizer())
+    tls = ServerTLS(test_pki.ca, str(test_pki.dir / "server.pem"),
+                    str(test_pki.dir / "server.key"))
+    from twisted.internet import endpoints
+
+    port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        ServerTLSFactory(tls, False, server))
+    from jobworker.client.api import ClientConfig
+
+    config = ClientConfig(f"127.0.0.1:{port.getHost().port}", *test_pki.paths("alice"))
+    gc.collect()
+    gc.disable()
+    try:
+        client = await connect(reactor, config)
+        assert (await client.call("whoami"))["identity"] == "alice"
+        await client.call("list", {})
+        [proto] = server.connections
+        refs = [weakref.ref(proto), weakref.ref(proto.transport),
+                weakref.ref(proto.transport.transport)]
+        del proto
+        client.close()
+        await until(lambda: not server.connections, what="the server side to close")
+        await until(lambda: all(ref() is None for ref in refs), timeout=2,
+                    what="the closed connection to be freed by reference counting")
+    finally:
+        gc.enable()
+        await port.stopListening()
+
+
+# -- a real daemon: memory per hostile connection ----------------------------------------------
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def idle(pid: int) -> None:
+    """Wait until ``pid`` has used no CPU for ten polls in a row (100 ms)."""
+    seen = [cpu_ticks(pid), 0]
+
+    def quiet() -> bool:
+        now = cpu_ticks(pid)
+        seen[1] = seen[1] + 1 if now == seen[0] else 0
+        seen[0] = now
+        return seen[1] >= 10
+
+    wait_for(quiet, timeout=30, what="the daemon to go idle")
+
+
+def tls_socket(daemon: Daemon) -> ssl.SSLSocket:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(daemon.pki.ca)
+    ctx.load_cert_chain(*daemon.pki.paths("alice")[1:])
+    raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def flood_unread(daemon: Daemon, job: str, requests: int, seconds: float = 8.0) -> int:
+    """Send up to ``requests`` pipelined status requests without reading a reply, until
+    the daemon stops taking them (the socket stays unwritable) or time is up; returns how
+    many bytes went out.  Leaves the socket open."""
+    sock = tls_socket(daemon)
+    sock.sendall(frame({"id": 0, "method": "hello", "params": {"version": PROTOCOL_VERSION}}))
+    data = b"".join(frame({"id": i, "method": "status", "params": {"job": job}})
+                    for i in range(1, requests + 1))
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while sent < len(data) and time.monotonic() < deadline:
+        _, writable, _ = select.select([], [sock], [], 1.0)
+        if not writable:
+            break  # the daemon has stopped reading us
+        try:
+            sent += sock.send(data[sent:sent + 16384])
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            continue
+    flood_unread.sockets.append(sock)  # type: ignore[attr-defined]
+    return sent
+
+
+flood_unread.sockets = []  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def hostile_daemon(make_daemon: Any) -> Iterator[Daemon]:
+    d = make_daemon()
+    yield d
+    for sock in flood_unread.sockets:  # type: ignore[attr-defined]
+        sock.close()
+    flood_unread.sockets.clear()  # type: ignore[attr-defined]
+
+
+def test_a_peer_that_never_reads_costs_bounded_memory(hostile_daemon: Daemon) -> None:
+    """100,000 pipelined status requests whose replies are never read: the daemon's RSS
+    grows by less than 16 MiB while the peer is connected, and three such peers one after
+    another (each closing) do not add up."""
+    d = hostile_daemon
+    job = d.jwclient("start", "true").stdout.decode().strip()
+    d.jwclient("wait", job)
+    before = rss(d.pid)
+    growth = []
+    for _ in range(3):
+        flood_unread(d, job, 100_000)
+        idle(d.pid)  # the daemon has worked through what it took in
+        growth.append(rss(d.pid) - before)
+        for sock in flood_unread.sockets:  # type: ignore[attr-defined]
+            sock.close()
+        flood_unread.sockets.clear()  # type: ignore[attr-defined]
+    assert max(growth) < 16 * MiB, [g // 1024 for g in growth]
+    assert d.jwclient("status", job).returncode == 0  # and the daemon still serves

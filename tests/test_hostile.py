@@ -296,3 +296,79 @@ def test_a_peer_that_never_reads_costs_bounded_memory(hostile_daemon: Daemon) ->
         flood_unread.sockets.clear()  # type: ignore[attr-defined]
     assert max(growth) < 16 * MiB, [g // 1024 for g in growth]
     assert d.jwclient("status", job).returncode == 0  # and the daemon still serves
+
+
+def test_a_log_offset_near_2_63_is_the_end_of_the_log(rig: Rig) -> None:
+    """An offset far past the end (up to the largest the schema allows) reads nothing and
+    ends at that offset, like any offset past the end: not not_found."""
+    job = rig.ended_job()
+    for offset in (10**6, 2**63 - 1):
+        rig.proto.dataReceived(frame({"id": 9, "method": "logs",
+                                      "params": {"job": job, "offset": offset}}))
+        [reply] = rig.peer.drain()
+        assert reply["result"]["offset"] == offset, reply
+
+
+class CountingList(list):  # type: ignore[type-arg]
+    """A list that counts how often it is walked backwards."""
+
+    walks = 0
+
+    def __reversed__(self):  # type: ignore[no-untyped-def]
+        CountingList.walks += 1
+        return super().__reversed__()
+
+
+def test_a_lookup_by_pid_does_not_walk_the_history(rig: Rig) -> None:
+    """status by a pid no job has: NotFound without walking every job ever run (the time
+    it took grew with the history: a timing oracle), and by the pid of an ended job: the
+    newest job that had it."""
+    for _ in range(50):
+        rig.ended_job()
+    store = rig.manager._store
+    store._history = CountingList(store._history)  # type: ignore[attr-defined]
+    rig.proto.dataReceived(frame({"id": 1, "method": "status", "params": {"job": 999_999}}))
+    [reply] = rig.peer.drain()
+    assert reply["error"]["code"] == "not_found"
+    assert CountingList.walks == 0
+    rig.reactor.next_pid = 1000  # reuse the first pid
+    newest = rig.ended_job()
+    assert rig.manager.find(1000).id == newest
+    assert CountingList.walks == 0
+
+
+def test_a_dripped_tls_record_is_cut_off_by_the_frame_timeout(make_daemon: Any) -> None:
+    """Against a real daemon: after hello, a TLS record sent all but its last byte is cut
+    off after --frame-timeout, long before --idle-timeout."""
+    d = make_daemon("--frame-timeout", "1", "--idle-timeout", "300")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(d.pki.ca)
+    ctx.load_cert_chain(*d.pki.paths("alice")[1:])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    try:
+        while True:  # the handshake, by hand over the memory BIOs
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(frame({"id": 0, "method": "hello", "params": {"version": PROTOCOL_VERSION}}))
+        sock.sendall(outgoing.read())
+        tls.write(frame({"id": 1, "method": "whoami", "params": {}}))
+        record = outgoing.read()
+        began = time.monotonic()
+        sock.sendall(record[:-1])  # never the last byte
+        sock.settimeout(20)
+        while True:  # read (the hello reply, any ticket) until the daemon closes
+            try:
+                if not sock.recv(65536):
+                    break
+            except ConnectionResetError:
+                break
+        assert time.monotonic() - began < 10
+    finally:
+        sock.close()
+    assert "connection.timeout reason=partial frame" in d.log()

@@ -460,13 +460,13 @@ def test_hello_then_whoami_answers_with_the_certificate_identity(alice_cert: Any
     assert me == {"id": 2, "result": {"identity": "alice", "role": "user"}}
 
 
-def test_a_request_before_hello_is_unsupported_version(alice_cert: Any) -> None:
-    """Any method before hello is refused with unsupported_version; hello still works after."""
+def test_a_request_before_hello_is_unsupported_version_and_closes(alice_cert: Any) -> None:
+    """Any method before hello is refused with unsupported_version and the connection is
+    closed, as docs/protocol.md says (a client of another version gets a clear error)."""
     s = Server(alice_cert)
     [reply] = s.send(frame({"id": 4, "method": "whoami"}))
     assert reply["id"] == 4 and error_code(reply) == "unsupported_version"
-    assert not s.closed
-    s.hello()
+    assert s.closed
 
 
 def test_hello_with_a_wrong_version_is_refused_and_closes(alice_cert: Any) -> None:
@@ -627,6 +627,29 @@ def test_a_request_in_flight_suspends_the_idle_timer(alice_cert: Any) -> None:
     assert s.written() == [{"id": 3, "result": "done"}]
     s.reactor.advance(61)
     assert s.transport.disconnected
+
+
+def test_a_tls_record_that_never_completes_meets_the_frame_timeout(alice_cert: Any) -> None:
+    """Ciphertext that never completes a TLS record (dripped a byte at a time) is a started
+    frame: the frame timeout closes the connection, not the much longer idle timeout."""
+    s = Server(alice_cert, LIMITS)
+    s.hello()
+    for _ in range(2):
+        s.proto.ciphertext_received()  # from the TLS layer: bytes, but no plaintext yet
+        s.reactor.advance(1)
+    assert not s.transport.disconnected
+    s.reactor.advance(LIMITS.frame_timeout)  # well short of the 60 s idle timeout
+    assert s.transport.disconnected
+
+
+def test_ciphertext_that_completes_a_frame_is_activity(alice_cert: Any) -> None:
+    """Ciphertext followed by the whole frame it carried cancels the frame timer."""
+    s = Server(alice_cert, LIMITS)
+    s.hello()
+    s.proto.ciphertext_received()
+    assert s.send(frame({"id": 2, "method": "whoami"}))[0]["result"]["identity"] == "alice"
+    s.reactor.advance(LIMITS.frame_timeout + 1)
+    assert not s.transport.disconnected
 
 
 def test_no_timer_outlives_a_connection_closed_by_a_timeout(alice_cert: Any) -> None:

@@ -173,6 +173,16 @@ class RPCServerProtocol(FrameProtocol):
             _cancel(self._frame_timer)
             self._frame_timer = None
 
+    def ciphertext_received(self) -> None:
+        """From the TLS layer (``PromptTLSProtocol``), before it decrypts what arrived.
+
+        Bytes that do not complete a TLS record never reach ``dataReceived``: a peer
+        dripping one would otherwise meet only the idle timeout.  They start the frame
+        timer as a partial frame would; a whole frame arriving cancels it as usual."""
+        if self.peer is not None and self._frame_timer is None and not self._closing:
+            self._frame_timer = self.server.reactor.callLater(
+                self.limits.frame_timeout, self._timed_out, "partial frame")
+
     # -- frames ---------------------------------------------------------------------
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -199,6 +209,9 @@ class RPCServerProtocol(FrameProtocol):
                 raise Unavailable(f"more than {self.limits.max_in_flight} requests in flight")
         except JobWorkerError as e:
             self._send_error(request_id_of(value), e)
+            if isinstance(e, UnsupportedVersion):  # no hello first: docs/protocol.md
+                self._close()
+                return
             self._arm_idle()
             return
         except Exception:

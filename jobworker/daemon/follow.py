@@ -8,6 +8,7 @@ daemon holds at most one chunk for it.  New output wakes followers through the
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,9 @@ from jobworker.jobs.job import Job
 from jobworker.wire.errors import NotFound
 
 CHUNK_SIZE = 256 * 1024
+#: Offsets from here on are past the end of any file the kernel can hold (pread refuses
+#: them with EINVAL or EOVERFLOW rather than reading nothing).
+_FAR = 2**62
 
 
 class LogStream:
@@ -81,9 +85,11 @@ class LogStream:
                 try:
                     data = os.pread(self._fd, self._chunk_size, self.offset)
                 except OSError as e:
-                    self._finish(NotFound(f"log of job {self._job.id} became unreadable: "
-                                          f"{e.strerror}"))
-                    return
+                    if e.errno not in (errno.EINVAL, errno.EOVERFLOW) or self.offset < _FAR:
+                        self._finish(NotFound(f"log of job {self._job.id} became "
+                                              f"unreadable: {e.strerror}"))
+                        return
+                    data = b""  # an offset past any file's end: nothing there, as past EOF
                 if data:
                     self.offset += len(data)
                     self._call.send_chunk(data)

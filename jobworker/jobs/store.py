@@ -44,6 +44,9 @@ class MemoryStore:
         self._by_id: dict[str, Job] = {}
         self._history: list[Job] = []  # start order
         self._running_by_pid: dict[int, Job] = {}
+        # The newest job that had each pid: a lookup by pid is one dict access whatever
+        # the history, so its time says nothing about jobs the caller may not see.
+        self._newest_by_pid: dict[int, Job] = {}
 
     def add(self, job: Job) -> None:
         self._by_id[job.id] = job
@@ -52,10 +55,16 @@ class MemoryStore:
     def running(self, job: Job) -> None:
         if job.pid is not None:
             self._running_by_pid[job.pid] = job
+            self._newest_by_pid[job.pid] = job
 
     def ended(self, job: Job) -> None:
-        if job.pid is not None and self._running_by_pid.get(job.pid) is job:
+        if job.pid is None:
+            return
+        if self._running_by_pid.get(job.pid) is job:
             del self._running_by_pid[job.pid]
+        newest = self._newest_by_pid.get(job.pid)
+        if newest is None or newest.started <= job.started:
+            self._newest_by_pid[job.pid] = job  # ended before it was marked running
 
     def get(self, job_id: str) -> Job:
         try:
@@ -64,13 +73,10 @@ class MemoryStore:
             raise NotFound(f"no such job: {job_id}") from None
 
     def by_pid(self, pid: int) -> Job:
-        running = self._running_by_pid.get(pid)
-        if running is not None:
-            return running
-        for job in reversed(self._history):
-            if job.pid == pid:
-                return job
-        raise NotFound(f"no such job: {pid}")
+        job = self._running_by_pid.get(pid) or self._newest_by_pid.get(pid)
+        if job is None:
+            raise NotFound(f"no such job: {pid}")
+        return job
 
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)

@@ -37,6 +37,14 @@ class PromptTLSProtocol(TLSMemoryBIOProtocol):
         write_through(transport)
         super().makeConnection(transport)
 
+    def dataReceived(self, data: bytes) -> None:
+        # Ciphertext first: a protocol that times unfinished frames must also see bytes
+        # that do not (yet) make a whole TLS record, which decrypt to nothing.
+        notice = getattr(self.wrappedProtocol, "ciphertext_received", None)
+        if notice is not None:
+            notice()
+        super().dataReceived(data)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.transport is not None:
             undo_write_through(self.transport)

@@ -95,7 +95,8 @@ def test_ca_cert_and_key_from_the_environment(daemon: Daemon, test_pki: PKI) -> 
                                                "JWCLIENT_CA": ca, "JWCLIENT_CERT": cert,
                                                "JWCLIENT_KEY": key})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"identity": "admin", "role": "admin"}
+    assert json.loads(result.stdout) == {"identity": "admin", "role": "admin",
+                                         "audit_failures": 0}
 
 
 def test_flags_win_over_the_environment(daemon: Daemon, test_pki: PKI,

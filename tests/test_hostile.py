@@ -24,6 +24,7 @@ from twisted.internet.testing import StringTransport
 
 from jobworker import PROTOCOL_VERSION, pki
 from jobworker.client.api import connect
+from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer
 from jobworker.daemon.connection import RPCServerProtocol
 from jobworker.daemon.server import RPCServer
@@ -100,11 +101,11 @@ def alice_cert() -> crypto.X509:
 class Rig:
     """An RPCServer on a JobManager with fake processes and one connection on a SlowPeer."""
 
-    def __init__(self, tmp: Path, cert: crypto.X509) -> None:
+    def __init__(self, tmp: Path, cert: crypto.X509, audit: AuditLog | None = None) -> None:
         self.reactor = ProcessReactor.at(1_795_000_000.0)
         self.manager = JobManager(self.reactor, LogStore(str(tmp / "logs")),
                                   killpg=self.reactor.killpg)
-        self.server = RPCServer(self.reactor, self.manager, Authorizer())
+        self.server = RPCServer(self.reactor, self.manager, Authorizer(), audit)
         self.proto: RPCServerProtocol = self.server.buildProtocol(None)
         self.peer = SlowPeer(cert)
         self.proto.makeConnection(self.peer)
@@ -372,3 +373,137 @@ def test_a_dripped_tls_record_is_cut_off_by_the_frame_timeout(make_daemon: Any) 
     finally:
         sock.close()
     assert "connection.timeout reason=partial frame" in d.log()
+
+
+# -- the audit trail never leaves a request half-done --------------------------------------
+
+
+class AuditRig(Rig):
+    """Rig with an audit log at ``path``."""
+
+    def __init__(self, tmp: Path, cert: crypto.X509, path: str) -> None:
+        self.audit = AuditLog(path, lambda: 1_795_000_000.0)
+        super().__init__(tmp, cert, self.audit)
+
+    def call(self, method: str, **params: Any) -> Any:
+        self.proto.dataReceived(frame({"id": 5, "method": method, "params": params}))
+        [reply] = self.peer.drain()
+        return reply
+
+
+@pytest.fixture
+def admin_cert() -> crypto.X509:
+    ca_key, ca_cert = pki.make_ca()
+    _, cert = pki.make_client_cert(ca_key, ca_cert, "root", role="admin")
+    return crypto.X509.from_cryptography(cert)
+
+
+def test_a_full_disk_under_the_audit_log_leaves_no_request_half_done(
+        tmp_path: Path, admin_cert: crypto.X509) -> None:
+    """Every audit write fails (ENOSPC: /dev/full): start still answers with the job it
+    started, stop still stops it and answers with its end, and an admin's whoami counts
+    the failed audit writes."""
+    rig = AuditRig(tmp_path, admin_cert, "/dev/full")
+    started = rig.call("start", command="sleep", args=["60"])["result"]
+    assert started["state"] == "running" and started["pid"] is not None
+    rig.proto.dataReceived(frame({"id": 6, "method": "stop",
+                                  "params": {"job": started["id"], "grace": 1}}))
+    assert rig.reactor.signals_to(started["pid"]) == [15]  # the job was told to stop
+    rig.reactor.process(started["pid"]).kill(15)
+    [stopped] = rig.peer.drain()
+    assert stopped["result"]["state"] == "stopped"
+    me = rig.call("whoami")["result"]
+    assert me["audit_failures"] >= 2
+
+
+def test_the_decision_is_audited_before_the_action_and_the_outcome_after(
+        tmp_path: Path, admin_cert: crypto.X509) -> None:
+    """A start leaves 'allowed' then 'started' with the same job id; a stop 'requested'
+    then 'stopped' with the job's final state."""
+    import json
+
+    path = tmp_path / "audit.log"
+    rig = AuditRig(tmp_path, admin_cert, str(path))
+    job = rig.call("start", command="sleep", args=["60"])["result"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["method"], e["outcome"], e["job_id"]) for e in lines] == [
+        ("start", "allowed", job["id"]), ("start", "started", job["id"])]
+    rig.proto.dataReceived(frame({"id": 6, "method": "stop", "params": {"job": job["id"]}}))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[-1]["outcome"] == "requested"  # written before the job was signalled
+    rig.reactor.process(job["pid"]).kill(15)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (lines[-1]["method"], lines[-1]["outcome"], lines[-1]["state"]) == (
+        "stop", "stopped", "stopped")
+
+
+def test_a_removed_audit_log_is_made_again(tmp_path: Path, admin_cert: crypto.X509) -> None:
+    """Deleting audit.log (or rotating it away) does not send later lines into the deleted
+    file: the next write opens the path again."""
+    path = tmp_path / "audit.log"
+    rig = AuditRig(tmp_path, admin_cert, str(path))
+    rig.call("start", command="true")
+    path.rename(tmp_path / "audit.log.1")
+    rig.call("start", command="true")
+    assert path.exists() and '"outcome":"started"' in path.read_text()
+    rig.audit.reopen()  # as SIGHUP does
+    rig.call("start", command="true")
+    assert path.read_text().count('"outcome":"started"') == 2
+
+
+def test_min_free_refuses_new_starts_with_a_clear_error(make_daemon: Any) -> None:
+    """--min-free above what the state filesystem has free: start is refused with
+    unavailable, naming the figures; status and the rest still work."""
+    d = make_daemon("--min-free", "100%")
+    refused = d.jwclient("start", "true")
+    assert refused.returncode != 0
+    assert b"--min-free" in refused.stderr and b"free" in refused.stderr
+    ok = make_daemon("--min-free", "1M", state="other")
+    assert ok.jwclient("start", "true").returncode == 0
+
+
+@pytest.mark.parametrize(("text", "total", "required"), [
+    ("0", 10**9, 0), ("512M", 10**12, 512 << 20), ("1G", 10**12, 1 << 30),
+    ("1.5GiB", 10**12, 3 << 29), ("5%", 10**9, 5 * 10**7), ("100%", 4096, 4096),
+])
+def test_min_free_sizes_and_percentages(text: str, total: int, required: int) -> None:
+    """--min-free takes a size (K, M, G, T; powers of 1024) or a share of the file system."""
+    from jobworker.jobs.reserve import MinFree
+
+    assert MinFree.parse(text).required(total) == required
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "101%", "5%%", "1X"])
+def test_min_free_refuses_what_is_not_a_size(text: str) -> None:
+    from jobworker.jobs.reserve import MinFree
+
+    with pytest.raises(ValueError, match="bad size"):
+        MinFree.parse(text)
+
+
+def test_the_reserve_is_looked_at_once_per_interval() -> None:
+    """A burst of starts costs one statvfs per interval, and the reserve's return is seen
+    at the next look."""
+    import os as _os
+
+    from jobworker.jobs.reserve import DiskReserve, MinFree
+    from jobworker.wire.errors import Unavailable
+
+    free = [10 << 20]
+    looks = []
+
+    def statvfs(path: str) -> _os.statvfs_result:
+        looks.append(path)
+        return _os.statvfs_result((4096, 4096, 1 << 20, free[0] // 4096, free[0] // 4096,
+                                   0, 0, 0, 0, 255))
+
+    now = [0.0]
+    reserve = DiskReserve("/state", MinFree.parse("64M"), lambda: now[0], statvfs=statvfs)
+    for _ in range(100):
+        with pytest.raises(Unavailable, match=r"10\.0 MiB free, under --min-free 64M"):
+            reserve.check()
+    assert looks == ["/state"]
+    free[0] = 1 << 30
+    now[0] += 0.25
+    reserve.check()
+    assert len(looks) == 2

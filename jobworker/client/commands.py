@@ -93,6 +93,8 @@ async def whoami(reactor: Any, client: Client, args: argparse.Namespace) -> int:
         _print_json(me)
     else:
         sys.stdout.write(f"identity: {me['identity']}\nrole:     {me['role'] or '(none)'}\n")
+        if "audit_failures" in me:  # an admin's view
+            sys.stdout.write(f"audit failures: {me['audit_failures']}\n")
     return 0
 
 

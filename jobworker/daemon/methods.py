@@ -21,7 +21,7 @@ from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import Unavailable
 from jobworker.wire.hello import check_version, hello_result
 from jobworker.wire.params import SCHEMAS
-from jobworker.wire.record import FAILED
+from jobworker.wire.record import FAILED, JobRecord
 from jobworker.wire.schema import Schema
 
 #: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
@@ -46,29 +46,44 @@ class Methods:
         return hello_result(self.limits.max_frame)
 
     def whoami(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        return {"identity": call.who.name, "role": call.who.role}
+        me: dict[str, Any] = {"identity": call.who.name, "role": call.who.role}
+        if call.who.role == "admin" and self.audit is not None:
+            me["audit_failures"] = self.audit.failures
+        return me
 
     def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        job = self.jobs.start(owner=call.who.name, command=p["command"],
-                                     args=p["args"], env=p["env"], dir=p["dir"],
-                                     timeout=p["timeout"])
+        """Audited twice: the decision before the job starts, its outcome after."""
+        self.jobs.check_admission()
+        job_id = self.jobs.new_id()
+        self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"])
+        job = self.jobs.start(owner=call.who.name, command=p["command"], args=p["args"],
+                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id)
         record = job.wire()
-        if self.audit is not None:
-            self.audit.record(
-                identity=call.who.name, role=call.who.role, method="start",
-                job_id=record["id"], outcome="failed" if record["state"] == FAILED else "started",
-                command=record["command"], args=record["args"], pid=record["pid"],
-                error=record["error"])
+        self._audit(call, "start", job_id,
+                    "failed" if record["state"] == FAILED else "started",
+                    command=record["command"], args=record["args"], pid=record["pid"],
+                    error=record["error"])
         return record
 
     async def stop(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Audited twice: the request before the job is signalled, its end after."""
         job = self.access.visible_job(call, p["job"])
-        if self.audit is not None:
-            self.audit.record(identity=call.who.name, role=call.who.role,
-                                     method="stop", job_id=job.id, outcome="requested",
-                                     state=job.record().state)
+        self._audit(call, "stop", job.id, "requested", state=job.state)
+        # Observed apart from this request, and before it: the outcome is written when the
+        # job ends, before the reply, even if the caller has gone by then.
+        job.when_ended().addCallback(self._audit_stopped, call)
         record = await self.jobs.stop(job, p["grace"])
         return record.to_wire()
+
+    def _audit_stopped(self, record: JobRecord, call: Call) -> None:
+        self._audit(call, "stop", record.id, "stopped", state=record.state,
+                    exit_code=record.exit_code, signal=record.signal)
+
+    def _audit(self, call: Call, method: str, job_id: str, outcome: str,
+               **extra: Any) -> None:
+        if self.audit is not None:  # never raises: a failed write is logged and counted
+            self.audit.record(identity=call.who.name, role=call.who.role, method=method,
+                              job_id=job_id, outcome=outcome, **extra)
 
     def status(self, call: Call, p: dict[str, Any]) -> Encoded:
         return self.access.visible_job(call, p["job"]).packed()

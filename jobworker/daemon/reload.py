@@ -8,18 +8,21 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 
 
 class ReloadOnHangup(service.Service):
-    """SIGHUP re-reads the policy file and the CRLs; a bad file keeps the old one."""
+    """SIGHUP re-reads the policy file and the CRLs (a bad file keeps the old one) and
+    opens the audit log again (log rotation)."""
 
     log = Logger()
 
     def __init__(self, reactor: Any, tls: ServerTLS, authz: Authorizer,
-                 policy_path: str | None) -> None:
+                 policy_path: str | None, audit: AuditLog | None = None) -> None:
         self._reactor = reactor
+        self._audit = audit
         self._tls = tls
         self._authz = authz
         self._policy_path = policy_path
@@ -36,6 +39,8 @@ class ReloadOnHangup(service.Service):
         return super().stopService()
 
     def reload(self) -> None:
+        if self._audit is not None:
+            self._audit.reopen()
         if self._policy_path:
             try:
                 self._authz.policy = Policy.load(self._policy_path)

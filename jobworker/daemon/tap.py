@@ -24,6 +24,7 @@ from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.jobs.reaping import QuietChildSignals
+from jobworker.jobs.reserve import DiskReserve, MinFree
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
 
@@ -52,6 +53,9 @@ class Options(usage.Options):
         ["frame-timeout", None, DEFAULTS.frame_timeout,
          "Seconds allowed to finish a frame once its first byte arrived.", float],
         ["grace", None, 5.0, "Default seconds between SIGTERM and SIGKILL on stop.", float],
+        ["min-free", None, "64M",
+         "Free space to keep on the state file system (512M, 1G, 5%): below it new jobs "
+         "are refused, so stops and job ends are still recorded."],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
     ]
 
@@ -78,6 +82,10 @@ class Options(usage.Options):
         for name in ("handshake-timeout", "idle-timeout", "frame-timeout", "grace"):
             if not 0 < self[name] <= 86400:
                 raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
+        try:
+            self["min-free"] = MinFree.parse(self["min-free"])
+        except ValueError as e:
+            raise usage.UsageError(f"--min-free: {e}") from None
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -112,7 +120,9 @@ def makeService(config: Options) -> service.MultiService:
                     frame_timeout=config["frame-timeout"])
     authz = Authorizer(policy)
     spare_logs = LogDirPool(reactor, logs)
-    jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs)
+    reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
+    jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
+                      reserve=reserve)
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), limits.max_connections)
 
@@ -124,5 +134,5 @@ def makeService(config: Options) -> service.MultiService:
     QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
-    ReloadOnHangup(reactor, tls, authz, config["policy"]).setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"], audit).setServiceParent(top)
     return top

@@ -17,6 +17,7 @@ from jobworker.jobs.job import Job
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.process import JobProcessProtocol, spawn
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
+from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.rlimits import raise_nofile_limit
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.wire import errors
@@ -65,6 +66,7 @@ class JobManager(service.Service):
         killpg: Callable[[int, int], None] = os.killpg,
         store: JobStore | None = None,
         spare_logs: SpareLogDirs | None = None,
+        reserve: DiskReserve | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -74,6 +76,7 @@ class JobManager(service.Service):
         self._base_env = dict(base_env) if base_env is not None else daemon_base_env()
         self._killpg = killpg
         self._store: JobStore = store if store is not None else MemoryStore()
+        self._reserve = reserve
         self._shutting_down = False
 
     # -- service -------------------------------------------------------------------------
@@ -109,12 +112,14 @@ class JobManager(service.Service):
         env: list[str] | None = None,
         dir: str | None = None,
         timeout: float | None = None,
+        job_id: str | None = None,
     ) -> Job:
-        """Start a job.  Anything wrong with the request or the spawn gives a job in state
-        ``failed`` with its error, never an exception (the record is the answer)."""
-        if self._shutting_down:
-            raise errors.Unavailable("the daemon is shutting down")
-        job = self._new_job(owner, command, args, dir, timeout)
+        """Start a job (with ``job_id`` from ``new_id``, or a new one).  Anything wrong
+        with the request or the spawn gives a job in state ``failed`` with its error, never
+        an exception (the record is the answer); only a daemon that takes no new job
+        (shutting down, short of disk) raises L{errors.Unavailable}."""
+        self.check_admission()
+        job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout)
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -131,6 +136,17 @@ class JobManager(service.Service):
         if not job.ended:
             self._store.running(job)
         return job
+
+    def new_id(self) -> str:
+        """A fresh job id."""
+        return str(uuid.uuid4())
+
+    def check_admission(self) -> None:
+        """Raise L{errors.Unavailable} if a new job would be refused now."""
+        if self._shutting_down:
+            raise errors.Unavailable("the daemon is shutting down")
+        if self._reserve is not None:
+            self._reserve.check()
 
     def stop(self, job: Job, grace: float | None = None) -> Deferred[JobRecord]:
         """TERM the job's process group, KILL it after ``grace`` (default: the manager's);
@@ -164,10 +180,9 @@ class JobManager(service.Service):
 
     # -- internals -----------------------------------------------------------------------
 
-    def _new_job(self, owner: str, command: str, args: list[str], dir: str | None,
-                 timeout: float | None) -> Job:
+    def _new_job(self, job_id: str, owner: str, command: str, args: list[str],
+                 dir: str | None, timeout: float | None) -> Job:
         """A new job, in the store, not started yet."""
-        job_id = str(uuid.uuid4())
         started = self._reactor.seconds()
         job = Job(
             self._reactor,

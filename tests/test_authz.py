@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 from conftest import PKI, Daemon, wait_for
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from jobworker import pki
 from jobworker.client.api import Client, ClientConfig, ClientError, connect
@@ -281,3 +282,83 @@ async def test_crl_check_needs_no_crl_gaps(make_daemon: Any, test_pki: PKI,
     d = make_daemon("--ca", str(chain.bundle), "--crl", str(chain.root_crl))
     with pytest.raises(ClientError):
         await connect(reactor, ClientConfig(d.address, cfg.ca, cfg.cert, cfg.key))
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocation_ends_open_streams_and_the_connection(
+        make_daemon: Any, test_pki: PKI, tmp_path: Path) -> None:
+    """A follow stream opened before its certificate was revoked (then SIGHUP) ends with a
+    forbidden error saying so, and its connection is closed; others are untouched."""
+    chain = ChainPKI(test_pki, tmp_path)
+    carol_cfg, dave_cfg = chain.client("carol"), chain.client("dave")
+    d = make_daemon("--ca", str(chain.bundle), "--crl", str(chain.root_crl),
+                    "--crl", str(chain.inter_crl))
+
+    def at(cfg: ClientConfig) -> ClientConfig:
+        return ClientConfig(d.address, cfg.ca, cfg.cert, cfg.key)
+
+    carol, dave = await connect(reactor, at(carol_cfg)), await connect(reactor, at(dave_cfg))
+    job = await carol.start("sleep", ["60"])
+    follow = Deferred.fromCoroutine(carol.logs(job.id, lambda _: None, follow=True)).addTimeout(20, reactor)
+    assert (await dave.call("whoami"))["identity"] == "dave"
+    chain.revoke([chain.serials["carol"]], 2)
+    d.signal(signal.SIGHUP)
+    with pytest.raises(JobWorkerError) as info:
+        await follow
+    assert info.value.code == "forbidden" and "revoked" in info.value.message
+    assert (await dave.call("whoami"))["identity"] == "dave"  # not revoked: kept
+    wait_for(lambda: "connection.revoked" in d.log(), what="the revocation in the log")
+    dave.close()
+    assert d.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_policy_deny_ends_open_streams(make_daemon: Any, test_pki: PKI,
+                                               tmp_path: Path) -> None:
+    """An identity denied by a reloaded policy loses its open follow stream at once, with a
+    forbidden error saying it is denied."""
+    policy = tmp_path / "policy.toml"
+    _write_policy(policy, "")
+    d = make_daemon("--policy", str(policy))
+    alice = await _client(d, "alice")
+    job = await alice.start("sleep", ["60"])
+    follow = Deferred.fromCoroutine(alice.logs(job.id, lambda _: None, follow=True)).addTimeout(20, reactor)
+    await alice.call("whoami")  # the follow is open
+    _write_policy(policy, 'deny = ["alice"]\n')
+    d.signal(signal.SIGHUP)
+    with pytest.raises(JobWorkerError) as info:
+        await follow
+    assert info.value.code == "forbidden" and "denied" in info.value.message
+    admin = await _client(d, "admin")
+    await admin.call("stop", {"job": job.id, "grace": 1})
+    admin.close()
+    assert d.tracebacks() == []
+
+
+@pytest.mark.parametrize(("days_left", "event"), [(0.5, "tls.crl_expiring"),
+                                                   (-1.0, "tls.crl_expired")])
+def test_a_crl_near_or_past_its_next_update_is_logged(
+        test_pki: PKI, tmp_path: Path, events: list[dict[str, Any]], days_left: float,
+        event: str) -> None:
+    """At load (start-up and SIGHUP), a CRL that has expired is an error and one that
+    expires within a day a warning, each naming its nextUpdate."""
+    import datetime
+
+    from twisted.logger import formatEvent
+
+    from jobworker.rpc.tls import ServerTLS
+
+    crl = tmp_path / "ca.crl"
+    pki.write_crl(crl, pki.make_crl(test_pki.ca_key, test_pki.ca_cert, [], days=1))
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1 - days_left)
+    tls = ServerTLS(test_pki.ca, str(test_pki.dir / "server.pem"),
+                    str(test_pki.dir / "server.key"), [str(crl)], now=lambda: later)
+    tls.check_crl_dates()
+    [line] = [formatEvent(e) for e in events if formatEvent(e).startswith("tls.crl_")]
+    assert line.startswith(event) and "next_update=" in line
+    events.clear()
+    pki.write_crl(crl, pki.make_crl(test_pki.ca_key, test_pki.ca_cert, [], days=30))
+    tls2 = ServerTLS(test_pki.ca, str(test_pki.dir / "server.pem"),
+                     str(test_pki.dir / "server.key"), [str(crl)])
+    tls2.check_crl_dates()  # a fresh CRL: nothing to say
+    assert not [e for e in events if formatEvent(e).startswith("tls.crl_")]

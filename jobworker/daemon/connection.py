@@ -26,6 +26,7 @@ from jobworker.wire import codec
 from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import (
     BadRequest,
+    Forbidden,
     FrameTooLarge,
     JobWorkerError,
     Unavailable,
@@ -266,6 +267,21 @@ class RPCServerProtocol(FrameProtocol):
         if later:
             self._arm_idle()
         return None
+
+    def revoke(self, reason: str) -> None:
+        """The caller's rights are gone (its certificate revoked, its identity denied):
+        every request in flight, streams included, ends with a forbidden error saying
+        why, and the connection is closed."""
+        if not self.connected_and_open or self._closing:
+            return
+        self.log.warn("connection.revoked identity={identity} reason={reason}",
+                      identity=self.peer.name if self.peer else None, reason=reason)
+        pending, self._in_flight = self._in_flight, {}
+        for rid in pending:
+            self._send_error(rid, Forbidden(reason))
+        for d in pending.values():
+            d.cancel()  # a cancelled call sends nothing more
+        self._close()
 
     def _close(self) -> None:
         """Close after what was written is flushed.  TLS will not shut down while a

@@ -10,18 +10,22 @@ from twisted.logger import Logger
 
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
+from jobworker.daemon.server import RPCServer
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 
 
 class ReloadOnHangup(service.Service):
-    """SIGHUP re-reads the policy file and the CRLs (a bad file keeps the old one) and
-    opens the audit log again (log rotation)."""
+    """SIGHUP re-reads the policy file and the CRLs (a bad file keeps the old one), opens
+    the audit log again (log rotation), and ends the connections of identities that are now
+    denied or whose certificates are now revoked."""
 
     log = Logger()
 
     def __init__(self, reactor: Any, tls: ServerTLS, authz: Authorizer,
-                 policy_path: str | None, audit: AuditLog | None = None) -> None:
+                 policy_path: str | None, audit: AuditLog | None = None,
+                 server: RPCServer | None = None) -> None:
         self._reactor = reactor
+        self._server = server
         self._audit = audit
         self._tls = tls
         self._authz = authz
@@ -52,3 +56,6 @@ class ReloadOnHangup(service.Service):
             self.log.info("reload.tls")
         except TLSConfigError as e:
             self.log.error("reload.tls_failed reason={reason}", reason=str(e))
+        if self._server is not None:
+            tls = self._tls
+            self._server.recheck(lambda peer: tls.revoked(peer.serial, peer.issuer))

@@ -3,6 +3,7 @@ to its method's handler through the one table of schemas and handlers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -18,6 +19,7 @@ from jobworker.daemon.methods import Table, table
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.manager import JobManager
 from jobworker.wire.errors import Forbidden, UnknownMethod
+from jobworker.wire.identity import PeerIdentity
 
 
 class RPCServer(Factory):
@@ -47,6 +49,19 @@ class RPCServer(Factory):
 
     def connection_closed(self, proto: RPCServerProtocol) -> None:
         self.connections.discard(proto)
+
+    def recheck(self, revoked: Callable[[PeerIdentity], bool]) -> None:
+        """After a reload: end every connection whose identity the policy now denies or
+        whose certificate ``revoked`` says is revoked."""
+        for proto in list(self.connections):
+            peer = proto.peer
+            if peer is None:
+                continue
+            if self.authz.principal(peer).denied:
+                proto.revoke(f"identity {peer.name!r} is now denied by policy")
+            elif revoked(peer):
+                proto.revoke(f"certificate serial {peer.serial} of {peer.name!r} "
+                             "has been revoked")
 
     def dispatch(self, call: Call, params: dict[str, Any]) -> Any:
         """Validate, authorize and run one request: its result, or a coroutine to await

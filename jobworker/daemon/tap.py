@@ -98,6 +98,7 @@ def makeService(config: Options) -> service.MultiService:
         tls = ServerTLS(config["ca"], config["cert"], config["key"], config["crl"])
     except TLSConfigError as e:
         fail(str(e))
+    tls.check_crl_dates()
     try:
         policy = Policy.load(config["policy"]) if config["policy"] else Policy()
     except PolicyError as e:
@@ -134,5 +135,5 @@ def makeService(config: Options) -> service.MultiService:
     QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
-    ReloadOnHangup(reactor, tls, authz, config["policy"], audit).setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
     return top

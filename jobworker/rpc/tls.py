@@ -9,6 +9,7 @@ swapped without a restart.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -128,25 +130,59 @@ class ServerTLS:
     clientAuth and not revoked.  ``reload_crls`` swaps the context for new connections;
     live ones keep theirs."""
 
-    def __init__(self, ca: str, cert: str, key: str, crls: list[str] | None = None) -> None:
+    log = Logger()
+
+    def __init__(self, ca: str, cert: str, key: str, crls: list[str] | None = None,
+                 now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(
+                     datetime.UTC)) -> None:
         self._paths = (ca, cert, key)
         self._crl_paths = list(crls or [])
-        self._context = self._build(self._crl_paths)
+        self._now = now
+        self._crls: list[x509.CertificateRevocationList] = []
+        self._context, self._crls = self._build(self._crl_paths)
 
-    def _build(self, crl_paths: list[str]) -> SSL.Context:
+    def _build(self, crl_paths: list[str]
+               ) -> tuple[SSL.Context, list[x509.CertificateRevocationList]]:
         ctx = _base_context(*self._paths, purpose=CLIENT_AUTH, server=True)
-        if crl_paths:
+        crls = load_crls(crl_paths) if crl_paths else []
+        if crls:
             store = ctx.get_cert_store()
             assert store is not None
-            for crl in load_crls(crl_paths):
+            for crl in crls:
                 store.add_crl(crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _server_verify)
-        return ctx
+        return ctx, crls
 
     def reload_crls(self) -> None:
         """Re-read the CRL files; on error raise and keep the current context."""
-        self._context = self._build(self._crl_paths)
+        self._context, self._crls = self._build(self._crl_paths)
+        self.check_crl_dates()
+
+    def check_crl_dates(self) -> None:
+        """Log each CRL that has expired (every client of its CA is then refused) or will
+        within a day, with its nextUpdate."""
+        now = self._now()
+        for crl in self._crls:
+            next_update = crl.next_update_utc
+            if next_update is None:
+                continue
+            issuer = crl.issuer.rfc4514_string()
+            if next_update <= now:
+                self.log.error("tls.crl_expired issuer={issuer} next_update={next_update}: "
+                               "every client certificate of this CA is refused until a "
+                               "new CRL is loaded", issuer=issuer,
+                               next_update=next_update.isoformat())
+            elif next_update - now < datetime.timedelta(days=1):
+                self.log.warn("tls.crl_expiring issuer={issuer} next_update={next_update}",
+                              issuer=issuer, next_update=next_update.isoformat())
+
+    def revoked(self, serial: int, issuer: str) -> bool:
+        """Whether the CRLs now loaded revoke the certificate ``serial`` of ``issuer``
+        (an RFC 4514 name), for connections that were accepted before."""
+        return any(crl.issuer.rfc4514_string() == issuer
+                   and crl.get_revoked_certificate_by_serial_number(serial) is not None
+                   for crl in self._crls)
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)

@@ -27,7 +27,9 @@ from jobworker.client.api import connect
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer
 from jobworker.daemon.connection import RPCServerProtocol
+from jobworker.daemon.limits import Limits
 from jobworker.daemon.server import RPCServer
+from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.rpc.tls import ServerTLS
@@ -101,18 +103,26 @@ def alice_cert() -> crypto.X509:
 class Rig:
     """An RPCServer on a JobManager with fake processes and one connection on a SlowPeer."""
 
-    def __init__(self, tmp: Path, cert: crypto.X509, audit: AuditLog | None = None) -> None:
+    def __init__(self, tmp: Path, cert: crypto.X509, audit: AuditLog | None = None,
+                 limits: Limits = Limits()) -> None:
         self.reactor = ProcessReactor.at(1_795_000_000.0)
         self.manager = JobManager(self.reactor, LogStore(str(tmp / "logs")),
                                   killpg=self.reactor.killpg)
-        self.server = RPCServer(self.reactor, self.manager, Authorizer(), audit)
-        self.proto: RPCServerProtocol = self.server.buildProtocol(None)
-        self.peer = SlowPeer(cert)
-        self.proto.makeConnection(self.peer)
-        self.proto.handshakeCompleted()
-        self.proto.dataReceived(frame({"id": 0, "method": "hello",
-                                       "params": {"version": PROTOCOL_VERSION}}))
-        assert self.peer.drain()[0]["result"]["version"] == PROTOCOL_VERSION
+        self.server = RPCServer(self.reactor, self.manager, Authorizer(), audit, limits,
+                                follower=FileWatcher(self.reactor, use_inotify=False))
+        self.cert = cert
+        self.proto, self.peer = self.connect()
+
+    def connect(self) -> tuple[RPCServerProtocol, SlowPeer]:
+        """Another connection to the same server, hello done."""
+        proto: RPCServerProtocol = self.server.buildProtocol(None)
+        peer = SlowPeer(self.cert)
+        proto.makeConnection(peer)
+        proto.handshakeCompleted()
+        proto.dataReceived(frame({"id": 0, "method": "hello",
+                                  "params": {"version": PROTOCOL_VERSION}}))
+        assert peer.drain()[0]["result"]["version"] == PROTOCOL_VERSION
+        return proto, peer
 
     def ended_job(self) -> str:
         job = self.manager.start("alice", "true", [])
@@ -507,3 +517,60 @@ def test_the_reserve_is_looked_at_once_per_interval() -> None:
     now[0] += 0.25
     reserve.check()
     assert len(looks) == 2
+
+
+def _follow(proto: RPCServerProtocol, peer: SlowPeer, rid: int, job: str) -> list[Any]:
+    proto.dataReceived(frame({"id": rid, "method": "logs",
+                              "params": {"job": job, "follow": True}}))
+    return peer.drain()
+
+
+def test_log_streams_are_capped_per_connection_and_per_identity(tmp_path: Path,
+                                                                 alice_cert: crypto.X509) -> None:
+    """Each open log stream holds a log file: past --max-streams-per-connection on one
+    connection, or --max-streams-per-identity over all of an identity's connections, a
+    logs request is refused with unavailable naming the cap; an ended stream gives its
+    place back."""
+    rig = Rig(tmp_path, alice_cert,
+              limits=Limits(max_streams_per_connection=2, max_streams_per_identity=3))
+    job = rig.manager.start("alice", "sleep", ["60"])
+    assert _follow(rig.proto, rig.peer, 1, job.id) == []  # open, following
+    assert _follow(rig.proto, rig.peer, 2, job.id) == []
+    [refused] = _follow(rig.proto, rig.peer, 3, job.id)
+    assert refused["error"]["code"] == "unavailable"
+    assert "--max-streams-per-connection" in refused["error"]["message"]
+    other, other_peer = rig.connect()
+    assert _follow(other, other_peer, 1, job.id) == []
+    [refused] = _follow(other, other_peer, 2, job.id)
+    assert "--max-streams-per-identity" in refused["error"]["message"]
+    rig.reactor.process(job.pid).exit(0)  # every stream ends
+    rig.reactor.advance(0.1)
+    assert len([f for f in rig.peer.drain() if "result" in f]) == 2
+    assert len([f for f in other_peer.drain() if "result" in f]) == 1
+    job2 = rig.manager.start("alice", "sleep", ["60"])
+    assert _follow(other, other_peer, 3, job2.id) == []  # places given back
+    assert _follow(rig.proto, rig.peer, 4, job2.id) == []
+
+
+def test_silent_sockets_do_not_take_the_authenticated_slots(make_daemon: Any) -> None:
+    """With --max-connections 4, 200 TCP sockets from this address that never start TLS
+    leave a legitimate client's whoami answered at once; only --max-handshakes (here 300)
+    bounds them."""
+    d = make_daemon("--max-connections", "4", "--max-handshakes", "300")
+    silent = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(200)]
+    try:
+        began = time.monotonic()
+        result = d.jwclient("whoami")
+        elapsed = time.monotonic() - began
+        assert result.returncode == 0, result.stderr
+        assert b"alice" in result.stdout
+        assert elapsed < 5  # jwclient's own start-up included; the refusal was immediate
+        assert "connection.refused" not in d.log()
+        # The handshake pool is bounded too: past --max-handshakes, sockets are refused.
+        more = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(150)]
+        silent += more
+        wait_for(lambda: "connection.refused reason=cap handshakes=300" in d.log(),
+                 what="the handshake pool to be full")
+    finally:
+        for sock in silent:
+            sock.close()

@@ -236,6 +236,9 @@ def test_the_documented_connection_limits_are_the_defaults() -> None:
         f"not complete within {DEFAULTS.frame_timeout:g} s",
         f"`--max-connections` ({DEFAULTS.max_connections:,})",
         f"At most {DEFAULTS.max_in_flight} requests may be in flight",
+        f"`--max-handshakes` ({DEFAULTS.max_handshakes:,})",
+        f"`--max-streams-per-connection` ({DEFAULTS.max_streams_per_connection})",
+        f"`--max-streams-per-identity` ({DEFAULTS.max_streams_per_identity})",
     ):
         assert phrase in text
     options = Options()

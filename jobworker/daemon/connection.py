@@ -49,6 +49,9 @@ class Server(Protocol):
     def connection_closed(self, proto: RPCServerProtocol) -> None:
         """``proto`` has ended."""
 
+    def handshake_done(self, proto: RPCServerProtocol) -> bool:
+        """``proto`` has authenticated: whether it may take an authenticated slot."""
+
 
 def _cancel(timer: DelayedCall | None) -> None:
     """Cancel ``timer`` if it is still pending; callers then drop their reference."""
@@ -79,6 +82,8 @@ class RPCServerProtocol(FrameProtocol):
         self.streams = StreamFanout(self.hold, self.release)
         self._closing = False
         self.connected_and_open = False
+        #: Given an authenticated slot after the handshake (see Server.handshake_done).
+        self.admitted = False
 
     # -- connection life cycle ------------------------------------------------------
 
@@ -100,6 +105,12 @@ class RPCServerProtocol(FrameProtocol):
             return
         self._cancel_timer()  # the handshake timer
         self.peer = identity_of(cert.to_cryptography())
+        self.admitted = self.server.handshake_done(self)
+        if not self.admitted:  # several handshakes raced for the last slot
+            self.log.warn("connection.refused reason=cap identity={identity} peer={addr}",
+                          identity=self.peer.name, addr=str(self.transport.getPeer()))
+            self.transport.abortConnection()
+            return
         self._policy = self.server.authz.policy
         self.who = self.server.authz.principal(self.peer)
         self.log.info("connection.open identity={identity} role={role} peer={addr}",

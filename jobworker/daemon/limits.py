@@ -21,6 +21,13 @@ class Limits:
     max_connections: int = 1024
     #: Requests one connection may have in flight at once.
     max_in_flight: int = 256
+    #: Connections still in their TLS handshake: a pool of their own, so that sockets
+    #: that never authenticate cannot take the authenticated ones' places.
+    max_handshakes: int = 4096
+    #: Log streams (each holding an open log file) on one connection, and for one
+    #: identity over all its connections.
+    max_streams_per_connection: int = 64
+    max_streams_per_identity: int = 512
 
 
 #: The defaults, for option parsers and documentation.

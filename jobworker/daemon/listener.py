@@ -3,6 +3,7 @@ the excess before any TLS work is spent on them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -47,18 +48,20 @@ class Listener(service.Service):
 
 
 class ConnectionCap(policies.WrappingFactory):
-    """Refuses connections beyond a cap before any TLS work is spent on them."""
+    """Refuses a connection before any TLS work is spent on it while ``full`` gives a
+    reason (a pool of connections is full)."""
 
     log = Logger()
     noisy = False
 
-    def __init__(self, wrapped: Any, cap: int) -> None:
+    def __init__(self, wrapped: Any, full: Callable[[], str | None]) -> None:
         super().__init__(wrapped)
-        self.cap = cap
+        self.full = full
 
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.cap:
-            self.log.warn("connection.refused reason=cap cap={cap} peer={addr}",
-                          cap=self.cap, addr=str(addr))
+        reason = self.full()
+        if reason is not None:
+            self.log.warn("connection.refused reason=cap {why} peer={addr}",
+                          why=reason, addr=str(addr))
             return None
         return super().buildProtocol(addr)

@@ -7,7 +7,8 @@ visibility is checked through ``JobAccess.visible_job``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from jobworker.daemon.access import JobAccess
@@ -40,6 +41,9 @@ class Methods:
         self.audit = access.audit
         self.limits = limits
         self.follower = follower
+        # Log streams open now, by connection (its StreamFanout) and by identity.
+        self._per_connection: dict[Any, int] = {}
+        self._per_identity: dict[str, int] = {}
 
     def hello(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         check_version(p["version"])
@@ -104,9 +108,38 @@ class Methods:
         path = JobLogs(job.log_dir).path(p["stream"])
         if self.follower is None and p["follow"]:
             raise Unavailable("this daemon cannot follow logs")
-        stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
-        offset = await stream.start()
+        with self._stream_slot(call):
+            stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
+            offset = await stream.start()
         return {"offset": offset, "record": job.wire()}
+
+    @contextmanager
+    def _stream_slot(self, call: Call) -> Iterator[None]:
+        """Take one log stream's place, on the caller's connection and for its identity,
+        or raise L{Unavailable} naming the cap; given back when the stream ends."""
+        limits, who, connection = self.limits, call.who.name, call.streams
+        if self._per_connection.get(connection, 0) >= limits.max_streams_per_connection:
+            raise Unavailable(f"more than {limits.max_streams_per_connection} log streams "
+                              "on one connection (--max-streams-per-connection)")
+        if self._per_identity.get(who, 0) >= limits.max_streams_per_identity:
+            raise Unavailable(f"more than {limits.max_streams_per_identity} log streams "
+                              f"for {who!r} (--max-streams-per-identity)")
+        _count(self._per_connection, connection, 1)
+        _count(self._per_identity, who, 1)
+        try:
+            yield
+        finally:
+            _count(self._per_connection, connection, -1)
+            _count(self._per_identity, who, -1)
+
+
+def _count(counts: dict[Any, int], key: Any, change: int) -> None:
+    """Add ``change`` to ``counts[key]``, dropping keys that reach zero."""
+    n = counts.get(key, 0) + change
+    if n:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 def table(access: JobAccess, limits: Limits, follower: FileWatcher | None) -> Table:

@@ -38,6 +38,9 @@ class RPCServer(Factory):
         self.limits = limits
         self.follower = follower
         self.connections: set[RPCServerProtocol] = set()
+        #: Connections in their TLS handshake, and those admitted after it.
+        self.handshaking = 0
+        self.authenticated = 0
         self.access = JobAccess(jobs, authz, audit)
         self.methods: Table = table(self.access, limits, follower)
 
@@ -45,10 +48,33 @@ class RPCServer(Factory):
         proto = RPCServerProtocol(self, self.limits)
         proto.factory = self
         self.connections.add(proto)
+        self.handshaking += 1
         return proto
 
     def connection_closed(self, proto: RPCServerProtocol) -> None:
         self.connections.discard(proto)
+        if proto.peer is None:
+            self.handshaking -= 1
+        elif proto.admitted:
+            self.authenticated -= 1
+
+    def handshake_done(self, proto: RPCServerProtocol) -> bool:
+        """``proto`` has authenticated: whether it may take an authenticated slot."""
+        self.handshaking -= 1
+        if self.authenticated >= self.limits.max_connections:
+            return False
+        self.authenticated += 1
+        return True
+
+    def full(self) -> str | None:
+        """Why a new connection would be refused at once, if it would: its handshake
+        pool or the authenticated slots are full.  Sockets that never finish a handshake
+        fill only their own pool (--max-handshakes), never the authenticated one."""
+        if self.handshaking >= self.limits.max_handshakes:
+            return f"handshakes={self.handshaking} cap={self.limits.max_handshakes}"
+        if self.authenticated >= self.limits.max_connections:
+            return f"connections={self.authenticated} cap={self.limits.max_connections}"
+        return None
 
     def recheck(self, revoked: Callable[[PeerIdentity], bool]) -> None:
         """After a reload: end every connection whose identity the policy now denies or

@@ -44,7 +44,14 @@ class Options(usage.Options):
         ["state-dir", None, "./jobworker-state", "Directory for job logs and the audit log."],
         ["max-frame", None, DEFAULTS.max_frame, "Largest request frame in bytes.", int],
         ["max-connections", None, DEFAULTS.max_connections,
-         "Most concurrent client connections.", int],
+         "Most concurrent authenticated client connections.", int],
+        ["max-handshakes", None, DEFAULTS.max_handshakes,
+         "Most connections in their TLS handshake at once (a pool apart from "
+         "--max-connections).", int],
+        ["max-streams-per-connection", None, DEFAULTS.max_streams_per_connection,
+         "Most log streams open on one connection.", int],
+        ["max-streams-per-identity", None, DEFAULTS.max_streams_per_identity,
+         "Most log streams open for one identity over all its connections.", int],
         ["handshake-timeout", None, DEFAULTS.handshake_timeout,
          "Seconds allowed for the TLS handshake.", float],
         ["idle-timeout", None, DEFAULTS.idle_timeout,
@@ -77,8 +84,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"{', '.join(missing)} required (or --pki DIR)")
         if not 1024 <= self["max-frame"] <= 16 * 1024 * 1024:
             raise usage.UsageError("--max-frame must be from 1024 to 16777216 bytes")
-        if self["max-connections"] < 1:
-            raise usage.UsageError("--max-connections must be at least 1")
+        for name in ("max-connections", "max-handshakes", "max-streams-per-connection",
+                     "max-streams-per-identity"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
         for name in ("handshake-timeout", "idle-timeout", "frame-timeout", "grace"):
             if not 0 < self[name] <= 86400:
                 raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
@@ -118,14 +127,17 @@ def makeService(config: Options) -> service.MultiService:
     limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
                     handshake_timeout=config["handshake-timeout"],
                     idle_timeout=config["idle-timeout"],
-                    frame_timeout=config["frame-timeout"])
+                    frame_timeout=config["frame-timeout"],
+                    max_handshakes=config["max-handshakes"],
+                    max_streams_per_connection=config["max-streams-per-connection"],
+                    max_streams_per_identity=config["max-streams-per-identity"])
     authz = Authorizer(policy)
     spare_logs = LogDirPool(reactor, logs)
     reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
     jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
                       reserve=reserve)
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
-    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), limits.max_connections)
+    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
 
     top = service.MultiService()
     # Spare log directories first, jobs second, listener third: on shutdown the listener

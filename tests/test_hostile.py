@@ -552,24 +552,59 @@ def test_log_streams_are_capped_per_connection_and_per_identity(tmp_path: Path,
     assert _follow(rig.proto, rig.peer, 4, job2.id) == []
 
 
-def test_silent_sockets_do_not_take_the_authenticated_slots(make_daemon: Any) -> None:
-    """With --max-connections 4, 200 TCP sockets from this address that never start TLS
-    leave a legitimate client's whoami answered at once; only --max-handshakes (here 300)
-    bounds them."""
-    d = make_daemon("--max-connections", "4", "--max-handshakes", "300")
-    silent = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(200)]
+def _whoami_seconds(d: Daemon) -> float:
+    """Wall time of a new TLS connection's hello and whoami (stdlib client)."""
+    began = time.monotonic()
+    sock = tls_socket(d)
     try:
-        began = time.monotonic()
-        result = d.jwclient("whoami")
-        elapsed = time.monotonic() - began
-        assert result.returncode == 0, result.stderr
-        assert b"alice" in result.stdout
-        assert elapsed < 5  # jwclient's own start-up included; the refusal was immediate
+        sock.sendall(frame({"id": 0, "method": "hello",
+                            "params": {"version": PROTOCOL_VERSION}})
+                     + frame({"id": 1, "method": "whoami", "params": {}}))
+        got = b""
+        while got.count(b"identity") == 0:
+            more = sock.recv(65536)
+            assert more, "closed"
+            got += more
+    finally:
+        sock.close()
+    return time.monotonic() - began
+
+
+def test_silent_sockets_do_not_take_the_authenticated_slots(make_daemon: Any) -> None:
+    """With --max-connections 4, 1,100 TCP sockets from this address that never start TLS
+    (a few dropped and opened again between samples) leave a legitimate client's whoami
+    answered: p99 of 20 under 1 s."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4_000:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for 2,400 sockets")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4_000), hard))
+    d = make_daemon("--max-connections", "4", "--max-handshakes", "1200")
+    silent = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(1100)]
+    try:
+        samples = []
+        for i in range(20):
+            for j in range(10):  # the attacker reconnects as it goes
+                silent[(i * 10 + j) % len(silent)].close()
+                silent[(i * 10 + j) % len(silent)] = socket.create_connection(
+                    ("127.0.0.1", d.port))
+            samples.append(_whoami_seconds(d))
+        assert max(samples) < 1.0, samples  # p99 of 20 samples is their maximum
         assert "connection.refused" not in d.log()
-        # The handshake pool is bounded too: past --max-handshakes, sockets are refused.
-        more = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(150)]
-        silent += more
-        wait_for(lambda: "connection.refused reason=cap handshakes=300" in d.log(),
+    finally:
+        for sock in silent:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_handshake_pool_is_bounded(make_daemon: Any) -> None:
+    """Past --max-handshakes, a new socket is refused at once (and logged), however many
+    authenticated slots are free."""
+    d = make_daemon("--max-handshakes", "100")
+    silent = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(150)]
+    try:
+        wait_for(lambda: "connection.refused reason=cap handshakes=100 cap=100" in d.log(),
                  what="the handshake pool to be full")
     finally:
         for sock in silent:

@@ -609,3 +609,43 @@ def test_the_handshake_pool_is_bounded(make_daemon: Any) -> None:
     finally:
         for sock in silent:
             sock.close()
+
+
+@pytest.fixture
+def small_state(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs of our own, mounted for this test and unmounted after it."""
+    import subprocess
+
+    mount = tmp_path / "small" / "state"
+    mount.mkdir(parents=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs",
+                           str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_state_filesystem_that_fills_up(test_pki: PKI, small_state: Path) -> None:
+    """A job fills the 16 MiB state file system with its output: that job ends with its
+    own write error, new starts are then refused by --min-free, a running job can still be
+    stopped and its end recorded, and the daemon keeps answering, without a traceback."""
+    d = Daemon(test_pki, small_state, "--min-free", "4M").start()
+    try:
+        long = d.jwclient("start", "sleep", "60", check=True).stdout.decode().strip()
+        filler = d.jwclient("start", "head", "-c", str(32 << 20), "/dev/zero",
+                            check=True).stdout.decode().strip()
+        waited = d.jwclient("wait", filler)
+        assert waited.returncode == 1  # head: "write error: No space left on device"
+        refused = d.jwclient("start", "true")
+        assert refused.returncode != 0 and b"--min-free" in refused.stderr, refused.stderr
+        stopped = d.jwclient("--json", "stop", "--grace", "1", long)
+        assert stopped.returncode == 0, stopped.stderr
+        assert b'"state": "stopped"' in stopped.stdout
+        assert d.jwclient("status", filler).returncode == 0
+        assert d.jwclient("whoami", identity="admin").returncode == 0
+        assert d.tracebacks() == []
+    finally:
+        d.stop()

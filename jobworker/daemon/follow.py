@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from jobworker.daemon.call import Call
+from jobworker.daemon.stream import ReplyStream
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.job import Job
 from jobworker.wire.errors import NotFound
@@ -27,7 +28,7 @@ CHUNK_SIZE = 256 * 1024
 _FAR = 2**62
 
 
-class LogStream:
+class LogStream(ReplyStream):
     """Sends one log file from ``offset`` as chunk frames, then finishes.
 
     Without ``follow`` it ends at the file's current end; with ``follow`` it ends once
@@ -38,7 +39,7 @@ class LogStream:
 
     def __init__(self, call: Call, job: Job, path: str, offset: int, follow: bool,
                  watcher: FileWatcher | None, chunk_size: int = CHUNK_SIZE) -> None:
-        self._call = call
+        super().__init__(call)
         self._job = job
         self._path = path
         self.offset = offset
@@ -46,10 +47,7 @@ class LogStream:
         self._watcher = watcher
         self._chunk_size = chunk_size
         self._fd = -1
-        self._paused = False
-        self._pumping = False
         self._ended = False
-        self._closed = False
         self._unwatch: Callable[[], None] | None = None
         self._ended_d: Deferred[Any] | None = None
         self._done: Deferred[int] = Deferred(lambda _: self._close())
@@ -76,34 +74,22 @@ class LogStream:
     def _wake(self) -> None:
         self._pump()
 
-    def _pump(self) -> None:
-        if self._pumping or self._closed:
-            return
-        self._pumping = True
+    def _send_next(self) -> bool:
         try:
-            while not self._paused and not self._closed:
-                try:
-                    data = os.pread(self._fd, self._chunk_size, self.offset)
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.EOVERFLOW) or self.offset < _FAR:
-                        self._finish(NotFound(f"log of job {self._job.id} became "
-                                              f"unreadable: {e.strerror}"))
-                        return
-                    data = b""  # an offset past any file's end: nothing there, as past EOF
-                if data:
-                    self.offset += len(data)
-                    self._call.send_chunk(data)
-                    # The connection passes on only its first pause: if another stream on
-                    # it filled the transport before we were resumed, this chunk was our
-                    # share, and we wait for the next resume like the others.
-                    if self._call.streams.paused:
-                        self._paused = True
-                    continue
-                if not self._follow or self._ended:
-                    self._finish(None)
-                return
-        finally:
-            self._pumping = False
+            data = os.pread(self._fd, self._chunk_size, self.offset)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOVERFLOW) or self.offset < _FAR:
+                self._finish(NotFound(f"log of job {self._job.id} became unreadable: "
+                                      f"{e.strerror}"))
+                return False
+            data = b""  # an offset past any file's end: nothing there, as past EOF
+        if data:
+            self.offset += len(data)
+            self._call.send_chunk(data)
+            return True
+        if not self._follow or self._ended:
+            self._finish(None)
+        return False
 
     def _finish(self, error: Exception | None) -> None:
         self._close()
@@ -112,10 +98,7 @@ class LogStream:
         else:
             self._done.callback(self.offset)
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
@@ -125,15 +108,3 @@ class LogStream:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._call.streams.remove(self)
-
-    # IPushProducer, driven by the connection.
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._close()

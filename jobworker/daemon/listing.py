@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from twisted.internet.defer import Deferred
 
 from jobworker.daemon.call import Call
+from jobworker.daemon.stream import ReplyStream
 from jobworker.jobs.job import Job
 from jobworker.wire.codec import Encoded, array_head
 
@@ -19,40 +20,28 @@ LIST_BATCH = 500
 LIST_BATCH_BYTES = 256 * 1024
 
 
-class ListStream:
+class ListStream(ReplyStream):
     """A push producer behind the connection (``StreamFanout``) that sends ``jobs``'
     records in batches; its Deferred fires with their count once all are sent."""
 
     def __init__(self, call: Call, jobs: Sequence[Job]) -> None:
-        self._call = call
+        super().__init__(call)
         self._jobs = jobs
         self._next = 0
-        self._paused = False
-        self._pumping = False
         self._done: Deferred[int] = Deferred(lambda _: self._close())
-        self._closed = False
 
     def start(self) -> Deferred[int]:
         self._call.streams.add(self)
         self._pump()
         return self._done
 
-    def _pump(self) -> None:
-        if self._pumping or self._closed:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and not self._closed:
-                if self._next >= len(self._jobs):
-                    self._close()
-                    self._done.callback(len(self._jobs))
-                    return
-                self._call.send_chunk(self._batch())
-                # Only the first pause reaches us (see StreamFanout.resumeProducing).
-                if self._call.streams.paused:
-                    self._paused = True
-        finally:
-            self._pumping = False
+    def _send_next(self) -> bool:
+        if self._next >= len(self._jobs):
+            self._close()
+            self._done.callback(len(self._jobs))
+            return False
+        self._call.send_chunk(self._batch())
+        return True
 
     def _batch(self) -> Encoded:
         """The next run of at most LIST_BATCH records and LIST_BATCH_BYTES (never empty:
@@ -68,19 +57,3 @@ class ListStream:
             size += len(record)
             self._next += 1
         return Encoded(array_head(len(batch)) + b"".join(batch))
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._call.streams.remove(self)
-
-    # IPushProducer, driven by the connection.
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._close()

@@ -14,14 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import msgpack
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.jobs.logs import JobLogs, LogStore
+from jobworker.wire.frames import PREFIX
 
 
 @implementer(IProcessTransport)
@@ -214,4 +216,61 @@ def read_range(path: str, offset: int, size: int) -> bytes:
         os.close(fd)
 
 
-__all__ = ["FakeProcess", "ProcessReactor", "create_logs", "create_open_logs", "read_range", "size"]
+# -- a connection's far end --------------------------------------------------------------------
+
+
+class SlowPeer(StringTransport):
+    """The daemon's side of a TLS connection to a peer that reads only when told to.
+
+    It presents ``cert`` as the peer's certificate, pauses its streaming producer once more
+    than ``limit`` bytes are unread, as a TCP transport does, and like
+    TLSMemoryBIOProtocol's producer membrane it passes on only the first pause until the
+    peer has read (``drain``, which returns the frames read, decoded)."""
+
+    def __init__(self, cert: Any, limit: int = 64 * 1024) -> None:
+        super().__init__()
+        self.cert = cert
+        self.limit = limit
+        self.unread = 0
+        self.peak = 0
+        self.producer_paused = False
+
+    def getPeerCertificate(self) -> Any:
+        return self.cert
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        self.peak = max(self.peak, self.unread)
+        if self.producer is not None and self.unread > self.limit and not self.producer_paused:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def drain(self) -> list[Any]:
+        """The peer reads everything sent so far; then the producer is resumed."""
+        frames = frames_in(self.value())
+        self.clear()
+        self.unread = 0
+        if self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return frames
+
+
+def frames_in(data: bytes) -> list[Any]:
+    """Every frame in ``data``, decoded as a peer would; the data must end on a frame."""
+    out, offset = [], 0
+    while len(data) - offset >= 4:
+        (length,) = PREFIX.unpack_from(data, offset)
+        out.append(msgpack.unpackb(data[offset + 4:offset + 4 + length], raw=False))
+        offset += 4 + length
+    if offset != len(data):
+        raise AssertionError("the server wrote a partial frame")
+    return out
+
+
+__all__ = ["FakeProcess", "ProcessReactor", "SlowPeer", "create_logs", "create_open_logs",
+           "frames_in", "read_range", "size"]

@@ -24,7 +24,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, LoopingCall, deferLater
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from jobworker import PROTOCOL_VERSION, pki
@@ -36,7 +35,7 @@ from jobworker.daemon.server import RPCServer
 from jobworker.daemon.watcher import POLL_INTERVAL, FileWatcher
 from jobworker.jobs.logs import JobLogs, LogStore
 from jobworker.jobs.manager import JobManager
-from jobworker.testing import ProcessReactor
+from jobworker.testing import ProcessReactor, SlowPeer
 from jobworker.wire.errors import ConnectionLost
 from jobworker.wire.record import JobRecord
 
@@ -287,56 +286,6 @@ def frame(value: Any) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-def frames_in(data: bytes) -> list[Any]:
-    out, offset = [], 0
-    while len(data) - offset >= 4:
-        (length,) = struct.unpack_from("!I", data, offset)
-        out.append(msgpack.unpackb(data[offset + 4:offset + 4 + length], raw=False))
-        offset += 4 + length
-    assert offset == len(data), "the server wrote a partial frame"
-    return out
-
-
-class Wire(StringTransport):
-    """The daemon's side of a TLS connection to a peer that reads only when told to.
-
-    It pauses its streaming producer once more than ``limit`` bytes are unread, as a TCP
-    transport does, and like TLSMemoryBIOProtocol's producer membrane it passes on only
-    the first pause until the peer has read (``drain``)."""
-
-    def __init__(self, cert: crypto.X509, limit: int = 64 * 1024) -> None:
-        super().__init__()
-        self.cert = cert
-        self.limit = limit
-        self.unread = 0
-        self.peak = 0
-        self.producer_paused = False
-
-    def getPeerCertificate(self) -> crypto.X509:
-        return self.cert
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.unread += len(data)
-        self.peak = max(self.peak, self.unread)
-        if self.producer is not None and self.unread > self.limit and not self.producer_paused:
-            self.producer_paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def drain(self) -> list[Any]:
-        """The peer reads everything sent so far; then the producer is resumed."""
-        frames = frames_in(self.value())
-        self.clear()
-        self.unread = 0
-        if self.producer_paused:
-            self.producer_paused = False
-            self.producer.resumeProducing()
-        return frames
-
-
 @pytest.fixture(scope="module")
 def alice_cert() -> crypto.X509:
     ca_key, ca_cert = pki.make_ca()
@@ -346,7 +295,7 @@ def alice_cert() -> crypto.X509:
 
 class Rig:
     """A JobManager on fake processes, an RPCServer with the poll FileWatcher on the same
-    fake clock, and one connection to it over a Wire.  Job output is written by the test."""
+    fake clock, and one connection to it over a SlowPeer.  Job output is written by the test."""
 
     def __init__(self, tmp: Path, cert: crypto.X509) -> None:
         self.reactor = ProcessReactor()
@@ -356,7 +305,7 @@ class Rig:
         self.server = RPCServer(self.reactor, self.manager, Authorizer(),
                                 follower=self.watcher)
         self.proto: RPCServerProtocol = self.server.buildProtocol(None)
-        self.wire = Wire(cert)
+        self.wire = SlowPeer(cert)
         self.proto.makeConnection(self.wire)
         self.proto.handshakeCompleted()
         self.proto.dataReceived(frame({"id": 0, "method": "hello",

@@ -20,7 +20,6 @@ import pytest_twisted
 from conftest import PKI, Daemon, until, wait_for
 from OpenSSL import crypto
 from twisted.internet import reactor
-from twisted.internet.testing import StringTransport
 
 from jobworker import PROTOCOL_VERSION, pki
 from jobworker.client.api import connect
@@ -34,7 +33,7 @@ from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.rpc.tls import ServerTLS
 from jobworker.rpc.transport import ServerTLSFactory
-from jobworker.testing import ProcessReactor
+from jobworker.testing import ProcessReactor, SlowPeer
 
 MiB = 1 << 20
 
@@ -42,55 +41,6 @@ MiB = 1 << 20
 def frame(value: Any) -> bytes:
     payload = msgpack.packb(value, use_bin_type=True)
     return struct.pack("!I", len(payload)) + payload
-
-
-def frames_in(data: bytes) -> list[Any]:
-    out, offset = [], 0
-    while len(data) - offset >= 4:
-        (length,) = struct.unpack_from("!I", data, offset)
-        out.append(msgpack.unpackb(data[offset + 4:offset + 4 + length], raw=False))
-        offset += 4 + length
-    assert offset == len(data)
-    return out
-
-
-class SlowPeer(StringTransport):
-    """A transport whose peer reads only when the test says (``drain``).
-
-    It pauses its push producer once more than ``limit`` bytes are unread, as a TCP
-    transport does over its buffer size, and counts how often it was asked to stop and
-    start reading (``pauseProducing``/``resumeProducing`` on the transport itself)."""
-
-    def __init__(self, cert: crypto.X509, limit: int = 64 * 1024) -> None:
-        super().__init__()
-        self.cert = cert
-        self.limit = limit
-        self.unread = 0
-        self.peak = 0
-        self.producer_paused = False
-
-    def getPeerCertificate(self) -> crypto.X509:
-        return self.cert
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.unread += len(data)
-        self.peak = max(self.peak, self.unread)
-        if self.producer is not None and self.unread > self.limit and not self.producer_paused:
-            self.producer_paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self.write(b"".join(data))
-
-    def drain(self) -> list[Any]:
-        frames = frames_in(self.value())
-        self.clear()
-        self.unread = 0
-        if self.producer_paused:
-            self.producer_paused = False
-            self.producer.resumeProducing()
-        return frames
 
 
 @pytest.fixture(scope="module")

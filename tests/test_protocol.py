@@ -409,13 +409,21 @@ def alice_cert() -> crypto.X509:
     return crypto.X509.from_cryptography(cert)
 
 
+class NoJobs:
+    """A job manager with no job and nothing waiting to be committed: these tests call
+    only hello, whoami and methods refused before any job is looked up."""
+
+    def pending(self) -> None:
+        return None
+
+
 class Server:
     """One RPCServerProtocol on a PeerTransport and a MemoryReactorClock."""
 
     def __init__(self, cert: crypto.X509, limits: Limits = Limits(),
                  handshake: bool = True) -> None:
         self.reactor = MemoryReactorClock()
-        self.factory = RPCServer(self.reactor, jobs=None, authz=Authorizer(),  # type: ignore
+        self.factory = RPCServer(self.reactor, jobs=NoJobs(), authz=Authorizer(),  # type: ignore
                                  limits=limits)
         self.proto: RPCServerProtocol = self.factory.buildProtocol(None)
         self.transport = PeerTransport(cert)

@@ -10,6 +10,7 @@ from jobworker.daemon.authz import Authorizer
 from jobworker.daemon.call import Call
 from jobworker.jobs.job import Job
 from jobworker.jobs.manager import JobManager
+from jobworker.jobs.stored import StoredJob
 from jobworker.wire.errors import Forbidden, JobWorkerError, NotFound
 
 
@@ -21,7 +22,7 @@ class JobAccess:
         self.authz = authz
         self.audit = audit
 
-    def visible_job(self, call: Call, ref: str | int) -> Job:
+    def visible_job(self, call: Call, ref: str | int) -> Job | StoredJob:
         """The job ``ref`` names, if the caller may act on it; else the same NotFound."""
         try:
             job = self.jobs.find(ref)

@@ -93,6 +93,10 @@ class Authorizer:
         if method not in _ALLOWED.get(who.role, frozenset()):
             raise Forbidden(f"role {who.role!r} may not call {method}")
 
+    def sees_all(self, who: Principal) -> bool:
+        """Whether ``who`` sees every identity's jobs (else only its own)."""
+        return who.role in _SEE_ALL
+
     def can_see(self, who: Principal, owner: str) -> bool:
         return who.role in _SEE_ALL or (who.role == "user" and owner == who.name)
 

@@ -20,6 +20,7 @@ from jobworker.daemon.call import Call
 from jobworker.daemon.stream import ReplyStream
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.job import Job
+from jobworker.jobs.stored import StoredJob
 from jobworker.wire.errors import NotFound
 
 CHUNK_SIZE = 256 * 1024
@@ -37,7 +38,7 @@ class LogStream(ReplyStream):
 
     log = Logger()
 
-    def __init__(self, call: Call, job: Job, path: str, offset: int, follow: bool,
+    def __init__(self, call: Call, job: Job | StoredJob, path: str, offset: int, follow: bool,
                  watcher: FileWatcher | None, chunk_size: int = CHUNK_SIZE) -> None:
         super().__init__(call)
         self._job = job

@@ -18,11 +18,12 @@ from jobworker.daemon.limits import Limits
 from jobworker.daemon.listing import ListStream
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.logs import JobLogs
+from jobworker.jobs.store import ListQuery
 from jobworker.wire.codec import Encoded
-from jobworker.wire.errors import Unavailable
+from jobworker.wire.errors import BadRequest, Unavailable
 from jobworker.wire.hello import check_version, hello_result
-from jobworker.wire.params import SCHEMAS
-from jobworker.wire.record import FAILED, JobRecord
+from jobworker.wire.params import SCHEMAS, start_digest
+from jobworker.wire.record import FAILED, RUNNING, JobRecord
 from jobworker.wire.schema import Schema
 
 #: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
@@ -56,18 +57,39 @@ class Methods:
         return me
 
     def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        """Audited twice: the decision before the job starts, its outcome after."""
+        """Audited twice: the decision before the job starts, its outcome after.  A start
+        retried with its ``request_id`` gets the first one's job, and runs nothing."""
+        request = None
+        if p["request_id"] is not None:
+            request = (p["request_id"], start_digest(p))
+            replay = self._replay(call, *request)
+            if replay is not None:
+                return replay
         self.jobs.check_admission()
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"])
         job = self.jobs.start(owner=call.who.name, command=p["command"], args=p["args"],
-                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id)
+                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id,
+                              request=request)
         record = job.wire()
         self._audit(call, "start", job_id,
                     "failed" if record["state"] == FAILED else "started",
                     command=record["command"], args=record["args"], pid=record["pid"],
                     error=record["error"])
         return record
+
+    def _replay(self, call: Call, request_id: str, digest: bytes) -> dict[str, Any] | None:
+        """The record of the caller's earlier start with ``request_id``, if any; a
+        different start under the same key is refused."""
+        found = self.jobs.by_request(call.who.name, request_id)
+        if found is None:
+            return None
+        job, asked = found
+        if asked != digest:
+            raise BadRequest(f"request_id {request_id!r} was already used for another "
+                             f"start (job {job.id}): use a new one for a new job")
+        self._audit(call, "start", job.id, "replayed", request_id=request_id)
+        return job.wire()  # type: ignore[no-any-return]
 
     async def stop(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Audited twice: the request before the job is signalled, its end after."""
@@ -98,10 +120,27 @@ class Methods:
         return record.to_wire()
 
     async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
-        """Streams records newest first in batches; the final reply holds the count."""
-        jobs = [job for job in self.jobs.jobs(running_only=p["running"])
-                if self.authz.can_see(call.who, job.owner)]
-        return {"count": await ListStream(call, jobs).start()}
+        """Streams records newest first in batches; the final reply holds their count,
+        and ``next_cursor`` when more match past ``limit``."""
+        pending = self.jobs.pending()
+        if pending is not None:
+            await pending  # the table is read: every change so far must be in it
+        owner = p["owner"]
+        if not self.authz.sees_all(call.who):
+            if owner is not None and owner != call.who.name:
+                return {"count": 0}  # another's jobs: none the caller may see
+            owner = call.who.name
+        cursor = p["cursor"]
+        if cursor is not None and not (cursor.isdecimal() and cursor.isascii()):
+            raise BadRequest("cursor must be a next_cursor from an earlier list reply")
+        query = ListQuery(limit=1, before=int(cursor) if cursor is not None else None,
+                          owner=owner, state=RUNNING if p["running"] else p["state"],
+                          since=p["since"], until=p["until"])
+        count, more = await ListStream(call, self.jobs.page, query, p["limit"]).start()
+        reply: dict[str, Any] = {"count": count}
+        if more is not None:
+            reply["next_cursor"] = str(more)
+        return reply
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.access.visible_job(call, p["job"])

@@ -3,9 +3,11 @@ to its method's handler through the one table of schemas and handlers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from types import CoroutineType
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -102,4 +104,22 @@ class RPCServer(Factory):
         except Forbidden as e:
             self.access.audit_refusal(call, e, checked)
             raise
-        return handler(call, checked)
+        result = handler(call, checked)
+        if type(result) is CoroutineType:
+            return self._durable(result)
+        pending = self.jobs.pending()
+        return result if pending is None else _after(pending, result)
+
+    async def _durable(self, outcome: Coroutine[Any, Any, Any]) -> Any:
+        """``outcome``'s result, once every change to the job table it made (or saw) is
+        committed: a client is never told what a crash could make untrue."""
+        result = await outcome
+        pending = self.jobs.pending()
+        if pending is not None:
+            await pending
+        return result
+
+
+async def _after(pending: Deferred[None], result: Any) -> Any:
+    await pending
+    return result

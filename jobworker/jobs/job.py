@@ -52,7 +52,8 @@ class Job:
         "executable", "state", "pid", "exit_code", "signal", "error", "started",
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
-        "_timeout_call", "_kill_call", "_kill_waiters",
+        "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
+        "spawn_ticks", "__weakref__",
     )
 
     log = Logger()
@@ -103,6 +104,15 @@ class Job:
         self._timeout_call: DelayedCall | None = None
         self._kill_call: DelayedCall | None = None
         self._kill_waiters: list[Deferred[None]] = []
+        #: The client's retry key and the digest of what it asked (``start``'s request_id).
+        self.request: tuple[str, bytes] | None = None
+        self.ended_time: float | None = None
+        #: Started by an earlier daemon and taken over at start-up: its exit status is
+        #: not ours to collect.
+        self.adopted = False
+        #: Clock ticks after boot just before and after the spawn: they bound the start
+        #: time /proc gives the process, which tells it from a later one with its pid.
+        self.spawn_ticks: tuple[int, int] | None = None
 
     # -- what clients see --------------------------------------------------------------
 
@@ -191,6 +201,15 @@ class Job:
             self._process_ended(reason)
         elif self.timeout is not None:
             self._timeout_call = self._reactor.callLater(self.timeout, self._time_is_up)
+
+    def adopt(self, pid: int) -> None:
+        """Taken over from an earlier daemon, running as ``pid``: its time limit still
+        counts from its start."""
+        self.adopted = True
+        self.pid = self.protocol.pid = pid
+        if self.timeout is not None:
+            left = max(0.0, self.started + self.timeout - self._reactor.seconds())
+            self._timeout_call = self._reactor.callLater(left, self._time_is_up)
 
     def stop(self, grace: float) -> Deferred[JobRecord]:
         """TERM the process group now and KILL it after ``grace`` seconds; fires with the
@@ -295,7 +314,9 @@ class Job:
         if isinstance(value, ProcessTerminated) and value.exitCode is None and value.signal is None:
             # The transport could not learn the exit status (reaped by someone else).
             self.state = LOST
-            self.error = "the process ended but its exit status was lost"
+            self.error = ("the job was adopted after a daemon restart: it ended, but its exit"
+                          " status went to its new parent" if self.adopted else
+                          "the process ended but its exit status was lost")
         elif isinstance(value, ProcessTerminated):
             self.exit_code = value.exitCode
             self.signal = signal_name(value.signal) if value.signal is not None else None
@@ -321,7 +342,8 @@ class Job:
         self._finish()
 
     def _finish(self) -> None:
-        self.ended_at = iso8601(self._reactor.seconds())
+        self.ended_time = self._reactor.seconds()
+        self.ended_at = iso8601(self.ended_time)
         self._on_ended(self)
         observers, self._observers = self._observers, []
         if observers:  # most jobs end unwatched: no record to build then

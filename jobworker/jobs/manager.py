@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -16,11 +17,16 @@ from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.process import JobProcessProtocol, spawn
+from jobworker.jobs.procstat import is_running, ticks_now
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
+from jobworker.jobs.recovery import sort_out, watch_adopted
 from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.rlimits import raise_nofile_limit
-from jobworker.jobs.store import JobStore, MemoryStore
+from jobworker.jobs.sql import Unfinished
+from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
+from jobworker.jobs.stored import StoredJob
 from jobworker.wire import errors
+from jobworker.wire.codec import decode
 from jobworker.wire.params import START_ARGS, START_TIMEOUT
 from jobworker.wire.record import JobRecord
 
@@ -78,6 +84,9 @@ class JobManager(service.Service):
         self._store: JobStore = store if store is not None else MemoryStore()
         self._reserve = reserve
         self._shutting_down = False
+        # Every job some timer or caller still holds: at shutdown, the ones with a KILL
+        # sweep pending are waited for (the store may have let ended ones go).
+        self._held: weakref.WeakSet[Job] = weakref.WeakSet()
 
     # -- service -------------------------------------------------------------------------
 
@@ -85,7 +94,50 @@ class JobManager(service.Service):
         self._log_store.prepare()
         soft, hard = raise_nofile_limit()
         self.log.info("{event} nofile={soft}/{hard}", event="jobs.limits", soft=soft, hard=hard)
+        self._recover()
         super().startService()
+
+    def _recover(self) -> None:
+        """Reconcile the jobs an earlier daemon left running with the machine: record the
+        gone ones ``lost``, adopt the others."""
+        unfinished = self._store.open()
+        if not unfinished:
+            return
+        lost, alive = sort_out(unfinished, self._reactor.seconds())
+        adopted = [job for job in (self._adopt(u) for u in alive) if job is not None]
+        gone = [u for u in alive if u.id not in {job.id for job in adopted}]
+        if gone:
+            more, _ = sort_out(gone, self._reactor.seconds(), lambda *_: False)
+            lost.extend(more)
+        if lost:
+            self._store.record_lost(lost)
+        self.log.info("{event} lost={lost} adopted={adopted}", event="jobs.recovered",
+                      lost=len(lost), adopted=len(adopted))
+
+    def _adopt(self, u: Unfinished) -> Job | None:
+        """Take over a running job of an earlier daemon, or None if it ended meanwhile."""
+        pid = u.pid
+        assert pid is not None
+        record = decode(u.record)
+        job = Job(
+            self._reactor, id=u.id, owner=record["owner"], command=record["command"],
+            args=list(record["args"]), dir=record["dir"], log_dir=record["log_dir"],
+            started=u.started, timeout=record.get("timeout"), timeout_grace=self.grace,
+            signal_group=self._signal_group, on_ended=self._job_ended,
+        )
+        job.spawn_ticks = (u.proc_start or 0, u.proc_start_hi or 0)
+        # The pidfd first, then the check: once it is open, the pid cannot name another
+        # process, so a process that passes the check is the one being watched.
+        watching = watch_adopted(self._reactor, pid, job.protocol.processEnded,
+                                 lambda: is_running(pid, u.proc_start, u.proc_start_hi))
+        if not watching:
+            return None
+        job.adopt(pid)
+        self._held.add(job)
+        self._store.adopt(job)
+        self.log.info("{event} job={job_id} pid={pid} owner={owner}", event="job.adopted",
+                      job_id=job.id, pid=job.pid, owner=job.owner)
+        return job
 
     def stopService(self) -> Deferred[None]:
         """Stop every running job (TERM, then KILL after the grace) and fire once all have
@@ -99,8 +151,8 @@ class JobManager(service.Service):
         if running:
             self.log.info("{event} count={count}", event="jobs.stopping_all", count=len(running))
             await DeferredList([self.stop(job) for job in running], consumeErrors=True)
-        await DeferredList([job.settle() for job in self._store.newest_first()],
-                           consumeErrors=True)
+        await DeferredList([job.settle() for job in list(self._held)], consumeErrors=True)
+        await self._store.close()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -113,13 +165,16 @@ class JobManager(service.Service):
         dir: str | None = None,
         timeout: float | None = None,
         job_id: str | None = None,
+        request: tuple[str, bytes] | None = None,
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one).  Anything wrong
         with the request or the spawn gives a job in state ``failed`` with its error, never
         an exception (the record is the answer); only a daemon that takes no new job
-        (shutting down, short of disk) raises L{errors.Unavailable}."""
+        (shutting down, short of disk) raises L{errors.Unavailable}.  ``request``: the
+        caller's retry key and the digest of what it asked (see ``by_request``)."""
         self.check_admission()
-        job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout)
+        job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
+                            request)
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -147,8 +202,10 @@ class JobManager(service.Service):
             raise errors.Unavailable("the daemon is shutting down")
         if self._reserve is not None:
             self._reserve.check()
+        if self._store.short is not None:
+            raise errors.Unavailable(self._store.short)
 
-    def stop(self, job: Job, grace: float | None = None) -> Deferred[JobRecord]:
+    def stop(self, job: Job | StoredJob, grace: float | None = None) -> Deferred[JobRecord]:
         """TERM the job's process group, KILL it after ``grace`` (default: the manager's);
         fires with the final record.  Stopping an ended job returns its record at once."""
         if grace is None:
@@ -157,11 +214,23 @@ class JobManager(service.Service):
             raise errors.BadRequest("grace must be a non-negative number of seconds")
         return job.stop(grace)
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> Job | StoredJob:
         """The job with this id, or NotFound."""
-        return self._store.get(job_id)
+        return self._store.get(job_id)  # type: ignore[no-any-return]
 
-    def find(self, ref: str | int) -> Job:
+    def by_request(self, owner: str, request_id: str) -> tuple[Job | StoredJob, bytes] | None:
+        """``owner``'s job started with ``request_id``, and the digest of that start."""
+        return self._store.by_request(owner, request_id)
+
+    def page(self, query: ListQuery) -> Page:
+        """One page of jobs, newest first (await ``pending`` first for a current one)."""
+        return self._store.page(query)
+
+    def pending(self) -> Deferred[None] | None:
+        """Fires once every change so far is durable; None if nothing is waiting."""
+        return self._store.pending()
+
+    def find(self, ref: str | int) -> Job | StoredJob:
         """By id, or by pid: the running job with that pid, else the newest that had it."""
         if type(ref) is str and not ref.isdecimal():  # an id: the usual case
             return self._store.get(ref)
@@ -172,16 +241,17 @@ class JobManager(service.Service):
             pid = int(ref)
         if pid is None:
             return self.get(ref)  # type: ignore[arg-type]
-        return self._store.by_pid(pid)
+        return self._store.by_pid(pid)  # type: ignore[no-any-return]
 
-    def jobs(self, running_only: bool = False) -> list[Job]:
-        """Every job this daemon has run, newest first."""
-        return self._store.newest_first(running_only)
+    def jobs(self, running_only: bool = False) -> list[Any]:
+        """Every job in the table (or every running one), newest first."""
+        return self._store.running_jobs() if running_only else self._store.newest_first()
 
     # -- internals -----------------------------------------------------------------------
 
     def _new_job(self, job_id: str, owner: str, command: str, args: list[str],
-                 dir: str | None, timeout: float | None) -> Job:
+                 dir: str | None, timeout: float | None,
+                 request: tuple[str, bytes] | None = None) -> Job:
         """A new job, in the store, not started yet."""
         started = self._reactor.seconds()
         job = Job(
@@ -198,6 +268,8 @@ class JobManager(service.Service):
             signal_group=self._signal_group,
             on_ended=self._job_ended,
         )
+        job.request = request
+        self._held.add(job)
         self._store.add(job)
         return job
 
@@ -220,6 +292,7 @@ class JobManager(service.Service):
             job.fail(str(e))
             return
         job.spawning()
+        earliest = ticks_now()
         try:
             self._spawner(self._reactor, job.protocol, job.executable,
                           [job.command, *job.args], environment, job.dir, out, err)
@@ -231,6 +304,7 @@ class JobManager(service.Service):
             self.log.failure("{event} job={job_id}", event="job.spawn_bug", job_id=job.id)
             job.fail("internal error while starting the job")
             return
+        job.spawn_ticks = (earliest, ticks_now())
         job.spawned()
 
 
@@ -243,6 +317,9 @@ class JobManager(service.Service):
         holder = self._store.running_with_pid(pid)
         if holder is not None and holder is not job:
             raise ProcessLookupError(f"pid {pid} now belongs to job {holder.id}")
+        if job.adopted and not is_running(pid, *job.spawn_ticks or (None, None)):
+            # Not our child: once its leader is gone, its pid may name anyone's process.
+            raise ProcessLookupError(f"adopted job {job.id} has ended")
         self._killpg(pid, signum)
 
     def _job_ended(self, job: Job) -> None:

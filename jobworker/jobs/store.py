@@ -1,20 +1,56 @@
-"""Where jobs are kept: the seam a durable (SQLite) job table will slot into.
+"""Where jobs are kept: the seam between the job manager and its table.
 
-``MemoryStore`` keeps live ``Job`` objects for this daemon's lifetime.  A durable store
-will persist ``Job.record()`` on every change and, on start-up, hand back records of jobs
-a previous daemon ran (re-adopting those still running); the manager only uses the
-methods below.
+``MemoryStore`` keeps every ``Job`` for the daemon's lifetime (``--store memory``);
+``jobworker.jobs.durable.DurableStore`` keeps running jobs in memory and the whole table in
+SQLite.  The manager and the ``list`` stream use only the methods of ``JobStore``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from twisted.internet.defer import Deferred, succeed
 
 from jobworker.jobs.job import Job
+from jobworker.jobs.sql import Row, Unfinished
+from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import NotFound
 
 
+@dataclass(frozen=True)
+class ListQuery:
+    """One page of ``list``: newest first, at most ``limit`` jobs older than cursor
+    ``before``, matching every filter given (``since``/``until`` on the start time)."""
+
+    limit: int
+    before: int | None = None
+    owner: str | None = None
+    state: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+class Page(NamedTuple):
+    """Records, newest first, and the cursor for the next page (None: this was the last)."""
+
+    records: list[Encoded]
+    next: int | None
+
+
 class JobStore(Protocol):
+    def open(self) -> list[Unfinished]:
+        """Ready the store; the jobs an earlier daemon left running, to reconcile."""
+
+    def record_lost(self, rows: list[Row]) -> None:
+        """At start-up: write these final rows of jobs found gone, now."""
+
+    def adopt(self, job: Job) -> None:
+        """A running job of an earlier daemon, taken over."""
+
+    def close(self) -> Deferred[None]:
+        """Write what is left and close; fires once done."""
+
     def add(self, job: Job) -> None:
         """A new job (running or failed to start), newest of all."""
 
@@ -24,17 +60,33 @@ class JobStore(Protocol):
     def ended(self, job: Job) -> None:
         """``job`` has ended; its record is final."""
 
-    def get(self, job_id: str) -> Job:
-        """The job with this id, or L{NotFound}."""
+    def get(self, job_id: str) -> Any:
+        """The job with this id (a ``Job``, or a ``StoredJob`` once ended), or L{NotFound}."""
 
-    def by_pid(self, pid: int) -> Job:
+    def by_pid(self, pid: int) -> Any:
         """The running job with this pid, else the newest that had it; or L{NotFound}."""
+
+    def by_request(self, owner: str, request_id: str) -> tuple[Any, bytes] | None:
+        """``owner``'s job started with this ``request_id``, and the digest of its start."""
 
     def running_with_pid(self, pid: int) -> Job | None:
         """The running job whose process has this pid, if any."""
 
-    def newest_first(self, running_only: bool = False) -> list[Job]:
-        """Every job, newest first."""
+    def running_jobs(self) -> list[Job]:
+        """Every running job, newest first."""
+
+    def newest_first(self) -> list[Any]:
+        """Every job, newest first (for tests and small tables: ``page`` is the way)."""
+
+    def page(self, query: ListQuery) -> Page:
+        """One page of ``list``."""
+
+    def pending(self) -> Deferred[None] | None:
+        """Fires once every change made so far is committed; None when nothing waits."""
+
+    @property
+    def short(self) -> str | None:
+        """Why new jobs are refused (the store is short of space), or None."""
 
 
 class MemoryStore:
@@ -42,15 +94,30 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Job] = {}
-        self._history: list[Job] = []  # start order
+        self._history: list[Job] = []  # start order: a job's cursor is its index + 1
         self._running_by_pid: dict[int, Job] = {}
         # The newest job that had each pid: a lookup by pid is one dict access whatever
         # the history, so its time says nothing about jobs the caller may not see.
         self._newest_by_pid: dict[int, Job] = {}
+        self._requests: dict[tuple[str, str], Job] = {}
+
+    def open(self) -> list[Unfinished]:
+        return []
+
+    def record_lost(self, rows: list[Row]) -> None:
+        raise AssertionError("a memory store has no earlier jobs")
+
+    def adopt(self, job: Job) -> None:
+        raise AssertionError("a memory store has no earlier jobs")
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
 
     def add(self, job: Job) -> None:
         self._by_id[job.id] = job
         self._history.append(job)
+        if job.request is not None:
+            self._requests[job.owner, job.request[0]] = job
 
     def running(self, job: Job) -> None:
         if job.pid is not None:
@@ -81,5 +148,40 @@ class MemoryStore:
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)
 
-    def newest_first(self, running_only: bool = False) -> list[Job]:
-        return [j for j in reversed(self._history) if not running_only or not j.ended]
+    def by_request(self, owner: str, request_id: str) -> tuple[Job, bytes] | None:
+        job = self._requests.get((owner, request_id))
+        if job is None or job.request is None:
+            return None
+        return job, job.request[1]
+
+    def running_jobs(self) -> list[Job]:
+        return [j for j in reversed(self._history) if not j.ended]
+
+    def newest_first(self) -> list[Job]:
+        return self._history[::-1]
+
+    def page(self, query: ListQuery) -> Page:
+        end = len(self._history) if query.before is None else min(query.before - 1,
+                                                                   len(self._history))
+        records: list[Encoded] = []
+        i = end - 1
+        while i >= 0 and len(records) < query.limit:
+            job = self._history[i]
+            if matches(job, query):
+                records.append(job.packed())
+            i -= 1
+        more = any(matches(self._history[j], query) for j in range(i, -1, -1))
+        return Page(records, i + 2 if more else None)
+
+    def pending(self) -> Deferred[None] | None:
+        return None
+
+    short = None
+
+
+def matches(job: Any, query: ListQuery) -> bool:
+    """Whether ``job`` passes ``query``'s filters (its cursor and limit aside)."""
+    return ((query.owner is None or job.owner == query.owner)
+            and (query.state is None or job.state == query.state)
+            and (query.since is None or job.started >= query.since)
+            and (query.until is None or job.started < query.until))

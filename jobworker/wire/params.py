@@ -6,6 +6,11 @@ applies the same checks of a start's arguments and time limit when called direct
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
+from jobworker.wire.codec import encode
+from jobworker.wire.record import STATES
 from jobworker.wire.schema import (
     Schema,
     boolean,
@@ -33,14 +38,31 @@ SCHEMAS: dict[str, Schema] = {
         "env": (list_of(string(65536, no_nul=False), 1024), []),
         "dir": (string(4096, nonempty=True), None),
         "timeout": (START_TIMEOUT, None),
+        # A client's retry key: a second start with it returns the first job.
+        "request_id": (string(128, nonempty=True), None),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
     "wait": schema(_JOB),
-    "list": schema({}, {"running": (boolean(), False)}),
+    "list": schema({}, {
+        "running": (boolean(), False),  # the same as state="running"
+        "limit": (integer(1, 2**31), None),  # None: every job that matches
+        "cursor": (string(32, nonempty=True), None),  # a previous reply's next_cursor
+        "state": (one_of(*STATES), None),
+        "owner": (string(4096, nonempty=True), None),
+        "since": (number(0.0, 10.0**11), None),  # started at or after (Unix seconds)
+        "until": (number(0.0, 10.0**11), None),  # started before
+    }),
     "logs": schema(_JOB, {
         "stream": (one_of("stdout", "stderr"), "stdout"),
         "offset": (integer(0, 2**63 - 1), 0),
         "follow": (boolean(), False),
     }),
 }
+
+
+def start_digest(params: dict[str, Any]) -> bytes:
+    """What a start asked for, in 16 bytes: a retried start (same ``request_id``) must ask
+    for the same."""
+    asked = [params[k] for k in ("command", "args", "env", "dir", "timeout")]
+    return hashlib.blake2b(encode(asked), digest_size=16).digest()

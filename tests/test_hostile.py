@@ -596,6 +596,6 @@ def test_a_state_filesystem_that_fills_up(test_pki: PKI, small_state: Path) -> N
         assert b'"state": "stopped"' in stopped.stdout
         assert d.jwclient("status", filler).returncode == 0
         assert d.jwclient("whoami", identity="admin").returncode == 0
-        assert d.tracebacks() == []
+        assert d.tracebacks() == [], d.log()[-6000:]
     finally:
         d.stop()

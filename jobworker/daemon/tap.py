@@ -19,12 +19,16 @@ from jobworker.daemon.listener import ConnectionCap, Listener
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
+from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.durable import DurableStore
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.jobs.reaping import QuietChildSignals
 from jobworker.jobs.reserve import DiskReserve, MinFree
+from jobworker.jobs.sql import TableError
+from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
 
@@ -64,6 +68,13 @@ class Options(usage.Options):
          "Free space to keep on the state file system (512M, 1G, 5%): below it new jobs "
          "are refused, so stops and job ends are still recorded."],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+        ["store", None, "sqlite",
+         "Where the job table lives: sqlite (<state-dir>/jobs.db, kept across restarts) "
+         "or memory (this daemon's lifetime only)."],
+    ]
+    optFlags = [
+        ["fsync", None, "Commit each change of the job table to disk before replying "
+                        "(survives power loss; slower)."],
     ]
 
     def __init__(self) -> None:
@@ -95,6 +106,8 @@ class Options(usage.Options):
             self["min-free"] = MinFree.parse(self["min-free"])
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}") from None
+        if self["store"] not in ("sqlite", "memory"):
+            raise usage.UsageError("--store is sqlite or memory")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -113,8 +126,24 @@ def makeService(config: Options) -> service.MultiService:
     except PolicyError as e:
         fail(str(e))
     state_dir = os.path.abspath(config["state-dir"])
+    lock = StateLock(state_dir)
     try:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        lock.acquire()  # before anything in it is touched
+    except StateLocked as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot use state directory {state_dir}: {e.strerror}")
+    store: JobStore = MemoryStore()
+    if config["store"] == "sqlite":
+        durable = DurableStore(reactor, os.path.join(state_dir, "jobs.db"),
+                               fsync=config["fsync"])
+        try:
+            durable.check()
+        except TableError as e:
+            fail(f"cannot use the job table: {e}")
+        store = durable
+    try:
         audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
         logs = LogStore(os.path.join(state_dir, "logs"))
     except OSError as e:
@@ -135,11 +164,12 @@ def makeService(config: Options) -> service.MultiService:
     spare_logs = LogDirPool(reactor, logs)
     reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
     jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
-                      reserve=reserve)
+                      reserve=reserve, store=store)
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
 
     top = service.MultiService()
+    StateLockService(lock).setServiceParent(top)
     # Spare log directories first, jobs second, listener third: on shutdown the listener
     # stops accepting before running jobs are stopped, and the spares go once no job can
     # start (MultiService stops children in reverse order).

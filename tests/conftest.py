@@ -174,6 +174,7 @@ class Daemon:
                "--pki", str(self.pki.dir), "--state-dir", str(self.state_dir),
                "--listen", "tcp:0:interface=127.0.0.1", *self.args]
         self.log_file = open(self.log_path, "ab")
+        since = self.log_file.tell()  # a restarted daemon appends: read only its lines
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      cwd=str(self.state_dir.parent))
@@ -181,7 +182,7 @@ class Daemon:
         def listening() -> int | None:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"twistd exited {self.proc.returncode}:\n{self.log()}")
-            m = re.search(r"jobworker\.listening host=\S+ port=(\d+)", self.log())
+            m = re.search(r"jobworker\.listening host=\S+ port=(\d+)", self.log()[since:])
             return int(m.group(1)) if m else None
 
         self.port = wait_for(listening, timeout, what="the daemon to listen")

@@ -313,10 +313,14 @@ class Job:
         self.state = STOPPED if self._stopping else EXITED
         if isinstance(value, ProcessTerminated) and value.exitCode is None and value.signal is None:
             # The transport could not learn the exit status (reaped by someone else).
-            self.state = LOST
-            self.error = ("the job was adopted after a daemon restart: it ended, but its exit"
-                          " status went to its new parent" if self.adopted else
-                          "the process ended but its exit status was lost")
+            if self.adopted:
+                # Stopped by us, it is ``stopped`` all the same; its status is not ours.
+                self.state = STOPPED if self._stopping else LOST
+                self.error = ("adopted after a daemon restart: its exit status went to its"
+                              " new parent")
+            else:
+                self.state = LOST
+                self.error = "the process ended but its exit status was lost"
         elif isinstance(value, ProcessTerminated):
             self.exit_code = value.exitCode
             self.signal = signal_name(value.signal) if value.signal is not None else None

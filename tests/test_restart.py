@@ -259,3 +259,29 @@ def test_list_pages_newest_first_with_filters(test_pki: PKI, state: Path) -> Non
         admin.call("stop", {"job": bobs, "grace": 1})
     finally:
         d.stop()
+
+
+def test_jwclient_list_shows_the_newest_100_and_says_when_more_exist(
+        test_pki: PKI, state: Path) -> None:
+    d = Daemon(test_pki, state).start()
+    try:
+        conn = Conn(d)
+        conn.hello()
+        ids = [conn.call("start", {"command": "true"})["id"] for _ in range(105)]
+        shown = d.jwclient("--json", "list", check=True)
+        assert [r["id"] for r in json.loads(shown.stdout)] == ids[:4:-1]
+        assert shown.stderr == (b"jwclient: showing the newest 100 jobs; more exist "
+                                b"(--limit N, or --all)\n")
+        every = d.jwclient("--json", "list", "--all", check=True)
+        assert [r["id"] for r in json.loads(every.stdout)] == ids[::-1]
+        assert every.stderr == b""
+        three = d.jwclient("--json", "list", "--limit", "3", "--state", "exited",
+                           "--since", "1h", check=True)
+        assert [r["id"] for r in json.loads(three.stdout)] == ids[:-4:-1]
+        assert json.loads(d.jwclient("--json", "list", "--owner", "bob",
+                                     check=True).stdout) == []
+        assert json.loads(d.jwclient("--json", "list", "--until", "1d",
+                                     check=True).stdout) == []
+        assert d.jwclient("list", "--limit", "0").returncode == 2
+    finally:
+        d.stop()

@@ -60,12 +60,18 @@ class ClientConfig:
                    os.path.join(pki, f"{identity}.key"))
 
 
+Records = list[JobRecord]
+
+
 class Client:
     """A connected, hello'd session with the daemon."""
 
-    def __init__(self, protocol: RPCClientProtocol, server_info: dict[str, Any]) -> None:
+    def __init__(self, protocol: RPCClientProtocol, server_info: dict[str, Any],
+                 config: ClientConfig | None = None) -> None:
         self.protocol = protocol
         self.server_info = server_info
+        #: How this session was made: to make another after a dropped connection.
+        self.config = config
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              on_chunk: Callable[[Any], None] | None = None) -> Deferred[Any]:
@@ -73,8 +79,13 @@ class Client:
 
     async def start(self, command: str, args: list[str] | None = None,
                     env: list[str] | None = None, dir: str | None = None,
-                    timeout: float | None = None) -> JobRecord:
+                    timeout: float | None = None, request_id: str | None = None
+                    ) -> JobRecord:
+        """``request_id``: a retry of this start with the same one returns the same job
+        and runs nothing twice (the daemon keeps it, across restarts too)."""
         params: dict[str, Any] = {"command": command, "args": args or []}
+        if request_id is not None:
+            params["request_id"] = request_id
         if env:
             params["env"] = env
         if dir is not None:
@@ -87,11 +98,26 @@ class Client:
         params = {"job": job, **{k: v for k, v in extra.items() if v is not None}}
         return JobRecord.from_wire(await self.call(method, params))
 
-    async def list(self, running: bool = False) -> list[JobRecord]:
+    async def list(self, running: bool = False, **filters: Any) -> list[JobRecord]:
+        """Every job that matches (``limit``, ``state``, ``owner``, ``since``, ``until``),
+        newest first, page after page."""
         records: list[JobRecord] = []
-        await self.call("list", {"running": running},
-                        lambda batch: records.extend(JobRecord.from_wire(r) for r in batch))
-        return records
+        cursor = None
+        while True:
+            page, cursor = await self.list_page(running=running, cursor=cursor, **filters)
+            records.extend(page)
+            if cursor is None or "limit" in filters:
+                return records
+
+    async def list_page(self, running: bool = False, **params: Any
+                        ) -> tuple[Records, str | None]:
+        """One ``list`` reply: its records, and the cursor of the next page (None: last)."""
+        records: list[JobRecord] = []
+        sent = {"running": running, **{k: v for k, v in params.items() if v is not None}}
+        final = await self.call("list", sent, lambda batch: records.extend(
+            JobRecord.from_wire(r) for r in batch))
+        cursor = final.get("next_cursor") if isinstance(final, dict) else None
+        return records, cursor if isinstance(cursor, str) else None
 
     async def logs(self, job: str | int, sink: Callable[[bytes], None], stream: str = "stdout",
                    offset: int = 0, follow: bool = False) -> dict[str, Any]:
@@ -137,7 +163,7 @@ async def connect(reactor: Any, config: ClientConfig, timeout: float = 10.0) -> 
         protocol.transport.abortConnection()
         raise ClientError(f"{config.server}: no answer within {timeout:g}s "
                           f"({type(e).__name__})") from None
-    return Client(protocol, info)
+    return Client(protocol, info, config)
 
 
 def _reason(e: Exception) -> str:

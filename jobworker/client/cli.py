@@ -11,6 +11,8 @@ import os
 import sys
 from typing import NoReturn
 
+from jobworker.wire.record import STATES
+
 USAGE_EXIT = 2
 #: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).
 OWN_ERROR_EXIT = 125
@@ -29,9 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _duration(text: str) -> float:
-    """``30``, ``30s``, ``5m``, ``1h``, ``250ms``."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
+    """``30``, ``30s``, ``5m``, ``1h``, ``2d``, ``250ms``."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    for suffix in ("ms", "s", "m", "h", "d"):
         if text.endswith(suffix):
             number, scale = text[: -len(suffix)], units[suffix]
             break
@@ -43,6 +45,16 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}") from None
     if not 0 < value < 10**8:
         raise argparse.ArgumentTypeError(f"duration {text!r} out of range")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number {text!r}") from None
+    if not 1 <= value <= 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is not from 1 to {2**31}")
     return value
 
 
@@ -98,8 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show one job, by id or pid")
     p.add_argument("job", type=_job_ref)
 
-    p = sub.add_parser("list", help="list jobs, newest first")
-    p.add_argument("--running", action="store_true", help="only running jobs")
+    p = sub.add_parser("list", help="list jobs, newest first",
+                       description="List jobs, newest first: the newest 100 unless --limit "
+                                   "or --all says otherwise.")
+    p.add_argument("--running", action="store_true", help="only running jobs "
+                   "(the same as --state running)")
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
+    p.add_argument("--owner", help="only this identity's jobs")
+    p.add_argument("--since", type=_duration, metavar="DURATION",
+                   help="only jobs started within this long (1h, 2d)")
+    p.add_argument("--until", type=_duration, metavar="DURATION",
+                   help="only jobs started more than this long ago")
+    many = p.add_mutually_exclusive_group()
+    many.add_argument("--limit", type=_count, default=100, help="at most N jobs (100)")
+    many.add_argument("--all", action="store_true", help="every job, page by page")
 
     p = sub.add_parser("logs", help="write a job's output to stdout, byte-exact")
     p.add_argument("job", type=_job_ref)

@@ -10,15 +10,16 @@ import json
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
 from jobworker.client import render
 from jobworker.client.api import Client, ClientConfig, ClientError, connect
-from jobworker.wire.errors import JobWorkerError
+from jobworker.wire.errors import ConnectionLost, JobWorkerError
 from jobworker.wire.record import FAILED, JobRecord
 
 Command = Callable[[Any, Client, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -98,13 +99,47 @@ async def whoami(reactor: Any, client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start(client: Client, args: argparse.Namespace) -> JobRecord:
+async def _start(client: Client, args: argparse.Namespace,
+                 request_id: str | None = None) -> JobRecord:
     return await client.start(args.program, args.args, env=args.env, dir=args.dir,
-                              timeout=args.timeout)
+                              timeout=args.timeout,
+                              request_id=request_id or str(uuid.uuid4()))
+
+
+#: Reconnections ``start`` makes when the connection drops before its reply.
+START_RETRIES = 3
+
+
+async def _start_retrying(reactor: Any, client: Client, args: argparse.Namespace
+                          ) -> JobRecord:
+    """Retried on a dropped connection with the same request_id: the daemon starts the
+    program once, however many times the request reached it."""
+    request_id = str(uuid.uuid4())
+    for attempt in range(1, START_RETRIES + 2):
+        try:
+            return await _start(client, args, request_id)
+        except ConnectionLost:
+            if attempt > START_RETRIES or client.config is None:
+                raise
+        client = await _reconnect(reactor, client.config, args, attempt)
+    raise AssertionError("unreachable")
+
+
+async def _reconnect(reactor: Any, config: ClientConfig, args: argparse.Namespace,
+                     attempt: int) -> Client:
+    """A new session after a short backoff; the last ClientError if none can be made."""
+    for tries in range(attempt, START_RETRIES + 1):
+        await deferLater(reactor, 0.2 * 2**tries, lambda: None)
+        try:
+            return await connect(reactor, config, timeout=args.connect_timeout)
+        except ClientError:
+            if tries == START_RETRIES:
+                raise
+    raise ClientError("cannot reconnect")
 
 
 async def start(reactor: Any, client: Client, args: argparse.Namespace) -> int:
-    record = await _start(client, args)
+    record = await _start_retrying(reactor, client, args)
     if args.json:
         _print_json(record.to_wire())
     elif record.state != FAILED:
@@ -125,7 +160,19 @@ async def status(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 
 
 async def list_(reactor: Any, client: Client, args: argparse.Namespace) -> int:
-    records = await client.list(running=args.running)
+    now = time.time()
+    filters = {"state": args.state, "owner": args.owner,
+               "since": now - args.since if args.since else None,
+               "until": now - args.until if args.until else None}
+    if args.all:
+        records = await client.list(running=args.running, **filters)
+        more = None
+    else:
+        records, more = await client.list_page(running=args.running, limit=args.limit,
+                                               **filters)
+    if more is not None:
+        sys.stderr.write(f"jwclient: showing the newest {len(records)} jobs; more exist "
+                         "(--limit N, or --all)\n")
     if args.json:
         _print_json([r.to_wire() for r in records])
     else:

@@ -285,3 +285,45 @@ def test_jwclient_list_shows_the_newest_100_and_says_when_more_exist(
         assert d.jwclient("list", "--limit", "0").returncode == 2
     finally:
         d.stop()
+
+
+def test_retention_forget_and_the_log_cap(test_pki: PKI, state: Path) -> None:
+    """--max-history keeps the newest ended jobs (record and logs); forget removes one of
+    your own, not another's and not a running one; --max-log-bytes stops a job whose logs
+    pass the cap and keeps what it wrote."""
+    d = Daemon(test_pki, state, "--max-history", "3", "--max-log-bytes", "64K").start()
+    try:
+        conn = Conn(d)
+        conn.hello()
+        jobs = [conn.call("start", {"command": "echo", "args": [str(i)]}) for i in range(6)]
+        for j in jobs:
+            wait_for(lambda j=j: status(d, j["id"])["state"] == "exited", what="job end")
+        d.stop()
+        d = Daemon(test_pki, state, "--max-history", "3", "--max-log-bytes", "64K").start()
+        wait_for(lambda: "retention.removed jobs=3 log_dirs=3" in d.log(), what="retention")
+        for j in jobs[:3]:
+            assert d.jwclient("status", j["id"]).returncode != 0
+            assert not Path(j["log_dir"]).exists()
+        assert [status(d, j["id"])["state"] for j in jobs[3:]] == ["exited"] * 3
+
+        victim = jobs[5]
+        refused = d.jwclient("forget", victim["id"], identity="bob")
+        assert refused.returncode != 0 and b"not_found" in refused.stderr
+        running = start_json(d, "sleep", "300")
+        busy = d.jwclient("forget", running["id"])
+        assert busy.returncode != 0 and b"running" in busy.stderr
+        assert d.jwclient("forget", victim["id"]).returncode == 0
+        assert d.jwclient("status", victim["id"]).returncode != 0
+        assert not Path(victim["log_dir"]).exists()
+        assert "outcome=forgotten" in (state / "audit.log").read_text() or \
+            '"forgotten"' in (state / "audit.log").read_text()
+
+        loud = start_json(d, "sh", "-c", "yes | head -c 1000000; sleep 300")
+        ended = json.loads(d.jwclient("--json", "wait", loud["id"]).stdout)
+        assert ended["state"] == "stopped" and "--max-log-bytes" in ended["error"]
+        size = (Path(loud["log_dir"]) / "stdout.log").stat().st_size
+        assert 64 * 1024 < size <= 1_000_000
+        d.jwclient("stop", "--grace", "1", running["id"], check=True)
+        assert d.tracebacks() == []
+    finally:
+        d.stop()

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("--offset", type=int, default=0, help="start at this byte")
 
+    p = sub.add_parser("forget", help="remove an ended job: its record and its logs",
+                       description="Remove one ended job of yours (an admin: anyone's), "
+                                   "its record and its log folder.")
+    p.add_argument("job", type=_job_ref)
+
     p = sub.add_parser("wait", help="wait for a job to end; exit with its status",
                        description="Wait for the job to end and exit with its status: the "
                                    "exit code, 128+N if killed by signal N, 125 on errors.")

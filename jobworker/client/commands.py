@@ -215,6 +215,13 @@ async def logs(reactor: Any, client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def forget(reactor: Any, client: Client, args: argparse.Namespace) -> int:
+    result = await client.call("forget", {"job": args.job})
+    if args.json:
+        _print_json(result)
+    return 0
+
+
 async def wait(reactor: Any, client: Client, args: argparse.Namespace) -> int:
     record = await client.record("wait", args.job)
     _print_record(args, record)
@@ -272,5 +279,5 @@ async def submit(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "whoami": whoami, "start": start, "stop": stop, "status": status, "list": list_,
-    "logs": logs, "wait": wait, "run": run_, "submit": submit,
+    "logs": logs, "wait": wait, "run": run_, "submit": submit, "forget": forget,
 }

@@ -33,7 +33,7 @@ class JobAccess:
         try:
             self.authz.check_job(call.who, call.method, job.owner, ref)
         except (NotFound, Forbidden) as e:
-            if call.method == "stop":
+            if call.method in ("stop", "forget"):  # the methods that change something
                 self.audit_refusal(call, e, {"job": ref})
             raise
         return job

@@ -16,11 +16,11 @@ from jobworker.wire.identity import ROLES, PeerIdentity
 #: Methods anyone authenticated (and not denied) may call.
 PUBLIC = frozenset({"hello", "whoami"})
 #: Methods that act on one existing job.
-JOB_METHODS = frozenset({"status", "stop", "logs", "wait"})
+JOB_METHODS = frozenset({"status", "stop", "logs", "wait", "forget"})
 
 _ALLOWED: dict[str, frozenset[str]] = {
-    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait"}),
-    "user": frozenset({"start", "stop", "status", "list", "logs", "wait"}),
+    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
+    "user": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
     "viewer": frozenset({"status", "list", "logs", "wait"}),
 }
 #: Roles that see every job; the others see only their own.

@@ -114,6 +114,13 @@ class Methods:
     def status(self, call: Call, p: dict[str, Any]) -> Encoded:
         return self.access.visible_job(call, p["job"]).packed()
 
+    async def forget(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Remove one ended job, its record and its logs; audited."""
+        job = self.access.visible_job(call, p["job"])
+        await self.jobs.forget(job)
+        self._audit(call, "forget", job.id, "forgotten")
+        return {"job": job.id}
+
     async def wait(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.access.visible_job(call, p["job"])
         record = await job.when_ended()
@@ -148,8 +155,12 @@ class Methods:
         if self.follower is None and p["follow"]:
             raise Unavailable("this daemon cannot follow logs")
         with self._stream_slot(call):
-            stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
-            offset = await stream.start()
+            self.jobs.reading(job.id, 1)  # retention and forget leave it alone meanwhile
+            try:
+                stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
+                offset = await stream.start()
+            finally:
+                self.jobs.reading(job.id, -1)
         return {"offset": offset, "record": job.wire()}
 
     @contextmanager
@@ -187,5 +198,6 @@ def table(access: JobAccess, limits: Limits, follower: FileWatcher | None) -> Ta
     handlers: dict[str, Handler] = {
         "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,
+        "forget": m.forget,
     }
     return {name: (SCHEMAS[name], handler) for name, handler in handlers.items()}

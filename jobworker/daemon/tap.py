@@ -22,11 +22,13 @@ from jobworker.daemon.startup import fail
 from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.durable import DurableStore
+from jobworker.jobs.logcap import LogCap
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.jobs.reaping import QuietChildSignals
-from jobworker.jobs.reserve import DiskReserve, MinFree
+from jobworker.jobs.reserve import DiskReserve, MinFree, parse_size
+from jobworker.jobs.retention import Retention
 from jobworker.jobs.sql import TableError
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
@@ -68,6 +70,11 @@ class Options(usage.Options):
          "Free space to keep on the state file system (512M, 1G, 5%): below it new jobs "
          "are refused, so stops and job ends are still recorded."],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+        ["retention", None, None,
+         "Remove ended jobs (record and logs) this long after they ended (30d, 12h)."],
+        ["max-history", None, None, "Keep at most this many ended jobs.", int],
+        ["max-log-bytes", None, None,
+         "Stop a job whose stdout and stderr together pass this size (1G, 512M)."],
         ["store", None, "sqlite",
          "Where the job table lives: sqlite (<state-dir>/jobs.db, kept across restarts) "
          "or memory (this daemon's lifetime only)."],
@@ -106,11 +113,38 @@ class Options(usage.Options):
             self["min-free"] = MinFree.parse(self["min-free"])
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}") from None
+        if self["retention"] is not None:
+            self["retention"] = _seconds("--retention", self["retention"])
+        if self["max-history"] is not None and self["max-history"] < 0:
+            raise usage.UsageError("--max-history must be 0 or more")
+        if self["max-log-bytes"] is not None:
+            try:
+                self["max-log-bytes"] = parse_size(self["max-log-bytes"])
+            except ValueError as e:
+                raise usage.UsageError(f"--max-log-bytes: {e}") from None
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError("--store is sqlite or memory")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
+
+
+def _seconds(option: str, text: str) -> float:
+    """``30d``, ``12h``, ``5m``, ``90s``, ``250ms`` or plain seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    for suffix in ("ms", "s", "m", "h", "d"):
+        if text.endswith(suffix):
+            number, scale = text[:-len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise usage.UsageError(f"{option}: bad duration {text!r} (e.g. 30d, 12h)") from None
+    if not 0 < value < 10**10:
+        raise usage.UsageError(f"{option}: {text!r} is out of range")
+    return value
 
 
 def makeService(config: Options) -> service.MultiService:
@@ -176,6 +210,12 @@ def makeService(config: Options) -> service.MultiService:
     spare_logs.setServiceParent(top)
     QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
+    Retention(reactor, store, logs.root, retention=config["retention"],
+              max_history=config["max-history"],
+              spared=jobs.being_read).setServiceParent(top)
+    if config["max-log-bytes"] is not None:
+        LogCap(reactor, lambda: jobs.jobs(running_only=True), jobs.stop,
+               config["max-log-bytes"]).setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
     return top

@@ -31,7 +31,7 @@ from jobworker.jobs import sql
 from jobworker.jobs.job import Job
 from jobworker.jobs.store import ListQuery, Page
 from jobworker.jobs.stored import StoredJob
-from jobworker.wire.codec import Encoded
+from jobworker.wire.codec import Encoded, decode
 from jobworker.wire.errors import NotFound
 from jobworker.wire.record import RUNNING
 
@@ -66,6 +66,22 @@ def _write(conn: sqlite3.Connection, rows: list[sql.Row], reserve: str | None) -
     """In the writer thread: commit ``rows``; then, if asked, make the reserve again."""
     sql.write(conn, rows)
     return reserve is None or make_reserve(reserve)
+
+
+def _expire(conn: sqlite3.Connection, before: float | None, keep: int | None,
+            spared: frozenset[str], batch: int) -> list[tuple[str, str]]:
+    """In the writer thread: delete up to ``batch`` ended jobs that ended before
+    ``before`` or lie past the newest ``keep``, but none in ``spared``; (id, log_dir) of
+    each one deleted."""
+    victims: dict[str, bytes] = {}
+    if before is not None:
+        victims.update(sql.ended_before(conn, before, batch))
+    if keep is not None:
+        victims.update(sql.ended_beyond(conn, keep, batch + len(spared)))
+    gone = [(job_id, decode(packed)["log_dir"]) for job_id, packed in victims.items()
+            if job_id not in spared][:batch]
+    sql.delete(conn, [job_id for job_id, _ in gone])
+    return gone
 
 
 def _disk_full(failure: Failure) -> bool:
@@ -284,6 +300,17 @@ class DurableStore:
                        "are refused until the disk has room", event="table.reserve_used",
                        path=self.reserve_path, error=failure.getErrorMessage())
         return 0.0
+
+    def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
+               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+        """Delete ended jobs past ``--retention`` (ended before ``before``) or
+        ``--max-history`` (past the newest ``keep``), except ``spared``; fires with the
+        (id, log_dir) of each, at most ``batch``."""
+        return self._run(_expire, self._writer, before, keep, spared, batch)
+
+    def forget(self, job_id: str) -> Deferred[None]:
+        """Delete one ended job (committed already: the caller awaited ``pending``)."""
+        return self._run(sql.delete, self._writer, [job_id])
 
     def _forget_live(self, job: Job) -> None:
         """``job``'s final record is in the table: serve it from there from now on."""

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from jobworker.jobs.environment import daemon_base_env, job_environment
@@ -21,6 +22,7 @@ from jobworker.jobs.procstat import is_running, ticks_now
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
 from jobworker.jobs.recovery import sort_out, watch_adopted
 from jobworker.jobs.reserve import DiskReserve
+from jobworker.jobs.retention import remove_log_dirs
 from jobworker.jobs.rlimits import raise_nofile_limit
 from jobworker.jobs.sql import Unfinished
 from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
@@ -87,6 +89,8 @@ class JobManager(service.Service):
         # Every job some timer or caller still holds: at shutdown, the ones with a KILL
         # sweep pending are waited for (the store may have let ended ones go).
         self._held: weakref.WeakSet[Job] = weakref.WeakSet()
+        # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
+        self._readers: dict[str, int] = {}
 
     # -- service -------------------------------------------------------------------------
 
@@ -213,6 +217,32 @@ class JobManager(service.Service):
         if not (grace >= 0 and math.isfinite(grace)):
             raise errors.BadRequest("grace must be a non-negative number of seconds")
         return job.stop(grace)
+
+    def reading(self, job_id: str, change: int) -> None:
+        """Count a reader of ``job_id``'s logs in (+1) or out (-1)."""
+        n = self._readers.get(job_id, 0) + change
+        if n > 0:
+            self._readers[job_id] = n
+        else:
+            self._readers.pop(job_id, None)
+
+    def being_read(self) -> frozenset[str]:
+        """Jobs whose logs are being read now: retention and forget spare them."""
+        return frozenset(self._readers)
+
+    async def forget(self, job: Job | StoredJob) -> None:
+        """Remove an ended job: its record, then its log folder."""
+        if not job.ended:
+            raise errors.BadRequest(f"job {job.id} is running: stop it first")
+        if job.id in self._readers:
+            raise errors.Unavailable(f"job {job.id}'s log is being read: try again later")
+        pending = self._store.pending()
+        if pending is not None:
+            await pending
+        await self._store.forget(job.id)
+        await deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                remove_log_dirs, self._log_store.root, [job.log_dir])
+        self.log.info("{event} job={job_id}", event="job.forgotten", job_id=job.id)
 
     def get(self, job_id: str) -> Job | StoredJob:
         """The job with this id, or NotFound."""

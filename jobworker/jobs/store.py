@@ -88,13 +88,23 @@ class JobStore(Protocol):
     def short(self) -> str | None:
         """Why new jobs are refused (the store is short of space), or None."""
 
+    def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
+               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+        """Delete ended jobs that ended before ``before`` or lie past the newest ``keep``
+        ended ones, except ``spared``; fires with (id, log_dir) of each, ``batch`` at most."""
+
+    def forget(self, job_id: str) -> Deferred[None]:
+        """Delete one ended job."""
+
 
 class MemoryStore:
     """Jobs in memory, for the daemon's lifetime (about 1.5 KiB per ended job)."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, Job] = {}
-        self._history: list[Job] = []  # start order: a job's cursor is its index + 1
+        # Start order: a job's cursor is its index + 1; a forgotten job leaves a None.
+        self._history: list[Job | None] = []
+        self._index: dict[str, int] = {}
         self._running_by_pid: dict[int, Job] = {}
         # The newest job that had each pid: a lookup by pid is one dict access whatever
         # the history, so its time says nothing about jobs the caller may not see.
@@ -115,6 +125,7 @@ class MemoryStore:
 
     def add(self, job: Job) -> None:
         self._by_id[job.id] = job
+        self._index[job.id] = len(self._history)
         self._history.append(job)
         if job.request is not None:
             self._requests[job.owner, job.request[0]] = job
@@ -155,10 +166,10 @@ class MemoryStore:
         return job, job.request[1]
 
     def running_jobs(self) -> list[Job]:
-        return [j for j in reversed(self._history) if not j.ended]
+        return [j for j in reversed(self._history) if j is not None and not j.ended]
 
     def newest_first(self) -> list[Job]:
-        return self._history[::-1]
+        return [j for j in reversed(self._history) if j is not None]
 
     def page(self, query: ListQuery) -> Page:
         end = len(self._history) if query.before is None else min(query.before - 1,
@@ -167,16 +178,44 @@ class MemoryStore:
         i = end - 1
         while i >= 0 and len(records) < query.limit:
             job = self._history[i]
-            if matches(job, query):
+            if job is not None and matches(job, query):
                 records.append(job.packed())
             i -= 1
-        more = any(matches(self._history[j], query) for j in range(i, -1, -1))
+        more = any(j is not None and matches(j, query) for j in self._history[i::-1]
+                   ) if i >= 0 else False
         return Page(records, i + 2 if more else None)
 
     def pending(self) -> Deferred[None] | None:
         return None
 
     short = None
+
+    def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
+               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+        ended = [job for job in self._history
+                 if job is not None and job.ended and job.id not in spared]
+        victims = [job for job in ended if before is not None
+                   and job.ended_time is not None and job.ended_time < before]
+        if keep is not None and len(ended) > keep:
+            victims += ended[:len(ended) - keep]
+        gone = list({job.id: job for job in victims}.values())[:batch]
+        for job in gone:
+            self._drop(job)
+        return succeed([(job.id, job.log_dir) for job in gone])
+
+    def forget(self, job_id: str) -> Deferred[None]:
+        job = self._by_id.get(job_id)
+        if job is not None:
+            self._drop(job)
+        return succeed(None)
+
+    def _drop(self, job: Job) -> None:
+        del self._by_id[job.id]
+        self._history[self._index.pop(job.id)] = None
+        if job.pid is not None and self._newest_by_pid.get(job.pid) is job:
+            del self._newest_by_pid[job.pid]
+        if job.request is not None:
+            self._requests.pop((job.owner, job.request[0]), None)
 
 
 def matches(job: Any, query: ListQuery) -> bool:

@@ -43,6 +43,7 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
+    "forget": schema(_JOB),
     "wait": schema(_JOB),
     "list": schema({}, {
         "running": (boolean(), False),  # the same as state="running"

@@ -220,13 +220,15 @@ def test_sort_out_adopts_only_the_same_process() -> None:
 
     def alive(pid: int, lo: int | None, hi: int | None) -> bool:
         seen.append((pid, lo, hi))
-        return pid == 10
+        return pid in (10, 12)
 
     jobs = [unfinished("a", 10, 5, 6), unfinished("b", 11, 5, 6), unfinished("c", None, None,
                                                                           None)]
-    lost, adopt = sort_out(jobs, T0 + 60, alive)
-    assert [u.id for u in adopt] == ["a"]
-    assert [(r.id, r.state, r.ended) for r in lost] == [("b", LOST, T0 + 60),
-                                                        ("c", LOST, T0 + 60)]
+    lost, adopt = sort_out(jobs, T0 + 60, alive, lambda job_id: (12, 5) if job_id == "c" else None)
+    assert [(u.id, u.pid) for u in adopt] == [("a", 10), ("c", 12)]
+    assert [(r.id, r.state, r.ended) for r in lost] == [("b", LOST, T0 + 60)]
     assert decode(lost[0].record)["error"] == GONE
-    assert seen == [(10, 5, 6), (11, 5, 6)]  # no pid: not even looked at
+    # "c" had no pid yet (the daemon died spawning it): found by its job id.
+    assert seen == [(10, 5, 6), (11, 5, 6), (12, 5, 5)]
+    lost, adopt = sort_out([unfinished("d", None, None, None)], T0, alive, lambda _: None)
+    assert [r.id for r in lost] == ["d"] and adopt == []

@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from jobworker.daemon.access import JobAccess
 from jobworker.daemon.call import Call
 from jobworker.daemon.follow import LogStream
 from jobworker.daemon.limits import Limits
 from jobworker.daemon.listing import ListStream
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.job import Job
 from jobworker.jobs.logs import JobLogs
 from jobworker.jobs.store import ListQuery
 from jobworker.wire.codec import Encoded
@@ -56,9 +59,10 @@ class Methods:
             me["audit_failures"] = self.audit.failures
         return me
 
-    def start(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+    def start(self, call: Call, p: dict[str, Any]) -> Any:
         """Audited twice: the decision before the job starts, its outcome after.  A start
-        retried with its ``request_id`` gets the first one's job, and runs nothing."""
+        retried with its ``request_id`` gets the first one's job, and runs nothing.  With
+        a durable table the job is committed before its program runs (a coroutine then)."""
         request = None
         if p["request_id"] is not None:
             request = (p["request_id"], start_digest(p))
@@ -68,11 +72,23 @@ class Methods:
         self.jobs.check_admission()
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"])
-        job = self.jobs.start(owner=call.who.name, command=p["command"], args=p["args"],
-                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id,
+        job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
+                              dir=p["dir"], timeout=p["timeout"], job_id=job_id,
                               request=request)
+        pending = self.jobs.pending()
+        if pending is None:
+            return self._launch(call, job, p["env"])
+        return self._launch_when_committed(pending, call, job, p["env"])
+
+    async def _launch_when_committed(self, pending: Deferred[None], call: Call, job: Job,
+                                     env: list[str]) -> dict[str, Any]:
+        await pending
+        return self._launch(call, job, env)
+
+    def _launch(self, call: Call, job: Job, env: list[str]) -> dict[str, Any]:
+        self.jobs.launch(job, env)
         record = job.wire()
-        self._audit(call, "start", job_id,
+        self._audit(call, "start", job.id,
                     "failed" if record["state"] == FAILED else "started",
                     command=record["command"], args=record["args"], pid=record["pid"],
                     error=record["error"])

@@ -111,7 +111,8 @@ class JobManager(service.Service):
         adopted = [job for job in (self._adopt(u) for u in alive) if job is not None]
         gone = [u for u in alive if u.id not in {job.id for job in adopted}]
         if gone:
-            more, _ = sort_out(gone, self._reactor.seconds(), lambda *_: False)
+            more, _ = sort_out(gone, self._reactor.seconds(), lambda *_: False,
+                               lambda _: None)
             lost.extend(more)
         if lost:
             self._store.record_lost(lost)
@@ -171,14 +172,39 @@ class JobManager(service.Service):
         job_id: str | None = None,
         request: tuple[str, bytes] | None = None,
     ) -> Job:
-        """Start a job (with ``job_id`` from ``new_id``, or a new one).  Anything wrong
-        with the request or the spawn gives a job in state ``failed`` with its error, never
-        an exception (the record is the answer); only a daemon that takes no new job
-        (shutting down, short of disk) raises L{errors.Unavailable}.  ``request``: the
-        caller's retry key and the digest of what it asked (see ``by_request``)."""
+        """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
+        ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
+        state ``failed`` with its error, never an exception (the record is the answer);
+        only a daemon that takes no new job (shutting down, short of disk) raises
+        L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
+        it asked (see ``by_request``)."""
+        job = self.admit(owner, command, args, dir, timeout, job_id, request)
+        self.launch(job, env)
+        return job
+
+    def admit(
+        self,
+        owner: str,
+        command: str,
+        args: list[str],
+        dir: str | None = None,
+        timeout: float | None = None,
+        job_id: str | None = None,
+        request: tuple[str, bytes] | None = None,
+    ) -> Job:
+        """A new job in the table, not started yet.  A durable caller awaits ``pending``
+        before ``launch``: then a crash can never leave a process the table has not
+        heard of (a restarted daemon finds it by its job id, see ``recovery``), and a
+        retried start finds its job instead of running the program again."""
         self.check_admission()
-        job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
-                            request)
+        return self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
+                             request)
+
+    def launch(self, job: Job, env: list[str] | None = None) -> None:
+        """Spawn an admitted job; any problem fails it with its reason."""
+        if self._shutting_down:
+            job.fail("the daemon is shutting down")
+            return
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -186,7 +212,7 @@ class JobManager(service.Service):
             out, err = fds if fds is not None else self._log_store.create_at(job.log_dir)
         except OSError as e:
             job.fail(f"cannot create job logs in {job.log_dir}: {e.strerror or e}")
-            return job
+            return
         try:
             self._launch(job, env, out, err)
         finally:
@@ -194,7 +220,6 @@ class JobManager(service.Service):
             os.close(err)
         if not job.ended:
             self._store.running(job)
-        return job
 
     def new_id(self) -> str:
         """A fresh job id."""

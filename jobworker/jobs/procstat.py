@@ -52,3 +52,27 @@ def is_running(pid: int, earliest: int | None, latest: int | None) -> bool:
         return fields[0] not in (b"Z", b"X") and earliest <= int(fields[19]) <= latest
     except (ValueError, IndexError):
         return False
+
+
+def find_job_leader(env_entry: bytes) -> tuple[int, int] | None:
+    """(pid, start time) of the session leader whose environment holds ``env_entry``
+    (``JOBWORKER_JOB_ID=<id>``): how a restarted daemon finds a job it spawned but had
+    not yet recorded the pid of.  Walks every process: for start-up only."""
+    needle = env_entry + b"\0"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if int(fields[3]) != pid or fields[0] in (b"Z", b"X"):  # not a session leader
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if environ.startswith(needle) or b"\0" + needle in environ:
+            return pid, int(fields[19])
+    return None

@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from jobworker.jobs import sql
-from jobworker.jobs.procstat import is_running
+from jobworker.jobs.environment import JOB_ID_VAR
+from jobworker.jobs.procstat import find_job_leader, is_running
 from jobworker.wire.codec import decode, encode
 from jobworker.wire.record import LOST
 from jobworker.wire.timestamps import iso8601
@@ -26,21 +27,38 @@ log = Logger()
 #: Why a job recorded running was found gone.
 GONE = ("the daemon stopped while the job ran, and the job's process was gone when it "
         "came back: its exit status is unknown")
+#: Why a job committed but not yet spawned was found gone.
+NEVER_STARTED = ("the daemon stopped while starting the job, and no process of it was "
+                 "found when it came back: it did not run, or ended unseen")
+
+
+def by_job_id(job_id: str) -> tuple[int, int] | None:
+    """The leader of the job spawned with this id, found by its environment."""
+    return find_job_leader(f"{JOB_ID_VAR}={job_id}".encode())
 
 
 def sort_out(unfinished: list[sql.Unfinished], now: float,
              alive: Callable[[int, int | None, int | None], bool] = is_running,
+             find: Callable[[str], tuple[int, int] | None] = by_job_id,
              ) -> tuple[list[sql.Row], list[sql.Unfinished]]:
     """Split the jobs recorded running into the rows that record them ``lost`` (their
-    process is gone, or its pid now names another process) and those to adopt."""
+    process is gone, or its pid now names another process) and those to adopt.  A job
+    committed but not yet given its pid (the daemon died while spawning it) is looked
+    for by its job id."""
     lost: list[sql.Row] = []
     adopt: list[sql.Unfinished] = []
     for job in unfinished:
+        if job.pid is None:
+            found = find(job.id)
+            if found is not None:
+                pid, started = found
+                job = job._replace(pid=pid, proc_start=started, proc_start_hi=started)
         if job.pid is not None and alive(job.pid, job.proc_start, job.proc_start_hi):
             adopt.append(job)
             continue
         record = decode(job.record)
-        record.update(state=LOST, ended_at=iso8601(now), error=GONE)
+        record.update(state=LOST, ended_at=iso8601(now),
+                      error=GONE if job.pid is not None else NEVER_STARTED)
         lost.append(sql.Row(job.id, record["owner"], LOST, job.pid, job.proc_start,
                             job.proc_start_hi, job.started, now, None, None,
                             encode(record)))

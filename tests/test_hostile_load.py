@@ -1,21 +1,29 @@
 """Hostile clients at scale, against a real daemon over real TLS on 127.0.0.1: many clients'
-jobs with exact output and exit codes.  Each case has a soak version with its counts scaled
-up (``make soak``)."""
+jobs with exact output and exit codes, and followers of a job filling its stdout.  Each case
+has a soak version with its counts scaled up (``make soak``)."""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from conftest import quick_and_soak
+from conftest import quick_and_soak, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 
 from jobworker.client.api import Client, connect
+from jobworker.jobs.logs import JobLogs
 from jobworker.wire.record import JobRecord
+
+MiB = 1 << 20
 
 
 async def within(d: Deferred[Any], timeout: float) -> Any:
@@ -146,4 +154,94 @@ async def test_many_clients_jobs_have_exact_output_and_exit_codes(
     jobs = clients_n * per_client
     print(f"{clients_n} clients x {per_client} jobs: {jobs} exact in {elapsed:.1f}s "
           f"({jobs / elapsed:.0f} jobs/s)")
+    assert d.tracebacks() == []
+
+
+# -- followers of a job filling its stdout --------------------------------------------------
+
+#: Writes the first $1 bytes of random.Random($2).randbytes to stdout as fast as it can in
+#: pieces of 1 B to 512 KiB: the first $3 at once, the rest on SIGUSR1 (blocked first, so
+#: that none is lost).
+FILLER = r'''
+import os, random, signal, sys
+total, seed, head = map(int, sys.argv[1:])
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+rng = random.Random(seed)
+data = memoryview(rng.randbytes(total))
+done = 0
+while done < total:
+    if done == head:
+        signal.sigwait({signal.SIGUSR1})
+    end = min(done + rng.randint(1, 512 * 1024), total)
+    if done < head:
+        end = min(end, head)
+    while done < end:
+        done += os.write(1, data[done:end])
+'''
+SEED = 2026
+
+
+class InOrder:
+    """A follow's sink: checks each chunk against the expected bytes at the offset where
+    it lands, so bytes lost, repeated or out of order are caught where they happen."""
+
+    def __init__(self, expected: bytes) -> None:
+        self.expected = memoryview(expected)
+        self.size = 0
+        self.first_wrong: int | None = None
+
+    def __call__(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if self.first_wrong is None and self.expected[self.size:end] != chunk:
+            self.first_wrong = self.size
+        self.size = end
+
+
+def log_size(record: JobRecord) -> int:
+    return os.path.getsize(JobLogs(record.log_dir).path("stdout"))
+
+
+@quick_and_soak(quick=(10, 32), soak=(50, 128), soak_timeout=1800)
+@pytest_twisted.ensureDeferred
+async def test_followers_of_a_job_filling_its_stdout_get_every_byte_in_order(
+        make_daemon: Any, tmp_path: Path, scale: tuple[int, int]) -> None:
+    """A job writes 32 MiB to stdout as fast as it can while 10 followers (each on its own
+    connection, as two identities) follow it live: each gets exactly those bytes, in
+    order, and its follow ends once the job has ended, with the ended record."""
+    followers_n, mib = scale
+    total, head = mib * MiB, 64 * 1024
+    expected = random.Random(SEED).randbytes(total)
+    script = tmp_path / "filler.py"
+    script.write_text(FILLER)
+    d = make_daemon()
+    control = await connect(reactor, d.config())
+    clients = [await connect(reactor, d.config(("alice", "auditor")[i % 2]))
+               for i in range(followers_n)]
+    try:
+        job = await control.start(sys.executable, [str(script), str(total), str(SEED),
+                                                   str(head)])
+        await until(lambda: log_size(job) == head, what="the job's first 64 KiB")
+        sinks = [InOrder(expected) for _ in clients]
+        follows = [Deferred.fromCoroutine(c.logs(job.id, sink, follow=True))
+                   for c, sink in zip(clients, sinks, strict=True)]
+        await until(lambda: all(s.size == head for s in sinks), 20.0,
+                    what="every follower at the live end")
+        began = time.monotonic()
+        os.kill(job.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        ended = JobRecord.from_wire(await within(control.call("wait", {"job": job.id}), 60.0))
+        had_at_end = [s.size for s in sinks]
+        finals = await within(DeferredList(follows, fireOnOneErrback=True,
+                                           consumeErrors=True), 60.0)
+        elapsed = time.monotonic() - began
+    finally:
+        for c in [control, *clients]:
+            c.close()
+    assert (ended.state, ended.exit_code) == ("exited", 0), ended
+    assert [(s.size, s.first_wrong) for s in sinks] == [(total, None)] * followers_n
+    for _, final in finals:  # each follow ended after the job, with its end
+        record = JobRecord.from_wire(final["record"])
+        assert final["offset"] == total
+        assert (record.state, record.ended_at) == ("exited", ended.ended_at)
+    print(f"{followers_n} followers x {mib} MiB in {elapsed:.2f}s; had "
+          f"{min(had_at_end) / MiB:.1f}-{max(had_at_end) / MiB:.1f} MiB when the job ended")
     assert d.tracebacks() == []

@@ -1,6 +1,7 @@
 """Hostile clients at scale, against a real daemon over real TLS on 127.0.0.1: many clients'
-jobs with exact output and exit codes, and followers of a job filling its stdout.  Each case
-has a soak version with its counts scaled up (``make soak``)."""
+jobs with exact output and exit codes, followers of a job filling its stdout, and the
+daemon's descriptors, threads and children back at baseline after thousands of jobs and
+connections.  Each case has a soak version with its counts scaled up (``make soak``)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from conftest import quick_and_soak, until
+from conftest import (
+    Daemon,
+    child_pids,
+    fds_but_spares,
+    open_fd_count,
+    quick_and_soak,
+    thread_count,
+    until,
+)
+from test_follow import inotify_watches
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 
 from jobworker.client.api import Client, connect
+from jobworker.jobs import logpool
 from jobworker.jobs.logs import JobLogs
 from jobworker.wire.record import JobRecord
 
@@ -244,4 +255,113 @@ async def test_followers_of_a_job_filling_its_stdout_get_every_byte_in_order(
         assert (record.state, record.ended_at) == ("exited", ended.ended_at)
     print(f"{followers_n} followers x {mib} MiB in {elapsed:.2f}s; had "
           f"{min(had_at_end) / MiB:.1f}-{max(had_at_end) / MiB:.1f} MiB when the job ended")
+    assert d.tracebacks() == []
+
+
+# -- descriptors, threads and children back at baseline ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the daemon holds: descriptors (without the spare log files, counted apart),
+    inotify watches, threads, and children."""
+
+    fds: int
+    spare_fds: int
+    watches: int
+    threads: int
+    children: int
+
+    @classmethod
+    def of(cls, pid: int) -> Footprint:
+        fds = fds_but_spares(pid)
+        return cls(fds, open_fd_count(pid) - fds, inotify_watches(pid), thread_count(pid),
+                   len(child_pids(pid)))
+
+
+def fd_targets(pid: int) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return sorted(t for t in targets if "/logs/.spare/" not in t)
+
+
+async def visit(d: Daemon, i: int) -> str:
+    """Connection ``i``: one short job, then one of four ways to leave; returns the job."""
+    client = await connect(reactor, d.config())
+    way = i % 4
+    if way == 0:  # a clean visit: start, wait, whoami, close
+        record = await client.start("true")
+        await client.call("wait", {"job": record.id})
+        await client.call("whoami")
+        client.close()
+    elif way == 1:  # closes with a wait in flight
+        record = await client.start("sh", ["-c", "exit 3"])
+        client.call("wait", {"job": record.id}).addErrback(lambda _: None)
+        client.close()
+    elif way == 2:  # drops (RST) a follow waiting at the live end of a running job
+        record = await client.start("sh", ["-c", "printf x; exec sleep 0.5"])
+        first: Deferred[None] = Deferred()
+        Deferred.fromCoroutine(client.logs(
+            record.id, lambda _: first.called or first.callback(None), follow=True)
+        ).addErrback(lambda _: None)
+        await first
+        client.protocol.transport.abortConnection()
+    else:  # a start that fails (no such program), a status, then RST
+        record = await client.start("jw-no-such-program")
+        await client.call("status", {"job": record.id})
+        client.protocol.transport.abortConnection()
+    return record.id
+
+
+@quick_and_soak(quick=2000, soak=10_000, soak_timeout=3600)
+@pytest_twisted.ensureDeferred
+async def test_jobs_and_connections_leave_descriptors_threads_and_children_at_baseline(
+        make_daemon: Any, scale: int) -> None:
+    """2,000 connections (16 at a time), each running a short job and leaving cleanly,
+    with a wait or a follow in flight, or by reset: once every job has ended, the daemon
+    holds the descriptors, threads and children it held before (the spare log files
+    apart: the pool holds up to 64, refilled ahead of time)."""
+    d = make_daemon()
+    control = await connect(reactor, d.config())
+    try:
+        sockets = sum(t.startswith("socket:") for t in fd_targets(d.pid))  # and control's
+        await bounded(8, 4, lambda i: visit(d, i))  # what is made once is made now
+        await until(lambda: not child_pids(d.pid) and sum(
+            t.startswith("socket:") for t in fd_targets(d.pid)) == sockets,
+            what="the warm-up jobs and connections to be gone")
+        before = Footprint.of(d.pid)
+        before_targets = fd_targets(d.pid)
+        began = time.monotonic()
+        visits = await within(bounded(scale, 16, lambda i: visit(d, i)), 0.04 * scale)
+        churned = time.monotonic() - began
+        ids = [job_id for _, job_id in visits]
+        # Every job has ended: a wait on each (200 at a time, under the in-flight cap).
+        ended = await within(bounded(len(ids), 200, lambda i: control.call(
+            "wait", {"job": ids[i]})), 60.0)
+        records = [JobRecord.from_wire(r) for _, r in ended]
+        try:
+            await until(lambda: Footprint.of(d.pid).fds == before.fds, 30.0,
+                        what="the daemon's descriptors back at baseline")
+        except AssertionError:
+            pass  # the assertions below say what is left
+        after = Footprint.of(d.pid)
+        after_targets = fd_targets(d.pid)
+    finally:
+        control.close()
+    assert [(r.state, r.exit_code) for r in records] == [
+        [("exited", 0), ("exited", 3), ("exited", 0), ("failed", None)][i % 4]
+        for i in range(scale)]
+    assert after.fds == before.fds, sorted(set(after_targets) - set(before_targets))
+    assert after.watches == before.watches == 0
+    # The reactor's thread pool keeps every worker it starts.  Its one user, the spare log
+    # pool, runs one refill at a time, yet may queue the next while the worker that made
+    # the last is still on its way back to the pool: a second worker, kept from then on.
+    assert before.threads <= after.threads <= before.threads + 1
+    assert after.children == before.children == 0
+    assert after.spare_fds <= 2 * logpool.SIZE
+    print(f"{scale} jobs and connections in {churned:.1f}s; before {before}, after {after}")
     assert d.tracebacks() == []

@@ -235,8 +235,14 @@ async def test_followers_of_a_job_filling_its_stdout_get_every_byte_in_order(
         os.kill(job.pid, signal.SIGUSR1)  # type: ignore[arg-type]
         ended = JobRecord.from_wire(await within(control.call("wait", {"job": job.id}), 60.0))
         had_at_end = [s.size for s in sinks]
-        finals = await within(DeferredList(follows, fireOnOneErrback=True,
-                                           consumeErrors=True), 60.0)
+        # ~80 MiB/s over all followers here, with the test as their one reader: a margin.
+        deadline = 60.0 + followers_n * mib / 25
+        done = DeferredList(follows, fireOnOneErrback=True, consumeErrors=True)
+        try:
+            finals = await within(done, deadline)
+        except Exception:
+            raise AssertionError(f"follows not ended {deadline:.0f}s after the job: "
+                                 f"{[s.size for s in sinks]} of {total} bytes") from None
         elapsed = time.monotonic() - began
     finally:
         for c in [control, *clients]:

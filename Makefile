@@ -7,7 +7,7 @@ STATE ?= jobworker-state
 LISTEN ?= tcp:8443:interface=127.0.0.1
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean install pki
+.PHONY: run test soak lint bench clean install pki
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ run: $(STAMP) $(PKI)/ca.pem
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The load tests' soak versions (marked soak: counts scaled up, minutes each), which
+# make test leaves out; see docs/robustness.md.
+soak: $(STAMP)
+	$(PY) -m pytest --soak -m soak --durations=0 $(PYTEST_ARGS)
 
 # ruff's settings are in pyproject.toml, import-linter's contracts (the layers) in setup.cfg.
 lint: $(STAMP)

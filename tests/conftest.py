@@ -26,6 +26,32 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true",
+                     help="run the soak versions of the load tests (make soak), "
+                          "which make test leaves out")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --soak, the soak versions of the load tests are deselected."""
+    if config.getoption("--soak"):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
+def quick_and_soak(quick: Any, soak: Any, soak_timeout: float) -> pytest.MarkDecorator:
+    """Parametrize a load test's ``scale``: ``quick`` in make test, ``soak`` (its counts
+    scaled up, a longer timeout) in make soak."""
+    return pytest.mark.parametrize("scale", [
+        pytest.param(quick, id="quick"),
+        pytest.param(soak, id="soak",
+                     marks=[pytest.mark.soak, pytest.mark.timeout(soak_timeout)]),
+    ])
+
+
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
     """Every twisted.logger event emitted in this process while the test runs."""
@@ -96,6 +122,27 @@ def zombie_children(parent: int) -> list[int]:
 
 def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    """The threads of ``pid`` (the entries of /proc/<pid>/task)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def child_pids(parent: int) -> list[int]:
+    """Pids of ``parent``'s children, running or not yet reaped."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone while we looked
+        if int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
 
 
 def fds_but_spares(pid: int) -> int:

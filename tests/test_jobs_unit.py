@@ -217,7 +217,7 @@ def test_spawn_oserror_fails_job(manager: JobManager, reactor: ProcessReactor) -
     reactor.spawn_error = OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
     job = start(manager)
     assert job.state == FAILED
-    assert job.error == f"cannot execute {SLEEP}: Exec format error"
+    assert job.error == f"cannot execute {SLEEP} in {job.dir}: Exec format error"
 
 
 def test_unexpected_spawn_error_fails_job_and_logs_traceback(

@@ -102,7 +102,7 @@ async def test_exec_format_error_fails_job(reactor: Any, manager: JobManager, tm
     prog.write_bytes(b"\x00\x01not a program")
     prog.chmod(0o755)
     job = manager.start("alice", str(prog), [])
-    assert job.state == FAILED and job.error == f"cannot execute {prog}: Exec format error"
+    assert job.state == FAILED and job.error == f"cannot execute {prog} in {job.dir}: Exec format error"
 
 
 @pytest_twisted.ensureDeferred

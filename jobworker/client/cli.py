@@ -73,6 +73,7 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
                    metavar="K=V", help="set a variable in the job's environment (repeatable)")
     p.add_argument("--dir", "-C", help="working directory of the job (default: the daemon's)")
     p.add_argument("--timeout", type=_duration, help="stop the job after this long (30s, 5m)")
+    p.add_argument("--user", help="run as this Unix user, if the daemon's policy allows you")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 

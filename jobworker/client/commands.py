@@ -103,7 +103,8 @@ async def _start(client: Client, args: argparse.Namespace,
                  request_id: str | None = None) -> JobRecord:
     return await client.start(args.program, args.args, env=args.env, dir=args.dir,
                               timeout=args.timeout,
-                              request_id=request_id or str(uuid.uuid4()))
+                              request_id=request_id or str(uuid.uuid4()),
+                              user=getattr(args, "user", None))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.

@@ -33,10 +33,13 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
-    """Overrides from ``--policy``: identity → role, and identities denied outright."""
+    """Overrides from ``--policy``: identity → role, identities denied outright, and
+    whom identities' jobs run as (``jobworker.daemon.runas``)."""
 
     roles: dict[str, str] = field(default_factory=dict)
     deny: frozenset[str] = frozenset()
+    run_as: dict[str, str] = field(default_factory=dict)
+    allowed_users: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> Policy:
@@ -47,7 +50,7 @@ class Policy:
             raise PolicyError(f"cannot read policy {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise PolicyError(f"policy {path} is not valid TOML: {e}") from None
-        unknown = set(data) - {"roles", "deny"}
+        unknown = set(data) - {"roles", "deny", "run_as", "allowed_users"}
         if unknown:
             raise PolicyError(f"policy {path}: unknown keys {', '.join(sorted(unknown))}")
         roles = data.get("roles", {})
@@ -58,7 +61,18 @@ class Policy:
         deny = data.get("deny", [])
         if not isinstance(deny, list) or not all(isinstance(x, str) for x in deny):
             raise PolicyError(f"policy {path}: deny is a list of identities")
-        return cls(roles=dict(roles), deny=frozenset(deny))
+        run_as = data.get("run_as", {})
+        if not isinstance(run_as, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in run_as.items()):
+            raise PolicyError(f"policy {path}: [run_as] maps identities to Unix user names")
+        allowed = data.get("allowed_users", {})
+        if not isinstance(allowed, dict) or not all(
+                isinstance(k, str) and isinstance(v, list)
+                and all(isinstance(u, str) and u for u in v) for k, v in allowed.items()):
+            raise PolicyError(f"policy {path}: [allowed_users] maps identities to lists of "
+                              "Unix user names")
+        return cls(roles=dict(roles), deny=frozenset(deny), run_as=dict(run_as),
+                   allowed_users={k: list(v) for k, v in allowed.items()})
 
 
 @dataclass(frozen=True)

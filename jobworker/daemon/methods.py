@@ -7,6 +7,7 @@ visibility is checked through ``JobAccess.visible_job``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,9 @@ from jobworker.daemon.call import Call
 from jobworker.daemon.follow import LogStream
 from jobworker.daemon.limits import Limits
 from jobworker.daemon.listing import ListStream
+from jobworker.daemon.runas import RunAs
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.credentials import Credentials
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import JobLogs
 from jobworker.jobs.store import ListQuery
@@ -38,7 +41,8 @@ class Methods:
     """One handler per method."""
 
     def __init__(self, access: JobAccess, limits: Limits,
-                 follower: FileWatcher | None) -> None:
+                 follower: FileWatcher | None, runas: RunAs) -> None:
+        self.runas = runas
         self.access = access
         self.jobs = access.jobs
         self.authz = access.authz
@@ -70,23 +74,32 @@ class Methods:
             if replay is not None:
                 return replay
         self.jobs.check_admission()
+        creds = self.runas.credentials(call.who.name, p["user"])
         job_id = self.jobs.new_id()
-        self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"])
+        self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"],
+                    **({"uid": creds.uid} if creds is not None else {}))
+        # A job run as another user starts in its home ("/" for a dynamic uid), not in
+        # the daemon's directory, which that user may not enter.
+        workdir = p["dir"]
+        if workdir is None and creds is not None:
+            workdir = creds.home if os.path.isdir(creds.home) else "/"
         job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
-                              dir=p["dir"], timeout=p["timeout"], job_id=job_id,
+                              dir=workdir, timeout=p["timeout"], job_id=job_id,
                               request=request)
         pending = self.jobs.pending()
         if pending is None:
-            return self._launch(call, job, p["env"])
-        return self._launch_when_committed(pending, call, job, p["env"])
+            return self._launch(call, job, p["env"], creds)
+        return self._launch_when_committed(pending, call, job, p["env"], creds)
 
     async def _launch_when_committed(self, pending: Deferred[None], call: Call, job: Job,
-                                     env: list[str]) -> dict[str, Any]:
+                                     env: list[str], creds: Credentials | None
+                                     ) -> dict[str, Any]:
         await pending
-        return self._launch(call, job, env)
+        return self._launch(call, job, env, creds)
 
-    def _launch(self, call: Call, job: Job, env: list[str]) -> dict[str, Any]:
-        self.jobs.launch(job, env)
+    def _launch(self, call: Call, job: Job, env: list[str], creds: Credentials | None
+                ) -> dict[str, Any]:
+        self.jobs.launch(job, env, creds)
         record = job.wire()
         self._audit(call, "start", job.id,
                     "failed" if record["state"] == FAILED else "started",
@@ -208,9 +221,10 @@ def _count(counts: dict[Any, int], key: Any, change: int) -> None:
         counts.pop(key, None)
 
 
-def table(access: JobAccess, limits: Limits, follower: FileWatcher | None) -> Table:
+def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
+          runas: RunAs) -> Table:
     """The dispatch table: each method's schema and its handler."""
-    m = Methods(access, limits, follower)
+    m = Methods(access, limits, follower, runas)
     handlers: dict[str, Handler] = {
         "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,

@@ -18,6 +18,7 @@ from jobworker.daemon.call import Call
 from jobworker.daemon.connection import RPCServerProtocol
 from jobworker.daemon.limits import Limits
 from jobworker.daemon.methods import Table, table
+from jobworker.daemon.runas import RunAs
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.manager import JobManager
 from jobworker.wire.errors import Forbidden, UnknownMethod
@@ -32,7 +33,7 @@ class RPCServer(Factory):
 
     def __init__(self, reactor: Any, jobs: JobManager, authz: Authorizer,
                  audit: AuditLog | None = None, limits: Limits = Limits(),
-                 follower: FileWatcher | None = None) -> None:
+                 follower: FileWatcher | None = None, runas: RunAs | None = None) -> None:
         self.reactor = reactor
         self.jobs = jobs
         self.authz = authz
@@ -44,7 +45,9 @@ class RPCServer(Factory):
         self.handshaking = 0
         self.authenticated = 0
         self.access = JobAccess(jobs, authz, audit)
-        self.methods: Table = table(self.access, limits, follower)
+        # Without one, jobs run as the daemon's own user (tests, a non-root daemon).
+        self.runas = runas if runas is not None else RunAs(lambda: authz.policy, None)
+        self.methods: Table = table(self.access, limits, follower, self.runas)
 
     def buildProtocol(self, addr: Any) -> RPCServerProtocol | None:
         proto = RPCServerProtocol(self, self.limits)

@@ -7,6 +7,7 @@ and ports.
 from __future__ import annotations
 
 import os
+import pwd
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -17,10 +18,12 @@ from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.daemon.limits import DEFAULTS, Limits
 from jobworker.daemon.listener import ConnectionCap, Listener
 from jobworker.daemon.reload import ReloadOnHangup
+from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.credentials import can_switch
 from jobworker.jobs.durable import DurableStore
 from jobworker.jobs.logcap import LogCap
 from jobworker.jobs.logpool import LogDirPool
@@ -75,6 +78,8 @@ class Options(usage.Options):
         ["max-history", None, None, "Keep at most this many ended jobs.", int],
         ["max-log-bytes", None, None,
          "Stop a job whose stdout and stderr together pass this size (1G, 512M)."],
+        ["dynamic-uids", None, "61184-65519",
+         "Range of uids given to identities with no [run_as] user (root daemons only)."],
         ["store", None, "sqlite",
          "Where the job table lives: sqlite (<state-dir>/jobs.db, kept across restarts) "
          "or memory (this daemon's lifetime only)."],
@@ -122,6 +127,10 @@ class Options(usage.Options):
                 self["max-log-bytes"] = parse_size(self["max-log-bytes"])
             except ValueError as e:
                 raise usage.UsageError(f"--max-log-bytes: {e}") from None
+        try:
+            self["dynamic-uids"] = parse_range(self["dynamic-uids"])
+        except ValueError as e:
+            raise usage.UsageError(f"--dynamic-uids: {e}") from None
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError("--store is sqlite or memory")
         if self["listen"].split(":", 1)[0] == "ssl":
@@ -145,6 +154,57 @@ def _seconds(option: str, text: str) -> float:
     if not 0 < value < 10**10:
         raise usage.UsageError(f"{option}: {text!r} is out of range")
     return value
+
+
+class _JobManager(JobManager):
+    """The job manager, whose table failing to open at start-up (after twistd's fork and
+    privilege drop) stops the daemon with one line, like every other start-up error."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except TableError as e:
+            fail(f"cannot use the job table: {e}")
+
+
+def _target_user(config: Options) -> tuple[int, int] | None:
+    """The uid and gid twistd will switch to after ``makeService`` (``-u``/``-g``), if
+    it will leave root."""
+    parent = getattr(config, "parent", None)
+    uid = parent.get("uid") if parent is not None else None
+    if uid is None or os.geteuid() != 0 or uid == 0:
+        return None
+    gid = parent.get("gid") if parent is not None else None
+    if gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    return uid, gid
+
+
+def _hand_over(state_dir: str, owner: tuple[int, int]) -> None:
+    """Give the state directory and what the daemon writes in it to the user twistd will
+    run as, while still root (so ``twistd -u nobody jobworker`` can run jobs)."""
+    uid, gid = owner
+    paths = [state_dir, os.path.join(state_dir, "logs")]
+    paths += [os.path.join(state_dir, name) for name in os.listdir(state_dir)]
+    for path in dict.fromkeys(paths):
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+
+def _dynamic_uids(config: Options, state_dir: str) -> DynamicUids | None:
+    """The dynamic uid table, for a daemon that stays root; None (jobs run as the
+    daemon's user) otherwise."""
+    if os.geteuid() != 0 or _target_user(config) is not None or not can_switch():
+        return None
+    first, last = config["dynamic-uids"]
+    dynamic = DynamicUids(os.path.join(state_dir, "dynamic-uids.json"), first, last)
+    try:
+        dynamic.load()
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the dynamic uid table: {e}")
+    return dynamic
 
 
 def makeService(config: Options) -> service.MultiService:
@@ -182,6 +242,12 @@ def makeService(config: Options) -> service.MultiService:
         logs = LogStore(os.path.join(state_dir, "logs"))
     except OSError as e:
         fail(f"cannot use state directory {state_dir}: {e.strerror}")
+    owner = _target_user(config)
+    if owner is not None:
+        try:
+            _hand_over(state_dir, owner)
+        except OSError as e:
+            fail(f"cannot hand {state_dir} to uid {owner[0]}: {e.strerror}")
     try:
         endpoint = endpoints.serverFromString(reactor, config["listen"])
     except (ValueError, TypeError, KeyError) as e:
@@ -197,9 +263,11 @@ def makeService(config: Options) -> service.MultiService:
     authz = Authorizer(policy)
     spare_logs = LogDirPool(reactor, logs)
     reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
-    jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
-                      reserve=reserve, store=store)
-    rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
+    jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
+                       reserve=reserve, store=store)
+    runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
+    rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
+                    runas=runas)
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
 
     top = service.MultiService()

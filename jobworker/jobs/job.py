@@ -53,7 +53,7 @@ class Job:
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
-        "spawn_ticks", "__weakref__",
+        "spawn_ticks", "uid", "gid", "__weakref__",
     )
 
     log = Logger()
@@ -113,6 +113,8 @@ class Job:
         #: Clock ticks after boot just before and after the spawn: they bound the start
         #: time /proc gives the process, which tells it from a later one with its pid.
         self.spawn_ticks: tuple[int, int] | None = None
+        self.uid: int | None = None
+        self.gid: int | None = None
 
     # -- what clients see --------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from jobworker.jobs.credentials import Credentials, CredentialsError, acting_as
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import LogStore
@@ -89,12 +90,14 @@ class JobManager(service.Service):
         # Every job some timer or caller still holds: at shutdown, the ones with a KILL
         # sweep pending are waited for (the store may have let ended ones go).
         self._held: weakref.WeakSet[Job] = weakref.WeakSet()
+        self._own_ids = (os.geteuid(), os.getegid())
         # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
         self._readers: dict[str, int] = {}
 
     # -- service -------------------------------------------------------------------------
 
     def startService(self) -> None:
+        self._own_ids = (os.geteuid(), os.getegid())  # after twistd's -u/-g, if any
         self._log_store.prepare()
         soft, hard = raise_nofile_limit()
         self.log.info("{event} nofile={soft}/{hard}", event="jobs.limits", soft=soft, hard=hard)
@@ -131,6 +134,7 @@ class JobManager(service.Service):
             signal_group=self._signal_group, on_ended=self._job_ended,
         )
         job.spawn_ticks = (u.proc_start or 0, u.proc_start_hi or 0)
+        job.uid, job.gid = record.get("uid"), record.get("gid")
         # The pidfd first, then the check: once it is open, the pid cannot name another
         # process, so a process that passes the check is the one being watched.
         watching = watch_adopted(self._reactor, pid, job.protocol.processEnded,
@@ -200,8 +204,10 @@ class JobManager(service.Service):
         return self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
                              request)
 
-    def launch(self, job: Job, env: list[str] | None = None) -> None:
-        """Spawn an admitted job; any problem fails it with its reason."""
+    def launch(self, job: Job, env: list[str] | None = None,
+               creds: Credentials | None = None) -> None:
+        """Spawn an admitted job (as ``creds``: None, the daemon's own user); any problem
+        fails it with its reason."""
         if self._shutting_down:
             job.fail("the daemon is shutting down")
             return
@@ -214,7 +220,7 @@ class JobManager(service.Service):
             job.fail(f"cannot create job logs in {job.log_dir}: {e.strerror or e}")
             return
         try:
-            self._launch(job, env, out, err)
+            self._launch(job, env, out, err, creds)
         finally:
             os.close(out)
             os.close(err)
@@ -328,11 +334,16 @@ class JobManager(service.Service):
         self._store.add(job)
         return job
 
-    def _launch(self, job: Job, env: list[str] | None, out: int, err: int) -> None:
+    def _launch(self, job: Job, env: list[str] | None, out: int, err: int,
+                creds: Credentials | None = None) -> None:
         """Check what the job asks for, find its program and spawn it on ``out`` and
-        ``err``; a problem fails the job with its reason."""
+        ``err`` as ``creds``; a problem fails the job with its reason."""
         try:
-            environment = job_environment(self._base_env, job.id, env or [])
+            base = self._base_env
+            if creds is not None:
+                base = {**base, "HOME": creds.home, "USER": creds.user,
+                        "LOGNAME": creds.user}
+            environment = job_environment(base, job.id, env or [])
             # The same checks the start schema makes: for callers that skip the RPC layer.
             START_ARGS("args", job.args)
             if job.timeout is not None:
@@ -349,10 +360,16 @@ class JobManager(service.Service):
         job.spawning()
         earliest = ticks_now()
         try:
-            self._spawner(self._reactor, job.protocol, job.executable,
-                          [job.command, *job.args], environment, job.dir, out, err)
+            with acting_as(creds):  # this thread only, and back at once
+                self._spawner(self._reactor, job.protocol, job.executable,
+                              [job.command, *job.args], environment, job.dir, out, err)
+        except CredentialsError as e:
+            job.fail(str(e))
+            return
         except OSError as e:
-            job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
+            as_user = f" as uid {creds.uid}" if creds is not None else ""
+            job.fail(f"cannot execute {job.executable} in {job.dir}{as_user}: "
+                     f"{e.strerror or e}")
             return
         except Exception:  # noqa: BLE001 (logged with its traceback below)
             # A bug, not a request problem: keep the traceback, still end the record.
@@ -360,6 +377,7 @@ class JobManager(service.Service):
             job.fail("internal error while starting the job")
             return
         job.spawn_ticks = (earliest, ticks_now())
+        job.uid, job.gid = (creds.uid, creds.gid) if creds is not None else self._own_ids
         job.spawned()
 
 

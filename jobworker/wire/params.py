@@ -40,6 +40,8 @@ SCHEMAS: dict[str, Schema] = {
         "timeout": (START_TIMEOUT, None),
         # A client's retry key: a second start with it returns the first job.
         "request_id": (string(128, nonempty=True), None),
+        # Run as this Unix user, if the policy allows the caller (root daemons only).
+        "user": (string(256, nonempty=True), None),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
@@ -65,5 +67,5 @@ SCHEMAS: dict[str, Schema] = {
 def start_digest(params: dict[str, Any]) -> bytes:
     """What a start asked for, in 16 bytes: a retried start (same ``request_id``) must ask
     for the same."""
-    asked = [params[k] for k in ("command", "args", "env", "dir", "timeout")]
+    asked = [params[k] for k in ("command", "args", "env", "dir", "timeout", "user")]
     return hashlib.blake2b(encode(asked), digest_size=16).digest()

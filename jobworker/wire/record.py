@@ -37,6 +37,8 @@ class JobRecord:
     log_dir: str
     timed_out: bool = False
     timeout: float | None = None
+    uid: int | None = None  # whom the job ran as (null: it never started)
+    gid: int | None = None
 
     @property
     def ended(self) -> bool:

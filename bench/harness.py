@@ -67,12 +67,16 @@ class Figure:
     note: str = ""
     ratio: float | None = None
     met: bool | None = None
+    #: The target applies to the value even though a baseline is shown (an absolute
+    #: bound, such as an RSS in MB, beside the same figure for a reference case).
+    target_on_value: bool = False
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.value is not None and self.baseline_value:
             self.ratio = self.value / self.baseline_value
         if self.target and self.met is None:
-            subject = self.ratio if self.baseline_value else self.value
+            on_ratio = self.baseline_value and not self.target_on_value
+            subject = self.ratio if on_ratio else self.value
             if subject is not None:
                 op, bound = self.target.split()
                 self.met = subject <= float(bound) if op == "<=" else subject >= float(bound)
@@ -105,7 +109,9 @@ def format_figure(f: Figure) -> str:
         text += f"  (baseline {f.baseline}: {f.baseline_value:.4g} {f.unit}"
         text += f", ratio {f.ratio:.3g})" if f.ratio is not None else ")"
     if f.target:
-        text += f"  target {f.target}: {'met' if f.met else 'MISSED' if f.met is False else '?'}"
+        subject = "ratio " if f.baseline_value is not None and not f.target_on_value else ""
+        text += (f"  target {subject}{f.target}: "
+                 f"{'met' if f.met else 'MISSED' if f.met is False else '?'}")
     if f.note:
         text += f"  [{f.note}]"
     return text
@@ -125,15 +131,18 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def cli(description: str) -> argparse.Namespace:
-    """The options every benchmark script takes; SIGTERM becomes SystemExit, so a script
-    stopped by run_all still stops its daemon (the reactor, while running, handles SIGTERM
-    itself by stopping)."""
+def cli(description: str,
+        more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options every benchmark script takes, and any ``more`` adds; SIGTERM becomes
+    SystemExit, so a script stopped by run_all still stops its daemon (the reactor, while
+    running, handles SIGTERM itself by stopping)."""
     signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller counts and sizes: a smoke run, not a measurement")
     parser.add_argument("--json", metavar="PATH", help="also write the result here as JSON")
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 

@@ -42,6 +42,8 @@ def main() -> None:
                         help="only samples holding the GIL: Python work, not syscalls")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="K=V",
                         help="extra environment for the daemon (repeatable)")
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                        help="extra twistd jobworker option, e.g. --daemon-arg=--store=memory")
     parser.add_argument("--perf", action="store_true",
                         help="sample with `perf record -e cpu-clock` instead (kernel time too)")
     parser.add_argument("--perf-sort", default="comm,dso,sym", help="perf report --sort keys")
@@ -54,7 +56,7 @@ def main() -> None:
         raise SystemExit("py-spy not found: pip install py-spy")
 
     env = dict(e.split("=", 1) for e in opts.daemon_env)
-    with Bench(f"profile-{opts.path}", daemon_env=env) as bench:
+    with Bench(f"profile-{opts.path}", opts.daemon_arg, daemon_env=env) as bench:
         out = bench.tmp / "stacks.txt"
         spy = subprocess.Popen(
             [py_spy, "record", "--pid", str(os.getpid() if opts.client else bench.pid), "--rate", "1000", "--format", "raw",
@@ -89,7 +91,7 @@ def perf_main(opts: argparse.Namespace) -> None:
     if perf is None:
         raise SystemExit("perf not found")
     env = dict(e.split("=", 1) for e in opts.daemon_env)
-    with Bench(f"perf-{opts.path}", daemon_env=env) as bench:
+    with Bench(f"perf-{opts.path}", opts.daemon_arg, daemon_env=env) as bench:
         data = bench.tmp / "perf.data"
         rec = subprocess.Popen(
             [perf, "record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-p", str(bench.pid),

@@ -205,13 +205,28 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return p
 
 
+#: Every identity the test PKI issues.
+TEST_IDENTITIES = ("admin", "alice", "bob", "auditor", "norole", "weird", "expired",
+                   "noeku", "servereku", "caleaf")
+
+
 class Daemon:
     """A real ``twistd -n jobworker`` in its own process group, on a free port."""
 
-    def __init__(self, pki_: PKI, state_dir: Path, *args: str) -> None:
+    def __init__(self, pki_: PKI, state_dir: Path, *args: str,
+                 jobs_as_root: bool = True) -> None:
         self.pki = pki_
         self.state_dir = state_dir
         self.args = list(args)
+        if jobs_as_root and "--policy" not in self.args and os.geteuid() == 0:
+            # Most tests hand jobs files under pytest's 0700 temporary directories: map
+            # the test identities to root, as an operator's policy may.  Run-as itself is
+            # tested with jobs_as_root=False (tests/test_runas.py).
+            policy = state_dir.parent / f"{state_dir.name}-policy.toml"
+            state_dir.parent.mkdir(parents=True, exist_ok=True)
+            policy.write_text("[run_as]\n" + "".join(
+                f'{name} = "root"\n' for name in TEST_IDENTITIES))
+            self.args += ["--policy", str(policy)]
         self.log_path = state_dir.parent / f"{state_dir.name}-twistd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0

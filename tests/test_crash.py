@@ -86,7 +86,7 @@ def test_sigkill_in_the_middle_loses_no_job_and_runs_none_twice(
     second = Daemon(test_pki, state)
     second.port = first.port
     # The same port, so the clients find it: listen on it explicitly.
-    second.args = ["--listen", f"tcp:{first.port}:interface=127.0.0.1"]
+    second.args += ["--listen", f"tcp:{first.port}:interface=127.0.0.1"]
     second.start()
     current[0] = second
     try:

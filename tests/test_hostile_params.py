@@ -93,13 +93,31 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "dir": (st.sampled_from(["/", "/bin"]), st.one_of(DIRS, but(str))),
             "timeout": (st.one_of(st.floats(0.001, 10.0), st.sampled_from([0.001, 1, 10.0])),
                         st.one_of(floats, ints, but(int, float))),
+            # Drawn again with other parameters, a request_id is a bad_request after the
+            # schema (see check_reply).
+            "request_id": (st.text(min_size=1, max_size=8),
+                           st.one_of(st.just(""), st.text(min_size=129, max_size=140),
+                                     but(str))),
+            # alice's jobs run as root by the test policy: "root" is hers to ask for,
+            # "nobody" is not (forbidden), an unknown user is a bad_request.
+            "user": (st.sampled_from(["root", "nobody", "jw-no-such-user"]),
+                     st.one_of(st.just(""), texts, but(str))),
         },
         "stop": {"job": job,
                  "grace": (st.one_of(st.floats(0.0, 3600.0), st.sampled_from([0, 3600])),
                            st.one_of(floats, ints, but(int, float)))},
         "status": {"job": job},
         "wait": {"job": job},
-        "list": {"running": (st.booleans(), anything)},
+        "list": {
+            "running": (st.booleans(), anything),
+            "limit": (st.integers(1, 2**31), st.one_of(ints, but(int))),
+            "cursor": (st.sampled_from(["1", "3", "999999", "x1"]), st.one_of(texts, but(str))),
+            "state": (st.sampled_from(STATES), st.one_of(texts, anything)),
+            "owner": (st.sampled_from(["alice", "bob"]), st.one_of(st.just(""), but(str))),
+            "since": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
+            "until": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
+        },
+        "forget": {"job": job},
         "logs": {
             "job": job,
             "stream": (st.sampled_from(["stdout", "stderr"]), st.one_of(texts, anything)),
@@ -193,6 +211,13 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             assert code == "unsupported_version", (params, reply)
             assert params["version"] != PROTOCOL_VERSION
             assert session.closed(identity), "hello with another version left it open"
+        elif code == "bad_request":
+            # Refused after the schema: a request_id already used for another start, a
+            # start as a user the host does not have, a list cursor that is no cursor, a
+            # forget of a running job.
+            assert (method == "start" and ("request_id" in params or "user" in params)) or (
+                method == "list" and "cursor" in params) or method == "forget", (
+                method, params, reply)
         else:
             assert code in AFTER_THE_SCHEMA, (method, params, reply)
         return code
@@ -201,6 +226,8 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
     if method == "start":
         assert result["state"] in STATES and (result["state"] != "failed" or result["error"])
         assert identity != "auditor", "a viewer started a job"
+    elif method == "forget":
+        assert isinstance(result["job"], str)
     elif method in ("stop", "status", "wait"):
         assert result["state"] in STATES, result
     elif method == "logs":

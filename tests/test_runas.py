@@ -34,7 +34,7 @@ def run(d: Daemon, *args: str, identity: str = "alice") -> tuple[dict[str, Any],
 
 @pytest.fixture
 def root_daemon(test_pki: PKI, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(test_pki, tmp_path / "state").start()
+    d = Daemon(test_pki, tmp_path / "state", jobs_as_root=False).start()
     yield d
     d.stop()
 
@@ -117,7 +117,7 @@ def test_twistd_dropping_to_nobody_runs_jobs_as_nobody(test_pki: PKI, tmp_path: 
     reachable = Path(tempfile.mkdtemp(prefix="jw-nobody-"))  # pytest's tmp dirs are 0700
     reachable.chmod(0o755)
     state = reachable / "state"
-    d = Daemon(test_pki, state)
+    d = Daemon(test_pki, state, jobs_as_root=False)
     d.log_path = tmp_path / "twistd.log"
     log = open(d.log_path, "ab")
     proc = subprocess.Popen(

@@ -323,6 +323,17 @@ class Bench:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _run_as_root(self) -> list[str]:
+        """A root daemon runs each identity's jobs as a uid of its own, which cannot reach
+        this checkout's venv or the bench's temp files: the benchmarks measure the daemon,
+        so map the bench identity to root (as an operator's policy may), like the tests."""
+        if os.geteuid() != 0 or "--policy" in self.daemon_args or \
+                importlib.util.find_spec("jobworker.daemon.runas") is None:
+            return []
+        policy = self.tmp / "policy.toml"
+        policy.write_text(f'[run_as]\n{IDENTITY} = "root"\n')
+        return ["--policy", str(policy)]
+
     def _make_pki(self) -> None:
         self.pki_dir.mkdir()
         ca_key, ca_cert = pki.make_ca()
@@ -338,7 +349,8 @@ class Bench:
     def start_daemon(self, timeout: float = 30.0) -> None:
         cmd = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "jobworker",
                "--pki", str(self.pki_dir), "--state-dir", str(self.state_dir),
-               "--listen", "tcp:0:interface=127.0.0.1", *self.daemon_args]
+               "--listen", "tcp:0:interface=127.0.0.1", *self.daemon_args,
+               *self._run_as_root()]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,

@@ -125,6 +125,9 @@ class DurableStore:
         self._requests: dict[tuple[str, str], Job] = {}
         # Jobs changed since the last batch was handed to the writer, in change order.
         self._dirty: dict[str, Job] = {}
+        # Those of them whose change a reply must not report before it is committed.
+        self._urgent: set[str] = set()
+        self._writing_urgent = False
         self._flush_call: Any = None
         self._writing = False
         self._batch_waiters: list[Deferred[None]] = []  # the batch being written
@@ -211,10 +214,13 @@ class DurableStore:
         self.running(job)
 
     def running(self, job: Job) -> None:
+        """Written with the next batch, but no reply waits for it: the job's row is
+        committed already (``add``), and a daemon killed before its pid is written finds
+        the job by its id (``recovery``), so the start's reply need not wait twice."""
         if job.pid is not None:
             self._running_by_pid[job.pid] = job
             self._newest_by_pid[job.pid] = job
-        self._changed(job)
+        self._changed(job, urgent=False)
 
     def ended(self, job: Job) -> None:
         if job.pid is not None:
@@ -223,8 +229,10 @@ class DurableStore:
             self._newest_by_pid.setdefault(job.pid, job)
         self._changed(job)
 
-    def _changed(self, job: Job) -> None:
+    def _changed(self, job: Job, urgent: bool = True) -> None:
         self._dirty[job.id] = job
+        if urgent:
+            self._urgent.add(job.id)
         if not self._writing and self._flush_call is None:
             # Everything changed in this reactor turn goes in one batch.
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -237,6 +245,8 @@ class DurableStore:
             return
         jobs = list(self._dirty.values())
         self._dirty.clear()
+        self._writing_urgent = bool(self._urgent)
+        self._urgent.clear()
         rows = [row_of(job) for job in jobs]
         ended = [job for job, row in zip(jobs, rows, strict=True) if row.ended is not None]
         self._writing = True
@@ -322,11 +332,11 @@ class DurableStore:
             del self._requests[job.owner, job.request[0]]
 
     def pending(self) -> Deferred[None] | None:
-        if self._dirty:
+        if self._urgent:
             d: Deferred[None] = Deferred()
             self._next_waiters.append(d)
             return d
-        if self._writing:
+        if self._writing and self._writing_urgent:
             d = Deferred()
             self._batch_waiters.append(d)
             return d

@@ -44,7 +44,7 @@ def test_the_helper_command_carries_the_program_the_user_and_the_environment() -
     exe, args, helper_env = helper_command(["pid"], "/bin/sh", ["sh", "-c", "echo hi"], env,
                                            creds, python="/py")
     assert exe == "/py"
-    assert args == ["/py", "-I", "-m", "jobworker.jobs.nsinit", "--ns", "pid,mount",
+    assert args == ["/py", "-I", "-S", nsinit.__file__, "--ns", "pid,mount",
                     "--uid", "61000", "--gid", "61001", "--groups", "5,6",
                     "--", "/bin/sh", "sh", "-c", "echo hi"]
     # The root helper itself sees none of the job's variables: no LD_PRELOAD for it.
@@ -63,7 +63,7 @@ def test_the_helper_command_without_a_user_and_the_canonical_order() -> None:
     """Without credentials (a daemon running jobs as itself) no ids are passed; namespaces
     come in one order whatever the request's."""
     _, args, _ = helper_command(["mount", "net"], "/bin/true", ["true"], {}, None, "/py")
-    assert args == ["/py", "-I", "-m", "jobworker.jobs.nsinit", "--ns", "net,mount", "--",
+    assert args == ["/py", "-I", "-S", nsinit.__file__, "--ns", "net,mount", "--",
                     "/bin/true", "true"]
     assert nsinit.effective(["net"]) == ("net",)
     assert nsinit.effective(["mount", "pid"]) == ("pid", "mount")

@@ -3,6 +3,7 @@ as (``jobworker.jobs.nsinit``), and whether this host can isolate jobs at all.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -13,11 +14,17 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from jobworker.jobs import nsinit
 from jobworker.jobs.credentials import Credentials
 from jobworker.jobs.nsinit import ENV_PREFIX, NAMESPACES, effective
 from jobworker.wire.errors import BadRequest
 
 __all__ = ["NAMESPACES", "NamespaceSupport", "effective", "helper_command", "probe_host"]
+
+#: How the helper is run: isolated from the environment (-I), and without ``site`` (-S),
+#: which saves most of Python's start-up (the .pth files of every installed package): it
+#: is run as a file, and needs nothing but the standard library.
+HELPER = ["-I", "-S", os.path.abspath(nsinit.__file__)]
 
 #: Why a daemon that is not root refuses isolation.
 NOT_ROOT = ("this daemon is not root (or gave root up, twistd -u): it cannot make "
@@ -32,7 +39,7 @@ def helper_command(namespaces: Sequence[str], executable: str, argv: Sequence[st
     environment under other names.  The helper takes ``creds`` itself once the
     namespaces are made."""
     python = python or sys.executable
-    args = [python, "-I", "-m", "jobworker.jobs.nsinit", "--ns", ",".join(effective(namespaces))]
+    args = [python, *HELPER, "--ns", ",".join(effective(namespaces))]
     if creds is not None:
         args += ["--uid", str(creds.uid), "--gid", str(creds.gid),
                  "--groups", ",".join(map(str, creds.groups))]
@@ -48,7 +55,7 @@ def probe_host(python: str | None = None, timeout: float = 10.0) -> str | None:
     if not python:
         return "the daemon does not know its Python interpreter (sys.executable)"
     try:
-        done = subprocess.run([python, "-I", "-m", "jobworker.jobs.nsinit", "--probe"],
+        done = subprocess.run([python, *HELPER, "--probe"],
                               env={}, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=timeout, cwd="/", check=False)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -313,6 +313,17 @@ def test_all_three_together_and_a_program_that_cannot_run(isolating: Daemon) -> 
         os.unlink(f.name)
     assert (final["state"], final["exit_code"], out) == ("exited", 127, "")
     assert f"jobworker-nsinit: cannot execute {f.name}" in err
+    # A directory the job's user may not enter: the helper entered it as root, the
+    # program is refused there as it would have been without isolation.
+    private = tempfile.mkdtemp(prefix="jw-ns-private-")  # 0700, root's
+    try:
+        final, out, err = run(isolating, "--isolate", "net", "--dir", private, "pwd")
+        plain = json.loads(isolating.jwclient("--json", "start", "--dir", private,
+                                              "pwd").stdout)  # exits 1: a failed start
+    finally:
+        os.rmdir(private)
+    assert (final["exit_code"], out) == (126, "") and "Permission denied" in err
+    assert plain["state"] == "failed" and "Permission denied" in plain["error"]
 
 
 def test_a_bad_isolate_value_is_bad_request(isolating: Daemon) -> None:

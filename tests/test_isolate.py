@@ -233,6 +233,42 @@ def test_stop_reaches_the_program_through_the_init(isolating: Daemon) -> None:
         [("stopped", None, "SIGTERM")] * 2
 
 
+def test_a_signal_during_the_set_up_waits_for_the_program(isolating: Daemon) -> None:
+    """A SIGTERM that reaches the helper before its init exists (here: already pending,
+    blocked, as it execs) is passed on once the program runs, which ends by it."""
+    exe, args, env = helper_command(["pid"], "/bin/sleep", ["sleep", "3002"],
+                                    {"PATH": "/usr/bin:/bin"}, None)
+    wrapper = ("import os, signal, sys\n"
+               "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+               "os.kill(os.getpid(), signal.SIGTERM)\n"
+               "os.execve(sys.argv[1], sys.argv[2:], {k: v for k, v in os.environ.items()})\n")
+    proc = subprocess.Popen([exe, "-I", "-c", wrapper, exe, *args], env=env,
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_stop_during_the_set_up_is_held_for_the_program(isolating: Daemon) -> None:
+    """A stop sent while the helper is still making the namespaces (start and stop back to
+    back on one connection) reaches the program once it runs: SIGTERM, not the KILL."""
+    conn = Conn(isolating, timeout=30)
+    try:
+        conn.hello()
+        for _ in range(3):
+            job = conn.call("start", {"command": "sleep", "args": ["3001"],
+                                      "isolate": ["pid"]})
+            began = time.monotonic()
+            stopped = conn.call("stop", {"job": job["id"], "grace": 10})
+            assert (stopped["state"], stopped["signal"]) == ("stopped", "SIGTERM"), stopped
+            assert time.monotonic() - began < 5
+    finally:
+        conn.close()
+
+
 def test_kill_after_the_grace_ends_the_whole_namespace(isolating: Daemon) -> None:
     """A program that ignores TERM is KILLed with the init; the kernel ends the rest of
     its namespace."""

@@ -228,18 +228,18 @@ def end_like(status: int) -> NoReturn:
 def run_init(plan: Plan, env: dict[bytes, bytes], report: int) -> NoReturn:
     """PID 1 of the new namespace: mount its ``/proc``, start the program in a process
     group of its own, forward signals to that group, reap every child, and write the
-    program's wait status to ``report`` before ending (which ends the namespace)."""
+    program's wait status to ``report`` before ending (which ends the namespace).
+
+    The forwarded signals arrive blocked (see ``main``) and stay so until the program's
+    group exists: one that came meanwhile is passed on then, never lost."""
     program: list[int] = []
-    pending: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
-        if not program:
-            pending.append(signum)
-            return
-        try:
-            os.killpg(program[0], signum)
-        except ProcessLookupError:
-            pass
+        if program:
+            try:
+                os.killpg(program[0], signum)
+            except ProcessLookupError:
+                pass
 
     for signum in FORWARDED:
         signal.signal(signum, forward)  # an init gets only signals it handles
@@ -261,8 +261,7 @@ def run_init(plan: Plan, env: dict[bytes, bytes], report: int) -> NoReturn:
     except OSError:
         pass  # it has exec'd or ended already
     program.append(pid)
-    for early in pending:
-        forward(early, None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     while True:
         try:
             child, status = os.wait()
@@ -307,10 +306,9 @@ def main(args: Sequence[str] | None = None) -> NoReturn:
     env = job_environment(dict(os.environb))
     try:
         if "pid" in plan.namespaces:
-            # Before anything else: a stop may come at once, and must not end the leader
-            # before the program has its say.
-            for signum in FORWARDED:
-                signal.signal(signum, _ignore)
+            # Before anything else: a stop may come at once.  Held (not lost, not ending
+            # this leader) until there is an init to pass it to.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         unshare(plan.namespaces)
         if "mount" in plan.namespaces:
             private_tmp()
@@ -331,6 +329,16 @@ def main(args: Sequence[str] | None = None) -> NoReturn:
         os.close(read_end)
         run_init(plan, env, write_end)
     os.close(write_end)
+    # What came during the set-up is pending here only (a child starts with none): pass it
+    # on to the init, which holds it until the program runs.  What comes from now on
+    # reaches the init directly, in the job's process group; here it is only kept from
+    # ending this process early.
+    for signum in signal.sigpending():
+        if signum in FORWARDED:
+            os.kill(init, signum)
+    for signum in FORWARDED:
+        signal.signal(signum, _ignore)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     try:
         take_user(plan)
     except SetupError as e:

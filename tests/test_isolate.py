@@ -362,6 +362,25 @@ def test_all_three_together_and_a_program_that_cannot_run(isolating: Daemon) -> 
     assert plain["state"] == "failed" and "Permission denied" in plain["error"]
 
 
+def test_retries_during_the_first_probe_start_one_job(isolating: Daemon,
+                                                     make_daemon: Any) -> None:
+    """Two starts with one request_id, sent together to a daemon whose probe has not run
+    yet (both wait for it): one job, and the same record twice."""
+    d = make_daemon()
+    conn = Conn(d, timeout=30)
+    try:
+        conn.hello()
+        params = {"command": "true", "isolate": ["net"], "request_id": "once"}
+        conn.send({"id": 1, "method": "start", "params": params})
+        conn.send({"id": 2, "method": "start", "params": params})
+        replies = {r["id"]: r for r in (conn.read(), conn.read())}
+    finally:
+        conn.close()
+    assert replies[1]["result"]["id"] == replies[2]["result"]["id"], replies
+    jobs = json.loads(d.jwclient("--json", "list", check=True).stdout)
+    assert len(jobs) == 1
+
+
 def test_a_bad_isolate_value_is_bad_request(isolating: Daemon) -> None:
     """Over the wire, an unknown or repeated namespace is bad_request; jwclient refuses it
     before sending."""

@@ -86,6 +86,10 @@ class Methods:
                                 request: tuple[str, bytes] | None) -> Any:
         """The first isolated start waits for the probe of what the host can do."""
         await ready
+        if request is not None:  # a retry may have come and started it meanwhile
+            replay = self._replay(call, *request)
+            if replay is not None:
+                return replay
         started = self._start(call, p, request)
         if isinstance(started, dict):
             return started

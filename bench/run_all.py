@@ -199,7 +199,10 @@ def readme_section(report: dict[str, Any]) -> str:
          "Not part of the suite: `bench/spawn_paths.py` compares Twisted's and jobworker's "
          "spawn paths on their own, `bench/request_path.py` times the daemon's own Python "
          "per request (no TLS, no sockets), `bench/fs_topdir.py` what a job's log "
-         "directory costs on the host's disk, and `bench/ab.py` compares two checkouts "
+         "directory costs on the host's disk, `bench/isolate_cost.py` what `--isolate` adds "
+         "to a job's start (as root; figures in "
+         "[docs/jobs.md](docs/jobs.md#isolated-jobs-isolate-what-they-cost)), and "
+         "`bench/ab.py` compares two checkouts "
          "with paired, alternating windows (rate and CPU per request of each daemon)."),
         "",
         (f"Measured on {m['date']} at commit `{m['commit']}`: {m['cores']} cores "

@@ -80,14 +80,18 @@ class Client:
     async def start(self, command: str, args: list[str] | None = None,
                     env: list[str] | None = None, dir: str | None = None,
                     timeout: float | None = None, request_id: str | None = None,
-                    user: str | None = None) -> JobRecord:
+                    user: str | None = None, isolate: list[str] | None = None
+                    ) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
-        and runs nothing twice (the daemon keeps it, across restarts too)."""
+        and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
+        new namespaces for the job, of ``pid``, ``net``, ``mount``."""
         params: dict[str, Any] = {"command": command, "args": args or []}
         if request_id is not None:
             params["request_id"] = request_id
         if user is not None:
             params["user"] = user
+        if isolate:
+            params["isolate"] = isolate
         if env:
             params["env"] = env
         if dir is not None:

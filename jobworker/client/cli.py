@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
-from jobworker.wire.record import STATES
+from jobworker.wire.record import ISOLATE, STATES
 
 USAGE_EXIT = 2
 #: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).
@@ -68,12 +68,26 @@ def _env_entry(text: str) -> str:
     return text
 
 
+def _namespaces(text: str) -> list[str]:
+    """``pid,net,mount``: each at most once, in the order given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ISOLATE]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"--isolate takes a comma-separated list of {', '.join(ISOLATE)}, "
+            f"got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", "-e", action="append", type=_env_entry, default=[],
                    metavar="K=V", help="set a variable in the job's environment (repeatable)")
     p.add_argument("--dir", "-C", help="working directory of the job (default: the daemon's)")
     p.add_argument("--timeout", type=_duration, help="stop the job after this long (30s, 5m)")
     p.add_argument("--user", help="run as this Unix user, if the daemon's policy allows you")
+    p.add_argument("--isolate", type=_namespaces, metavar="NS[,NS...]",
+                   help="run in new namespaces: pid (sees only its own processes), net "
+                        "(loopback only), mount (a private /tmp); root daemons only")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 

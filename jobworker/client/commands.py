@@ -104,7 +104,8 @@ async def _start(client: Client, args: argparse.Namespace,
     return await client.start(args.program, args.args, env=args.env, dir=args.dir,
                               timeout=args.timeout,
                               request_id=request_id or str(uuid.uuid4()),
-                              user=getattr(args, "user", None))
+                              user=getattr(args, "user", None),
+                              isolate=getattr(args, "isolate", None))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.

@@ -89,6 +89,8 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
     ]
     if r.timeout is not None:
         rows.append(("timeout", duration(r.timeout)))
+    if r.isolate:
+        rows.append(("isolate", ",".join(r.isolate)))
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in rows)
 

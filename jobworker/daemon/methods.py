@@ -24,6 +24,7 @@ from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.credentials import Credentials
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import JobLogs
+from jobworker.jobs.namespaces import NamespaceSupport
 from jobworker.jobs.store import ListQuery
 from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import BadRequest, Unavailable
@@ -41,8 +42,10 @@ class Methods:
     """One handler per method."""
 
     def __init__(self, access: JobAccess, limits: Limits,
-                 follower: FileWatcher | None, runas: RunAs) -> None:
+                 follower: FileWatcher | None, runas: RunAs,
+                 namespaces: NamespaceSupport) -> None:
         self.runas = runas
+        self.namespaces = namespaces
         self.access = access
         self.jobs = access.jobs
         self.authz = access.authz
@@ -73,11 +76,33 @@ class Methods:
             replay = self._replay(call, *request)
             if replay is not None:
                 return replay
+        if p["isolate"]:
+            ready = self.namespaces.ready()  # raises BadRequest if this host cannot
+            if ready is not None:
+                return self._start_when_ready(ready, call, p, request)
+        return self._start(call, p, request)
+
+    async def _start_when_ready(self, ready: Deferred[None], call: Call, p: dict[str, Any],
+                                request: tuple[str, bytes] | None) -> Any:
+        """The first isolated start waits for the probe of what the host can do."""
+        await ready
+        if request is not None:  # a retry may have come and started it meanwhile
+            replay = self._replay(call, *request)
+            if replay is not None:
+                return replay
+        started = self._start(call, p, request)
+        if isinstance(started, dict):
+            return started
+        return await started
+
+    def _start(self, call: Call, p: dict[str, Any], request: tuple[str, bytes] | None
+               ) -> Any:
         self.jobs.check_admission()
         creds = self.runas.credentials(call.who.name, p["user"])
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"],
-                    **({"uid": creds.uid} if creds is not None else {}))
+                    **({"uid": creds.uid} if creds is not None else {}),
+                    **({"isolate": p["isolate"]} if p["isolate"] else {}))
         # A job run as another user starts in its home ("/" for a dynamic uid), not in
         # the daemon's directory, which that user may not enter.
         workdir = p["dir"]
@@ -85,7 +110,7 @@ class Methods:
             workdir = creds.home if os.path.isdir(creds.home) else "/"
         job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
                               dir=workdir, timeout=p["timeout"], job_id=job_id,
-                              request=request)
+                              request=request, isolate=p["isolate"])
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)
@@ -222,9 +247,9 @@ def _count(counts: dict[Any, int], key: Any, change: int) -> None:
 
 
 def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
-          runas: RunAs) -> Table:
+          runas: RunAs, namespaces: NamespaceSupport) -> Table:
     """The dispatch table: each method's schema and its handler."""
-    m = Methods(access, limits, follower, runas)
+    m = Methods(access, limits, follower, runas, namespaces)
     handlers: dict[str, Handler] = {
         "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,

@@ -21,6 +21,7 @@ from jobworker.daemon.methods import Table, table
 from jobworker.daemon.runas import RunAs
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.manager import JobManager
+from jobworker.jobs.namespaces import NamespaceSupport
 from jobworker.wire.errors import Forbidden, UnknownMethod
 from jobworker.wire.identity import PeerIdentity
 
@@ -33,7 +34,8 @@ class RPCServer(Factory):
 
     def __init__(self, reactor: Any, jobs: JobManager, authz: Authorizer,
                  audit: AuditLog | None = None, limits: Limits = Limits(),
-                 follower: FileWatcher | None = None, runas: RunAs | None = None) -> None:
+                 follower: FileWatcher | None = None, runas: RunAs | None = None,
+                 namespaces: NamespaceSupport | None = None) -> None:
         self.reactor = reactor
         self.jobs = jobs
         self.authz = authz
@@ -47,7 +49,11 @@ class RPCServer(Factory):
         self.access = JobAccess(jobs, authz, audit)
         # Without one, jobs run as the daemon's own user (tests, a non-root daemon).
         self.runas = runas if runas is not None else RunAs(lambda: authz.policy, None)
-        self.methods: Table = table(self.access, limits, follower, self.runas)
+        # Namespaces need a daemon that stays root: the one that runs jobs as others.
+        self.namespaces = namespaces if namespaces is not None else NamespaceSupport(
+            reactor, root=self.runas.dynamic is not None)
+        self.methods: Table = table(self.access, limits, follower, self.runas,
+                                    self.namespaces)
 
     def buildProtocol(self, addr: Any) -> RPCServerProtocol | None:
         proto = RPCServerProtocol(self, self.limits)

@@ -53,7 +53,7 @@ class Job:
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
-        "spawn_ticks", "uid", "gid", "__weakref__",
+        "spawn_ticks", "uid", "gid", "isolate", "__weakref__",
     )
 
     log = Logger()
@@ -115,6 +115,8 @@ class Job:
         self.spawn_ticks: tuple[int, int] | None = None
         self.uid: int | None = None
         self.gid: int | None = None
+        #: The namespaces it runs in (``jobworker.jobs.namespaces``); None: the host's.
+        self.isolate: list[str] | None = None
 
     # -- what clients see --------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from jobworker.jobs.credentials import Credentials, CredentialsError, acting_as
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import LogStore
+from jobworker.jobs.namespaces import effective, helper_command
 from jobworker.jobs.process import JobProcessProtocol, spawn
 from jobworker.jobs.procstat import is_running, ticks_now
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
@@ -135,6 +136,7 @@ class JobManager(service.Service):
         )
         job.spawn_ticks = (u.proc_start or 0, u.proc_start_hi or 0)
         job.uid, job.gid = record.get("uid"), record.get("gid")
+        job.isolate = record.get("isolate")
         # The pidfd first, then the check: once it is open, the pid cannot name another
         # process, so a process that passes the check is the one being watched.
         watching = watch_adopted(self._reactor, pid, job.protocol.processEnded,
@@ -175,6 +177,7 @@ class JobManager(service.Service):
         timeout: float | None = None,
         job_id: str | None = None,
         request: tuple[str, bytes] | None = None,
+        isolate: Sequence[str] = (),
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -182,7 +185,7 @@ class JobManager(service.Service):
         only a daemon that takes no new job (shutting down, short of disk) raises
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
         it asked (see ``by_request``)."""
-        job = self.admit(owner, command, args, dir, timeout, job_id, request)
+        job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate)
         self.launch(job, env)
         return job
 
@@ -195,14 +198,18 @@ class JobManager(service.Service):
         timeout: float | None = None,
         job_id: str | None = None,
         request: tuple[str, bytes] | None = None,
+        isolate: Sequence[str] = (),
     ) -> Job:
-        """A new job in the table, not started yet.  A durable caller awaits ``pending``
+        """A new job in the table, not started yet (in new namespaces when ``isolate``
+        names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
         before ``launch``: then a crash can never leave a process the table has not
         heard of (a restarted daemon finds it by its job id, see ``recovery``), and a
         retried start finds its job instead of running the program again."""
         self.check_admission()
-        return self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
-                             request)
+        job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
+                            request)
+        job.isolate = list(effective(isolate)) or None
+        return job
 
     def launch(self, job: Job, env: list[str] | None = None,
                creds: Credentials | None = None) -> None:
@@ -359,10 +366,16 @@ class JobManager(service.Service):
             return
         job.spawning()
         earliest = ticks_now()
+        executable, argv, run_as = job.executable, [job.command, *job.args], creds
+        if job.isolate:
+            # The helper makes the namespaces as root, then takes ``creds`` itself.
+            executable, argv, environment = helper_command(job.isolate, executable, argv,
+                                                           environment, creds)
+            run_as = None
         try:
-            with acting_as(creds):  # this thread only, and back at once
-                self._spawner(self._reactor, job.protocol, job.executable,
-                              [job.command, *job.args], environment, job.dir, out, err)
+            with acting_as(run_as):  # this thread only, and back at once
+                self._spawner(self._reactor, job.protocol, executable, argv, environment,
+                              job.dir, out, err)
         except CredentialsError as e:
             job.fail(str(e))
             return

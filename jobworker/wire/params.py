@@ -10,7 +10,7 @@ import hashlib
 from typing import Any
 
 from jobworker.wire.codec import encode
-from jobworker.wire.record import STATES
+from jobworker.wire.record import ISOLATE, STATES
 from jobworker.wire.schema import (
     Schema,
     boolean,
@@ -21,6 +21,7 @@ from jobworker.wire.schema import (
     one_of,
     schema,
     string,
+    subset_of,
 )
 
 #: A start's arguments and its run-time limit, shared with ``JobManager.start``.
@@ -42,6 +43,8 @@ SCHEMAS: dict[str, Schema] = {
         "request_id": (string(128, nonempty=True), None),
         # Run as this Unix user, if the policy allows the caller (root daemons only).
         "user": (string(256, nonempty=True), None),
+        # New namespaces for the job (root daemons only): docs/protocol.md.
+        "isolate": (subset_of(*ISOLATE), []),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
@@ -68,4 +71,6 @@ def start_digest(params: dict[str, Any]) -> bytes:
     """What a start asked for, in 16 bytes: a retried start (same ``request_id``) must ask
     for the same."""
     asked = [params[k] for k in ("command", "args", "env", "dir", "timeout", "user")]
+    if params.get("isolate"):  # only then: the digests of earlier starts stay the same
+        asked.append(sorted(params["isolate"]))
     return hashlib.blake2b(encode(asked), digest_size=16).digest()

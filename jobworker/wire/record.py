@@ -16,6 +16,8 @@ FAILED = "failed"
 LOST = "lost"
 STATES = (RUNNING, EXITED, STOPPED, FAILED, LOST)
 ENDED_STATES = (EXITED, STOPPED, FAILED, LOST)
+#: The namespaces a job may be started in (start's ``isolate``, the record's field).
+ISOLATE = ("pid", "net", "mount")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class JobRecord:
     timeout: float | None = None
     uid: int | None = None  # whom the job ran as (null: it never started)
     gid: int | None = None
+    isolate: list[str] | None = None  # the namespaces it ran in (null: none)
 
     @property
     def ended(self) -> bool:

@@ -74,6 +74,19 @@ def list_of(item: Check, max_items: int = 1024) -> Check:
     return check
 
 
+def subset_of(*choices: str) -> Check:
+    """A list of distinct strings, each one of ``choices``."""
+
+    def check(name: str, v: Any) -> list[str]:
+        if not isinstance(v, list) or any(x not in choices for x in v):
+            raise BadRequest(f"'{name}' must be a list of: {', '.join(choices)}")
+        if len(set(v)) != len(v):
+            raise BadRequest(f"'{name}' names one of them twice")
+        return list(v)
+
+    return check
+
+
 def job_ref() -> Check:
     """A job id (string) or a pid (integer)."""
     as_str, as_int = string(64, nonempty=True), integer(1, 2**31)

@@ -102,6 +102,10 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             # "nobody" is not (forbidden), an unknown user is a bad_request.
             "user": (st.sampled_from(["root", "nobody", "jw-no-such-user"]),
                      st.one_of(st.just(""), texts, but(str))),
+            "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
+                        st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
+                                           max_size=3), st.lists(anything, max_size=2),
+                                  but(list))),
         },
         "stop": {"job": job,
                  "grace": (st.one_of(st.floats(0.0, 3600.0), st.sampled_from([0, 3600])),
@@ -215,7 +219,8 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             # Refused after the schema: a request_id already used for another start, a
             # start as a user the host does not have, a list cursor that is no cursor, a
             # forget of a running job.
-            assert (method == "start" and ("request_id" in params or "user" in params)) or (
+            assert (method == "start" and ("request_id" in params or "user" in params
+                                           or "isolate" in params)) or (
                 method == "list" and "cursor" in params) or method == "forget", (
                 method, params, reply)
         else:

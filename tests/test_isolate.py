@@ -151,7 +151,9 @@ def isolating(test_pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     why_not = probe_host()
     if why_not is not None:
         pytest.skip(f"this host cannot make namespaces: {why_not}")
-    d = Daemon(test_pki, tmp_path_factory.mktemp("isolate") / "state").start()
+    # Jobs as their identity's dynamic uid, as in production (not the suite's root).
+    d = Daemon(test_pki, tmp_path_factory.mktemp("isolate") / "state",
+               jobs_as_root=False).start()
     yield d
     d.stop()
 

@@ -20,6 +20,8 @@ from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.cgpool import SPARE_PREFIX, CgroupPool
+from jobworker.jobs.cgroups import detect
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
@@ -64,6 +66,13 @@ class Options(usage.Options):
          "Free space to keep on the state file system (512M, 1G, 5%): below it new jobs "
          "are refused, so stops and job ends are still recorded."],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+        ["cgroup-root-name", None, "jobworker",
+         "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
+         "holds the job cgroups (<own>/<name>/<job id>); one per daemon."],
+    ]
+    optFlags = [
+        ["no-cgroups", None, "Run jobs without cgroups (stop then signals the process "
+                             "group only, and no usage is counted)."],
     ]
 
     def __init__(self) -> None:
@@ -95,6 +104,10 @@ class Options(usage.Options):
             self["min-free"] = MinFree.parse(self["min-free"])
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}") from None
+        name = self["cgroup-root-name"]
+        if (not name or name in (".", "..") or "/" in name or "\0" in name
+                or name.startswith(SPARE_PREFIX) or len(name) > 200):
+            raise usage.UsageError("--cgroup-root-name must be one plain directory name")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -134,16 +147,25 @@ def makeService(config: Options) -> service.MultiService:
     authz = Authorizer(policy)
     spare_logs = LogDirPool(reactor, logs)
     reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
+    if config["no-cgroups"]:
+        cgroups = CgroupPool(reactor, None, "--no-cgroups")
+    else:
+        # Here, on the thread that will run the reactor and spawn: its cgroups are the
+        # ones jobs are made beneath and that it returns to after each spawn.
+        found = detect(config["cgroup-root-name"])
+        cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
-                      reserve=reserve)
+                      reserve=reserve, cgroups=cgroups)
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
 
     top = service.MultiService()
-    # Spare log directories first, jobs second, listener third: on shutdown the listener
-    # stops accepting before running jobs are stopped, and the spares go once no job can
-    # start (MultiService stops children in reverse order).
+    # Spare log directories and cgroups first, jobs second, listener third: on shutdown
+    # the listener stops accepting before running jobs are stopped, and the spares (and
+    # the job cgroups) go once no job can start or run (MultiService stops children in
+    # reverse order).
     spare_logs.setServiceParent(top)
+    cgroups.setServiceParent(top)
     QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
+from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.process import JobProcessProtocol, spawn
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
@@ -32,6 +33,16 @@ class SpareLogDirs(Protocol):
     def take(self, log_dir: str) -> tuple[int, int] | None:
         """Rename a spare to ``log_dir`` and hand over its (stdout, stderr) descriptors,
         or None when none is ready."""
+        ...
+
+
+class JobCgroups(Protocol):
+    """Each job's own cgroup; ``jobworker.jobs.cgpool.CgroupPool`` is the real one.  Without
+    one, jobs run in the daemon's cgroups and stop signals their process group only."""
+
+    def take(self, job_id: str) -> JobCgroup | None:
+        """The cgroup for job ``job_id``, or None when cgroups are off; OSError when it
+        cannot be made."""
         ...
 
 
@@ -67,6 +78,7 @@ class JobManager(service.Service):
         store: JobStore | None = None,
         spare_logs: SpareLogDirs | None = None,
         reserve: DiskReserve | None = None,
+        cgroups: JobCgroups | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -77,6 +89,7 @@ class JobManager(service.Service):
         self._killpg = killpg
         self._store: JobStore = store if store is not None else MemoryStore()
         self._reserve = reserve
+        self._cgroups = cgroups
         self._shutting_down = False
 
     # -- service -------------------------------------------------------------------------
@@ -219,10 +232,16 @@ class JobManager(service.Service):
         except (ValueError, TypeError) as e:
             job.fail(str(e))
             return
+        cgroup = self._take_cgroup(job)
+        if job.ended:
+            return
         job.spawning()
         try:
-            self._spawner(self._reactor, job.protocol, job.executable,
-                          [job.command, *job.args], environment, job.dir, out, err)
+            if cgroup is None:
+                self._spawner(self._reactor, job.protocol, job.executable,
+                              [job.command, *job.args], environment, job.dir, out, err)
+            else:
+                self._spawn_in(cgroup, job, environment, out, err)
         except OSError as e:
             job.fail(f"cannot execute {job.executable}: {e.strerror or e}")
             return
@@ -233,6 +252,45 @@ class JobManager(service.Service):
             return
         job.spawned()
 
+
+    def _take_cgroup(self, job: Job) -> JobCgroup | None:
+        """Attach the job's own cgroup (if cgroups are on); failing that, fail the job:
+        it never runs outside the isolation it would have had."""
+        if self._cgroups is None:
+            return None
+        try:
+            cgroup = self._cgroups.take(job.id)
+        except OSError as e:
+            job.fail(f"cannot make the job's cgroup: {e.strerror or e}")
+            return None
+        if cgroup is not None:
+            job.attach_cgroup(cgroup)
+        return cgroup
+
+    def _spawn_in(self, cgroup: JobCgroup, job: Job, environment: dict[str, str],
+                  out: int, err: int) -> None:
+        """Spawn with this (the reactor) thread inside the job's cgroup, so the child
+        starts there, before its first instruction; then move the thread back."""
+        assert job.executable is not None
+        try:
+            cgroup.enter()
+        except OSError as e:
+            self._leave(cgroup, job)
+            raise OSError(e.errno, f"cannot enter the job's cgroup: {e.strerror}") from e
+        try:
+            self._spawner(self._reactor, job.protocol, job.executable,
+                          [job.command, *job.args], environment, job.dir, out, err)
+        finally:
+            self._leave(cgroup, job)
+
+    def _leave(self, cgroup: JobCgroup, job: Job) -> None:
+        try:
+            cgroup.leave()
+        except OSError:
+            # The reactor thread stays in the job's cgroup: its CPU is charged there and
+            # the cgroup cannot be removed until the next spawn moves the thread again.
+            self.log.failure("{event} job={job_id}", event="cgroups.leave_failed",
+                             job_id=job.id)
 
     def _signal_group(self, job: Job, signum: int) -> None:
         """Signal the job's process group, unless its pid now belongs to another running job

@@ -37,6 +37,10 @@ class JobRecord:
     log_dir: str
     timed_out: bool = False
     timeout: float | None = None
+    # What the job's cgroup counted: cpu_seconds, memory_peak (bytes), io_read_bytes and
+    # io_write_bytes (None where the host cannot count one); live while the job runs, final
+    # once its last process has gone.  None: the job had no cgroup (docs/isolation.md).
+    usage: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:

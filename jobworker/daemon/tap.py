@@ -20,7 +20,7 @@ from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.watcher import FileWatcher
-from jobworker.jobs.cgpool import SPARE_PREFIX, CgroupPool
+from jobworker.jobs.cgpool import CgroupPool
 from jobworker.jobs.cgroups import detect
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
@@ -106,7 +106,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--min-free: {e}") from None
         name = self["cgroup-root-name"]
         if (not name or name in (".", "..") or "/" in name or "\0" in name
-                or name.startswith(SPARE_PREFIX) or len(name) > 200):
+                or len(name) > 200):
             raise usage.UsageError("--cgroup-root-name must be one plain directory name")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "

@@ -28,6 +28,10 @@ CONTROLLERS_V2 = ("memory", "cpu", "io", "pids")
 
 #: Sends a signal to a pid: ``os.kill``; tests pass a recorder.
 Kill = Callable[[int, int], None]
+#: Makes one cgroup directory: ``os.mkdir``; a fake tree also writes the kernel's files.
+Mkdir = Callable[[str], None]
+#: Removes one empty cgroup directory: ``os.rmdir`` (the kernel's files go with it).
+Rmdir = Callable[[str], None]
 
 
 class CgroupFiles(Protocol):
@@ -75,8 +79,6 @@ class CgroupDriver(Protocol):
     controllers: tuple[str, ...]
     #: The subtree's directories, one per hierarchy.
     roots: tuple[str, ...]
-    #: v1 can rename a cgroup within its parent (a spare becomes a job's); v2 cannot.
-    can_rename: bool
     #: v2's ``cgroup.kill`` ends every process at once; v1 needs the freezer.
     atomic_kill: bool
 
@@ -89,9 +91,6 @@ class CgroupDriver(Protocol):
 
     def create(self, name: str) -> None:
         """Make cgroup ``name`` in every hierarchy (existing ones are kept)."""
-
-    def rename(self, old: str, new: str) -> None:
-        """Rename cgroup ``old`` to ``new`` in every hierarchy (v1 only)."""
 
     def remove(self, name: str) -> None:
         """Remove cgroup ``name`` everywhere; OSError(EBUSY) while a process is in it."""
@@ -131,11 +130,16 @@ def _write(path: str, text: str) -> None:
 
 
 def _pids_in(path: str) -> list[int]:
-    """The pids listed in a ``cgroup.procs`` file; [] if the cgroup is gone."""
+    """The pids listed in a ``cgroup.procs`` file; [] if the cgroup is gone (ENODEV: it
+    went while the file was open)."""
     try:
         return [int(p) for p in _read(path).split()]
     except FileNotFoundError:
         return []
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return []
+        raise
 
 
 def _kill_each(pids: list[int], kill: Kill) -> int:
@@ -161,12 +165,12 @@ def _open_tasks(dirs: list[str], file: str) -> list[int]:
     return fds
 
 
-def _rmdir_all(dirs: list[str]) -> None:
+def _rmdir_all(dirs: list[str], rmdir: Rmdir = os.rmdir) -> None:
     """rmdir each; ENOENT is success, the first other error is raised after trying all."""
     error: OSError | None = None
     for d in dirs:
         try:
-            os.rmdir(d)
+            rmdir(d)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -268,11 +272,13 @@ class V1Driver:
     """cgroup v1: a directory per job in each controller's hierarchy."""
 
     version = "v1"
-    can_rename = True  # within one parent: kernel/cgroup/cgroup-v1.c, cgroup1_rename
     atomic_kill = False
 
-    def __init__(self, own: dict[str, str], root_name: str) -> None:
+    def __init__(self, own: dict[str, str], root_name: str, mkdir: Mkdir = os.mkdir,
+                 rmdir: Rmdir = os.rmdir) -> None:
         """``own``: controller -> the daemon's own cgroup directory in its hierarchy."""
+        self._mkdir = mkdir
+        self._rmdir = rmdir
         self.controllers = tuple(c for c in CONTROLLERS_V1 if c in own)
         self._subtree = {c: os.path.join(own[c], root_name) for c in self.controllers}
         self.roots = tuple(dict.fromkeys(self._subtree.values()))
@@ -281,7 +287,8 @@ class V1Driver:
 
     def setup(self) -> None:
         for root in self.roots:
-            os.makedirs(root, exist_ok=True)
+            if not os.path.isdir(root):
+                self._mkdir(root)
         if not self._home:
             self._home = _open_tasks(self._own_dirs, "tasks")
 
@@ -291,23 +298,12 @@ class V1Driver:
     def create(self, name: str) -> None:
         for path in self.paths(name):
             try:
-                os.mkdir(path)
+                self._mkdir(path)
             except FileExistsError:
                 pass
 
-    def rename(self, old: str, new: str) -> None:
-        done: list[tuple[str, str]] = []
-        try:
-            for root in self.roots:
-                os.rename(os.path.join(root, old), os.path.join(root, new))
-                done.append((root, old))
-        except OSError:
-            for root, back in done:  # all or nothing
-                os.rename(os.path.join(root, new), os.path.join(root, back))
-            raise
-
     def remove(self, name: str) -> None:
-        _rmdir_all(self.paths(name))
+        _rmdir_all(self.paths(name), self._rmdir)
 
     def children(self) -> list[str]:
         names: set[str] = set()
@@ -327,7 +323,7 @@ class V1Driver:
             os.close(fd)
         self._home = []
         try:
-            _rmdir_all(list(self.roots))
+            _rmdir_all(list(self.roots), self._rmdir)
         except OSError:
             pass  # something is left (a job still running): keep the subtree
 
@@ -409,10 +405,12 @@ class V2Driver:
     """cgroup v2: one directory per job under ``<own>/<root_name>``."""
 
     version = "v2"
-    can_rename = False  # the kernel refuses rename on the default hierarchy
     atomic_kill = True
 
-    def __init__(self, own: str, root_name: str) -> None:
+    def __init__(self, own: str, root_name: str, mkdir: Mkdir = os.mkdir,
+                 rmdir: Rmdir = os.rmdir) -> None:
+        self._mkdir = mkdir
+        self._rmdir = rmdir
         self._own = own
         self._root = os.path.join(own, root_name)
         self.roots: tuple[str, ...] = (self._root,)
@@ -424,14 +422,20 @@ class V2Driver:
         self._home = -1
 
     def setup(self) -> None:
-        os.makedirs(self._root, exist_ok=True)
+        if not os.path.isdir(self._root):
+            self._mkdir(self._root)
         if self.controllers:
             # Delegated to us (systemd Delegate=yes): enable them for the subtree and its
             # children.  The daemon's own cgroup must then hold no process but the daemon's
             # (the "no internal processes" rule), which a service's cgroup satisfies.
             enable = " ".join(f"+{c}" for c in self.controllers)
-            for d in (self._own, self._root):
-                _write(os.path.join(d, "cgroup.subtree_control"), enable)
+            try:
+                for d in (self._own, self._root):
+                    _write(os.path.join(d, "cgroup.subtree_control"), enable)
+            except OSError:
+                # EBUSY: other processes share our cgroup.  Jobs still get cgroups (for
+                # stop and cpu time) without the controllers.
+                self.controllers = ()
         if self._home < 0:
             self._home = os.open(os.path.join(self._own, "cgroup.procs"),
                                  os.O_WRONLY | os.O_CLOEXEC)
@@ -441,15 +445,12 @@ class V2Driver:
 
     def create(self, name: str) -> None:
         try:
-            os.mkdir(os.path.join(self._root, name))
+            self._mkdir(os.path.join(self._root, name))
         except FileExistsError:
             pass
 
-    def rename(self, old: str, new: str) -> None:
-        raise OSError(errno.EPERM, "cgroup v2 cannot rename a cgroup")
-
     def remove(self, name: str) -> None:
-        _rmdir_all(self.paths(name))
+        _rmdir_all(self.paths(name), self._rmdir)
 
     def children(self) -> list[str]:
         try:
@@ -465,7 +466,7 @@ class V2Driver:
             os.close(self._home)
             self._home = -1
         try:
-            os.rmdir(self._root)
+            self._rmdir(self._root)
         except OSError:
             pass
 
@@ -482,7 +483,8 @@ class Detected:
 
 
 def detect(root_name: str, *, mountinfo: str = "/proc/self/mountinfo",
-           own: str = "/proc/thread-self/cgroup", prefix: str = "") -> Detected:
+           own: str = "/proc/thread-self/cgroup", prefix: str = "",
+           mkdir: Mkdir = os.mkdir, rmdir: Rmdir = os.rmdir) -> Detected:
     """Find the cgroups the calling thread is in and pick a driver: v2 when the daemon's v2
     cgroup offers the memory controller (a pure v2 host), else v1 with whichever of
     CONTROLLERS_V1 are mounted, else a controller-less v2 (membership and cgroup.kill),
@@ -524,11 +526,11 @@ def detect(root_name: str, *, mountinfo: str = "/proc/self/mountinfo",
     v1_own = {c: d for c, d in v1_own.items() if os.path.isdir(d)}
     if v2_own is not None and not os.path.isdir(v2_own):
         v2_own = None
-    v2 = V2Driver(v2_own, root_name) if v2_own is not None else None
+    v2 = V2Driver(v2_own, root_name, mkdir, rmdir) if v2_own is not None else None
     if v2 is not None and "memory" in v2.controllers:
         return Detected(v2, f"cgroup v2 at {v2_own}")
     if v1_own:
-        return Detected(V1Driver(v1_own, root_name), "cgroup v1")
+        return Detected(V1Driver(v1_own, root_name, mkdir, rmdir), "cgroup v1")
     if v2 is not None:
         return Detected(v2, f"cgroup v2 at {v2_own}, no controllers delegated")
     return Detected(None, "no cgroup hierarchy mounted for this process")
@@ -552,4 +554,4 @@ def _unescape(field: str) -> str:
 
 
 __all__ = ["CONTROLLERS_V1", "CONTROLLERS_V2", "CgroupDriver", "CgroupFiles", "Detected",
-           "Kill", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]
+           "Kill", "Mkdir", "Rmdir", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]

@@ -30,6 +30,10 @@ from jobworker.wire.record import (
 from jobworker.wire.timestamps import iso8601
 
 
+#: Seconds after its KILL that a stop is answered even if the job's cgroup is not empty.
+STUCK_AFTER = 10.0
+
+
 def signal_name(number: int) -> str:
     """``SIGKILL`` for 9; real-time signals as ``SIGRTMIN+n``."""
     try:
@@ -56,6 +60,7 @@ class Job:
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "cgroup", "_usage", "_done_observers",
+        "_stuck_call",
     )
 
     log = Logger()
@@ -111,6 +116,7 @@ class Job:
         self.cgroup: JobCgroup | None = None
         self._usage: dict[str, Any] | None = None
         self._done_observers: list[Deferred[JobRecord]] = []
+        self._stuck_call: DelayedCall | None = None
 
     # -- what clients see --------------------------------------------------------------
 
@@ -305,6 +311,21 @@ class Job:
         )
         self._signal(signal.SIGKILL)
         self._fire_kill_waiters()
+        if self.cgroup is not None and self._stuck_call is None:
+            self._stuck_call = self._reactor.callLater(STUCK_AFTER, self._stuck)
+
+    def _stuck(self) -> None:
+        """KILLed STUCK_AFTER ago and still not empty (a task in an uninterruptible sleep,
+        on a dead NFS server say): answer the stop now rather than never; the cgroup is
+        still watched, KILLed again and released once it empties."""
+        self._stuck_call = None
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        self.log.error("{event} job={job_id} pids={pids}", event="job.cgroup_stuck",
+                       job_id=self.id, pids=cgroup.pids())
+        if self.ended:
+            self._fire_done()
 
     def _fire_kill_waiters(self) -> None:
         waiters, self._kill_waiters = self._kill_waiters, []
@@ -401,14 +422,15 @@ class Job:
         """The leader has ended: a job is its whole cgroup, so processes it left behind are
         ended too (TERM now, KILL after the grace, as systemd's KillMode=control-group does
         when a service's main process exits); once the cgroup is empty, the job is done."""
-        if not self._stopping:
-            left = cgroup.signal_all(signal.SIGTERM)
+        pids = cgroup.pids()
+        if pids and not self._stopping:
+            left = cgroup.signal_all(signal.SIGTERM, pids)
             if left:
                 self.log.info("{event} job={job_id} processes={count} grace={grace}",
                               event="job.leftovers", job_id=self.id, count=left,
                               grace=self._timeout_grace)
                 self._kill_call = self._reactor.callLater(self._timeout_grace, self._kill)
-        cgroup.when_empty().addCallback(self._cgroup_empty, cgroup).addErrback(
+        cgroup.when_empty(pids).addCallback(self._cgroup_empty, cgroup).addErrback(
             lambda f: self.log.failure("{event} job={job_id}", f, event="job.cgroup_bug",
                                        job_id=self.id))
 
@@ -420,6 +442,9 @@ class Job:
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
+        if self._stuck_call is not None and self._stuck_call.active():
+            self._stuck_call.cancel()
+        self._stuck_call = None
         self._fire_kill_waiters()
         self._fire_done()
 

@@ -68,11 +68,12 @@ class JobCgroup:
         except OSError:
             return []
 
-    def signal_all(self, signum: int) -> int:
-        """Send ``signum`` to every process in the cgroup now; how many got it.  (Not
-        race-free against forks: the TERM is a request, the KILL below is the guarantee.)"""
+    def signal_all(self, signum: int, pids: list[int] | None = None) -> int:
+        """Send ``signum`` to every process in the cgroup now (``pids``, if just read);
+        how many got it.  (Not race-free against forks: the TERM is a request, the KILL
+        below is the guarantee.)"""
         sent = 0
-        for pid in self.pids():
+        for pid in self.pids() if pids is None else pids:
             try:
                 self._kill(pid, signum)
                 sent += 1
@@ -122,9 +123,10 @@ class JobCgroup:
 
     # -- the end -----------------------------------------------------------------------------
 
-    def when_empty(self) -> Deferred[None]:
-        """Fires once no process is left in the cgroup; polls on the reactor's clock."""
-        if not self._poll_call and not self._empty_waiters and not self.pids():
+    def when_empty(self, pids: list[int] | None = None) -> Deferred[None]:
+        """Fires once no process is left in the cgroup (``pids``: as just read); polls on
+        the reactor's clock."""
+        if self._poll_call is None and not (self.pids() if pids is None else pids):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._empty_waiters.append(d)

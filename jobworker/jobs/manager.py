@@ -45,6 +45,10 @@ class JobCgroups(Protocol):
         cannot be made."""
         ...
 
+    def new_id(self) -> str | None:
+        """A fresh job id whose cgroup is ready, or None."""
+        ...
+
 
 class Spawner(Protocol):
     """What JobManager needs to start a process; ``jobworker.jobs.process.spawn`` is the real one."""
@@ -151,7 +155,11 @@ class JobManager(service.Service):
         return job
 
     def new_id(self) -> str:
-        """A fresh job id."""
+        """A fresh job id (one whose cgroup is made already, when one is ready)."""
+        if self._cgroups is not None:
+            ready = self._cgroups.new_id()
+            if ready is not None:
+                return ready
         return str(uuid.uuid4())
 
     def check_admission(self) -> None:

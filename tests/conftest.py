@@ -100,13 +100,27 @@ def open_fd_count(pid: int) -> int:
 
 def fds_but_spares(pid: int) -> int:
     """``open_fd_count`` without the descriptors on spare log files, which the spare pool
-    opens and hands over as it goes (``<logs>/.spare/<group>/<n>/*.log``)."""
+    opens and hands over as it goes (``<logs>/.spare/<group>/<n>/*.log``), nor those on
+    cgroup files (the cgroup pool keeps ready cgroups' ``tasks`` open, and each running
+    job's until it ends)."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += "/logs/.spare/" not in os.readlink(f"/proc/{pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
-            pass  # closed while we looked
+            continue  # closed while we looked
+        count += "/logs/.spare/" not in target and not target.startswith("/sys/fs/cgroup/")
+    return count
+
+
+def fds_but_cgroups(pid: int) -> int:
+    """``open_fd_count`` without descriptors on cgroup files (see ``fds_but_spares``)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/sys/fs/cgroup/")
+        except FileNotFoundError:
+            pass
     return count
 
 
@@ -158,13 +172,54 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return p
 
 
+def cgroup_dirs(pid: int, name: str) -> list[str]:
+    """The directories ``<own>/<name>`` beneath process ``pid``'s cgroup in each mounted
+    hierarchy (existing or not): where that daemon keeps its job cgroups."""
+    from jobworker.jobs.cgroups import detect
+
+    found = detect(name, own=f"/proc/{pid}/cgroup")
+    return list(found.driver.roots) if found.driver is not None else []
+
+
+def remove_cgroup_subtree(root: str) -> list[str]:
+    """rmdir the cgroups beneath ``root`` (one we made), deepest first, then ``root``;
+    returns those that would not go (a process still in them)."""
+    left = []
+    for dirpath, dirnames, _ in os.walk(root, topdown=False):
+        for d in dirnames:
+            try:
+                os.rmdir(os.path.join(dirpath, d))
+            except OSError:
+                left.append(os.path.join(dirpath, d))
+    try:
+        os.rmdir(root)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left.append(root)
+    return left
+
+
+_cgroup_names = iter(range(1 << 30))
+
+
 class Daemon:
-    """A real ``twistd -n jobworker`` in its own process group, on a free port."""
+    """A real ``twistd -n jobworker`` in its own process group, on a free port.
+
+    Each gets a cgroup subtree of its own (``--cgroup-root-name jwtest-<pid>-<n>``, unless
+    the test names one): test daemons run side by side in the test process's cgroups."""
 
     def __init__(self, pki_: PKI, state_dir: Path, *args: str) -> None:
         self.pki = pki_
         self.state_dir = state_dir
         self.args = list(args)
+        self.cgroup_name = f"jwtest-{os.getpid()}-{next(_cgroup_names)}"
+        if not any(a.startswith("--cgroup-root-name") for a in args):
+            self.args += ["--cgroup-root-name", self.cgroup_name]
+        else:
+            i = next(i for i, a in enumerate(self.args) if a.startswith("--cgroup-root-name"))
+            self.cgroup_name = (self.args[i].split("=", 1)[1] if "=" in self.args[i]
+                                else self.args[i + 1])
         self.log_path = state_dir.parent / f"{state_dir.name}-twistd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -185,6 +240,7 @@ class Daemon:
             return int(m.group(1)) if m else None
 
         self.port = wait_for(listening, timeout, what="the daemon to listen")
+        self.cgroup_roots()  # learnt while the daemon lives, to clean up after it
         return self
 
     @property
@@ -219,7 +275,22 @@ class Daemon:
                 raise AssertionError(
                     f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}") from None
         self.log_file.close()
+        self.remove_cgroups()
         return self.proc.returncode
+
+    def cgroup_roots(self) -> list[str]:
+        """This daemon's job subtree in each hierarchy (see ``cgroup_dirs``)."""
+        if "--no-cgroups" in self.args or self.proc is None:
+            return []
+        if not hasattr(self, "_cgroup_roots"):
+            self._cgroup_roots = cgroup_dirs(self.proc.pid, self.cgroup_name)
+        return self._cgroup_roots
+
+    def remove_cgroups(self) -> None:
+        """After the daemon has gone: remove what it left of its own subtree (nothing, if
+        it stopped cleanly), never anything else."""
+        for root in self._cgroup_roots if hasattr(self, "_cgroup_roots") else []:
+            remove_cgroup_subtree(root)
 
     def config(self, identity: str = "alice"):  # type: ignore[no-untyped-def]
         from jobworker.client.api import ClientConfig

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 import pytest_twisted
-from conftest import BIN, Daemon, until
+from conftest import BIN, Daemon, fds_but_cgroups, until
 from OpenSSL import crypto
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -110,7 +110,7 @@ def file_sha256(path: Path | str) -> str:
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return fds_but_cgroups(pid)
 
 
 def inotify_watches(pid: int) -> int:

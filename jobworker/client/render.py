@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from jobworker.wire.record import FAILED, LOST, RUNNING, STOPPED, JobRecord
 
@@ -67,6 +68,27 @@ def outcome(record: JobRecord) -> str:
     return f"exited {record.exit_code}{extra}"
 
 
+def size(n: int | None) -> str:
+    """Bytes in powers of 1024: ``512 B``, ``3.4 MiB``; ``-`` when not counted."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def usage(u: dict[str, Any]) -> str:
+    """``cpu 1.2s, memory peak 3.4 MiB, io read 0 B, written 8.0 KiB`` (``-``: this host
+    does not count it; see docs/isolation.md for what v1 counts as written)."""
+    cpu = u.get("cpu_seconds")
+    cpu_text = "-" if not isinstance(cpu, int | float) else f"{cpu:.3g}s"
+    return (f"cpu {cpu_text}, memory peak {size(u.get('memory_peak'))}, "
+            f"io read {size(u.get('io_read_bytes'))}, written {size(u.get('io_write_bytes'))}")
+
+
 def _command_line(record: JobRecord, width: int | None) -> str:
     text = " ".join([record.command, *record.args])
     if width and len(text) > width:
@@ -89,6 +111,8 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
     ]
     if r.timeout is not None:
         rows.append(("timeout", duration(r.timeout)))
+    if r.usage is not None:
+        rows.append(("usage", usage(r.usage)))
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in rows)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
@@ -331,6 +332,10 @@ class FakeCgroupFiles:
         self.usage_reads += 1
         return dict(self.counted)
 
+    def recycle(self, name: str) -> None:
+        self.log.append("recycle")
+        self.name = name
+
     def close(self) -> None:
         self.closed = True
 
@@ -357,7 +362,14 @@ class FakeCgroups:
             raise error
         files = self.files[job_id] = FakeCgroupFiles(job_id)
         return JobCgroup(self.reactor, files, atomic_kill=self.atomic_kill,
-                         on_release=self.released.append, kill=self._kill)
+                         on_release=self._release, kill=self._kill)
+
+    def _release(self, files: Any) -> Deferred[dict[str, Any] | None]:
+        """As the pool does, but at once: the final usage, then the files closed."""
+        self.released.append(files.name)
+        usage = files.usage()
+        files.close()
+        return succeed(usage)
 
     def _kill(self, pid: int, signum: int) -> None:
         self.kills.append((pid, signum))
@@ -365,9 +377,9 @@ class FakeCgroups:
 
 #: What a fresh cgroup directory holds, per v1 controller (the files the drivers use).
 _V1_FILES = {
-    "memory": {"memory.max_usage_in_bytes": "0\n"},
+    "memory": {"memory.max_usage_in_bytes": "0\n", "memory.force_empty": ""},
     "cpuacct": {"cpuacct.usage": "0\n"},
-    "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n"},
+    "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n", "blkio.reset_stats": ""},
     "freezer": {"freezer.state": "THAWED\n"},
 }
 _V2_FILES = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.subtree_control": "",

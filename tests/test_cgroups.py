@@ -68,9 +68,9 @@ def test_detect_picks_the_version_and_the_daemons_own_cgroups(tree: FakeCgroupTr
     base = f"{tree.root}/sys/fs/cgroup"
     if tree.version == "v1":
         assert isinstance(driver, V1Driver)
-        assert driver.controllers == ("memory", "cpu", "cpuacct", "blkio", "pids", "freezer")
+        assert driver.controllers == ("memory", "cpuacct", "blkio", "pids", "freezer")
         assert driver.roots[0] == f"{base}/memory/outer/daemon/jw"
-        assert f"{base}/freezer/jw" in driver.roots and len(driver.roots) == 6
+        assert f"{base}/freezer/jw" in driver.roots and len(driver.roots) == 5
     else:
         assert isinstance(driver, V2Driver)
         assert driver.controllers == ("memory", "cpu", "io", "pids")
@@ -161,7 +161,7 @@ def test_kill_all_freezes_on_v1_and_writes_cgroup_kill_on_v2(tree: FakeCgroupTre
     sent: list[tuple[int, int]] = []
     if tree.version == "v1":
         assert files.freeze()
-        assert read(f"{driver.roots[-1]}/{JOB}/freezer.state").strip() == "FROZEN"
+        assert read(f"{driver.roots[-1]}/{JOB}/freezer.state") == "FROZEN"
         assert files.frozen()
         assert files.kill_all(lambda pid, sig: sent.append((pid, sig))) == 2
         assert sent == [(101, signal.SIGKILL), (102, signal.SIGKILL)]
@@ -172,6 +172,31 @@ def test_kill_all_freezes_on_v1_and_writes_cgroup_kill_on_v2(tree: FakeCgroupTre
         files.kill_all(lambda pid, sig: sent.append((pid, sig)))
         assert sent == [] and read(f"{driver.roots[0]}/{JOB}/cgroup.kill") == "1"
     assert files.pids() == [101, 102]
+    files.close()
+
+
+def test_recycle_resets_counters_and_renames_on_v1_only(tree: FakeCgroupTree) -> None:
+    """v1: an emptied cgroup is reused under a fresh id (memory reclaimed, peak, cpu and
+    io counters reset, every hierarchy renamed, files kept open); v2 refuses."""
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    if tree.version == "v2":
+        with pytest.raises(OSError):
+            files.recycle("fresh")
+        return
+    paths = dict(zip(driver.controllers, driver.paths(JOB), strict=True))
+    Path(paths["cpuacct"], "cpuacct.usage").write_text("9999\n")
+    files.recycle("fresh")
+    assert driver.children() == ["fresh"] and files.name == "fresh"
+    fresh = dict(zip(driver.controllers, driver.paths("fresh"), strict=True))
+    assert read(f"{fresh['cpuacct']}/cpuacct.usage").startswith("0")
+    assert read(f"{fresh['memory']}/memory.force_empty") == "0"
+    assert read(f"{fresh['blkio']}/blkio.reset_stats") == "1"
+    files.enter()  # the open tasks files followed the rename
+    assert read(f"{fresh['pids']}/tasks") == str(threading.get_native_id())
     files.close()
 
 
@@ -201,7 +226,13 @@ def job_cgroup(clock: Clock, files: FakeCgroupFiles, atomic: bool = False
                ) -> tuple[JobCgroup, list[tuple[int, int]], list[str]]:
     sent: list[tuple[int, int]] = []
     released: list[str] = []
-    cg = JobCgroup(clock, files, atomic_kill=atomic, on_release=released.append,
+
+    def release(f: Any) -> Deferred[dict[str, Any] | None]:
+        released.append(f.name)
+        f.close()
+        return succeed(f.usage())
+
+    cg = JobCgroup(clock, files, atomic_kill=atomic, on_release=release,
                    kill=lambda pid, sig: sent.append((pid, sig)))
     return cg, sent, released
 
@@ -262,8 +293,9 @@ def test_usage_is_read_at_most_once_per_ttl_and_finally_on_release() -> None:
     assert cg.usage()["cpu_seconds"] == 1.5 and files.usage_reads == 1
     files.counted["cpu_seconds"] = 2.0
     assert cg.usage()["cpu_seconds"] == 1.5 and files.usage_reads == 1
-    final = cg.release()
+    final = fired(cg.release())
     assert final["cpu_seconds"] == 2.0 and files.closed and released == [JOB]
+    assert cg.usage()["cpu_seconds"] == 2.0
 
 
 # -- the Job's policy with a cgroup (fake reactor) ------------------------------------------
@@ -403,7 +435,7 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     """At start empty leftovers of an earlier daemon in our subtree go, a busy one stays
     (logged); cgroups are made ahead for ids new_id gives out, so take makes nothing; an
     id without one gets its cgroup made on the spot; a released cgroup is removed after
-    REMOVE_AFTER; stop removes the unused ones."""
+    the job, in a batch; stop removes the unused ones."""
     tree = FakeCgroupTree(str(tmp_path), "v1")
     driver = tree.detect("jw").driver
     assert driver is not None
@@ -425,10 +457,18 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     other = pool.take(JOB)
     assert other is not None and os.path.isdir(driver.paths(JOB)[0])
     assert pool.paths(JOB) == driver.paths(JOB)
-    cg.release()
-    other.release()
-    preactor.advance(0.1)
+    cpuacct = driver.paths(JOB)[driver.controllers.index("cpuacct")]
+    Path(cpuacct, "cpuacct.usage").write_text("1500000000\n")
+    before = pool.ready
+    assert fired(other.release())["cpu_seconds"] == 1.5  # read just before it went
+    assert fired(cg.release())["cpu_seconds"] == 0.0
     assert JOB not in driver.children() and job_id not in driver.children()
+    # v1: recycled as ready cgroups for new ids (counters reset) while there is room in
+    # the pool (size 4); the rest removed.
+    assert before == 3 and pool.ready == 4
+    assert len(set(driver.children()) - {"busy-job"}) == 4
+    assert all(read(f"{driver.roots[driver.controllers.index('cpuacct')]}/{n}/cpuacct.usage"
+                    ).strip() == "0" for n in set(driver.children()) - {"busy-job"})
     fired(pool.stopService())
     # The spares went; an earlier daemon's busy cgroup (and so the subtree) stays.
     assert driver.children() == ["busy-job"]

@@ -28,8 +28,6 @@ ThreadRunner = Callable[..., "Deferred[Any]"]
 #: is done here, in a worker thread, for cgroups named by job ids not yet given out.
 SIZE = 16
 BATCH = 8
-#: Ended jobs' cgroups are removed in batches, at most this long after the first ended.
-REMOVE_AFTER = 0.05
 #: A cgroup still busy when removed (its last task not yet detached) is tried again.
 RETRY_AFTER = 1.0
 RETRIES = 5
@@ -73,7 +71,7 @@ class CgroupPool(service.Service):
         self._spares: dict[str, CgroupFiles] = {}  # made, id not given out (oldest first)
         self._given: dict[str, CgroupFiles] = {}  # id given out by new_id, not taken yet
         self._refill: Deferred[None] | None = None
-        self._doomed: list[tuple[str, int]] = []  # (name, tries left) to remove
+        self._doomed: list[_Doomed] = []  # to remove, in the next batch
         self._removal: Deferred[None] | None = None
         self._remove_call: DelayedCall | None = None
         self._ready = False
@@ -115,8 +113,10 @@ class CgroupPool(service.Service):
         self.log.info("{event} version={version} controllers={controllers} roots={roots}",
                       event="cgroups.enabled", version=driver.version,
                       controllers=",".join(driver.controllers), roots=list(driver.roots))
-        d = self._in_thread(self._sweep, driver)
-        self._refill = d.addCallback(self._swept).addErrback(self._bug)
+        # Set before the callbacks are added: a runner that calls at once (tests) has
+        # them run here, and they clear it.
+        self._refill = d = self._in_thread(self._sweep, driver)
+        d.addCallback(self._swept).addErrback(self._bug, "_refill")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -134,11 +134,10 @@ class CgroupPool(service.Service):
                 return
             unused = {**self._spares, **self._given}
             self._spares, self._given = {}, {}
-            for files in unused.values():
-                files.close()
-            names = list(unused) + [n for n, _ in self._doomed]
+            batch = [_Doomed(n, f, None, 1) for n, f in unused.items()] + self._doomed
             self._doomed = []
-            self._in_thread(self._teardown, names).addErrback(self._bug).chainDeferred(d)
+            self._in_thread(self._teardown, batch).addCallback(self._removed).addErrback(
+                self._bug, "_removal").chainDeferred(d)
 
         last()
         return d
@@ -169,7 +168,7 @@ class CgroupPool(service.Service):
             try:
                 files = driver.open(job_id)
             except OSError:
-                self._doom(job_id)
+                self._doom(_Doomed(job_id, None, None, RETRIES))
                 raise
         return JobCgroup(self._reactor, files, atomic_kill=driver.atomic_kill,
                          on_release=self._released, kill=self._kill)
@@ -184,8 +183,8 @@ class CgroupPool(service.Service):
         if count <= 0:
             return
         names = [str(uuid.uuid4()) for _ in range(count)]
-        d = self._in_thread(self._make, self.driver, names)
-        self._refill = d.addCallback(self._made).addErrback(self._bug)
+        self._refill = d = self._in_thread(self._make, self.driver, names)
+        d.addCallback(self._made).addErrback(self._bug, "_refill")
 
     @staticmethod
     def _make(driver: CgroupDriver, names: list[str]
@@ -209,9 +208,7 @@ class CgroupPool(service.Service):
         self._refill = None
         made, error = result
         if not self.running:
-            for name, files in made:
-                files.close()
-                self._doomed.append((name, 1))
+            self._doomed.extend(_Doomed(name, files, None, 1) for name, files in made)
             return
         self._spares.update(made)
         if error is not None:
@@ -244,59 +241,99 @@ class CgroupPool(service.Service):
 
     # -- removal -------------------------------------------------------------------------
 
-    def _released(self, name: str) -> None:
-        """From JobCgroup.release: the job is over and its cgroup empty."""
-        self._doom(name)
+    def _released(self, files: CgroupFiles) -> Deferred[dict[str, Any] | None]:
+        """From JobCgroup.release: the job is over and its cgroup empty.  Fires with its
+        final usage, read in the worker thread just before the cgroup is removed."""
+        d: Deferred[dict[str, Any] | None] = Deferred()
+        self._doom(_Doomed(files.name, files, d, RETRIES))
+        return d
 
-    def _doom(self, name: str, tries: int = RETRIES) -> None:
-        self._doomed.append((name, tries))
+    def _doom(self, doomed: _Doomed) -> None:
+        """Removed with the next batch: at once if no removal is under way (the batch is
+        whatever ended meanwhile), else when the one under way is done."""
+        self._doomed.append(doomed)
         if self._remove_call is None and self._removal is None and self.running:
-            self._remove_call = self._reactor.callLater(REMOVE_AFTER, self._remove_now)
+            self._remove_now()
 
     def _remove_now(self) -> None:
         self._remove_call = None
         if not self._doomed or self.driver is None:
             return
         batch, self._doomed = self._doomed, []
-        d = self._in_thread(self._remove, self.driver, batch)
-        self._removal = d.addCallback(self._removed).addErrback(self._bug)
+        room = self._size - len(self._spares) - (self._batch if self._refill else 0)
+        self._removal = d = self._in_thread(self._remove, self.driver, batch, max(room, 0))
+        d.addCallback(self._removed).addErrback(self._bug, "_removal")
 
     @staticmethod
-    def _remove(driver: CgroupDriver, batch: list[tuple[str, int]]
-                ) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-        """In the worker thread: (to retry, given up with why)."""
-        retry, failed = [], []
-        for name, tries in batch:
+    def _remove(driver: CgroupDriver, batch: list[_Doomed], recycle: int = 0
+                ) -> list[_Doomed]:
+        """In the worker thread: read each cgroup's final usage, then recycle it under a
+        fresh id (up to ``recycle`` of them, where the kernel can) or close its files and
+        remove it; returns the batch with what happened to each."""
+        for doomed in batch:
+            files = doomed.files
+            if files is not None:
+                if doomed.d is not None:
+                    try:
+                        doomed.usage = files.usage()
+                    except OSError:
+                        doomed.usage = None
+                if recycle > 0:
+                    try:
+                        files.recycle(str(uuid.uuid4()))
+                        doomed.recycled = files
+                        recycle -= 1
+                        doomed.error = None
+                        continue
+                    except OSError:
+                        recycle = 0  # v2, or something odd: remove from now on
+                files.close()
+                doomed.files = None
             try:
-                driver.remove(name)
+                driver.remove(doomed.name)
+                doomed.error = None
             except OSError as e:
-                if e.errno == errno.EBUSY and tries > 1:
-                    retry.append((name, tries - 1))
-                else:
-                    failed.append((name, e.strerror or str(e)))
-        return retry, failed
+                doomed.error = e
+        return batch
 
-    def _removed(self, result: tuple[list[tuple[str, int]], list[tuple[str, str]]]) -> None:
+    def _removed(self, batch: list[_Doomed]) -> None:
         self._removal = None
-        retry, failed = result
-        for name, error in failed:
-            self.log.error("{event} cgroup={name}: {error}", event="cgroups.remove_failed",
-                           name=name, error=error)
-        if retry and self.running:
+        retry = []
+        for doomed in batch:
+            if doomed.recycled is not None:
+                files, doomed.recycled = doomed.recycled, None
+                if self.running:
+                    self._spares[files.name] = files
+                else:
+                    self._doomed.append(_Doomed(files.name, files, None, 1))
+            if doomed.d is not None:
+                d, doomed.d = doomed.d, None
+                d.callback(doomed.usage)
+            e = doomed.error
+            if e is None:
+                continue
+            if e.errno == errno.EBUSY and doomed.tries > 1 and self.running:
+                doomed.tries -= 1
+                retry.append(doomed)
+            else:
+                self.log.error("{event} cgroup={name}: {error}", event="cgroups.remove_failed",
+                               name=doomed.name, error=e.strerror or str(e))
+        if not self.running:
+            return
+        if retry:
             self._doomed.extend(retry)
             self._remove_call = self._reactor.callLater(RETRY_AFTER, self._remove_now)
-        elif self._doomed and self.running:
-            self._remove_call = self._reactor.callLater(REMOVE_AFTER, self._remove_now)
+        elif self._doomed:
+            self._remove_now()
 
-    def _teardown(self, names: list[str]) -> None:
-        """In the worker thread, at stop."""
+    def _teardown(self, batch: list[_Doomed]) -> list[_Doomed]:
+        """In the worker thread, at stop: the last batch, then the subtree if empty."""
         assert self.driver is not None
-        for name in names:
-            try:
-                self.driver.remove(name)
-            except OSError:
-                pass
+        batch = self._remove(self.driver, batch)
+        for doomed in batch:
+            doomed.error = None  # left for a later daemon's start-up sweep
         self.driver.teardown()
+        return batch
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -305,10 +342,27 @@ class CgroupPool(service.Service):
             return self._run_in_thread(f, *args)
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
-    def _bug(self, failure: Failure) -> None:
-        self._refill = None
-        self._removal = None
+    def _bug(self, failure: Failure, task: str) -> None:
+        """Not an OSError: a bug.  Keep the traceback; the task may run again."""
+        setattr(self, task, None)
         self.log.failure("{event}", failure, event="cgroups.bug")
+
+
+class _Doomed:
+    """A cgroup to remove: its files if still open, who waits for its final usage, how
+    many more tries a busy cgroup gets; then what the worker thread found."""
+
+    __slots__ = ("name", "files", "d", "tries", "usage", "error", "recycled")
+
+    def __init__(self, name: str, files: CgroupFiles | None,
+                 d: Deferred[dict[str, Any] | None] | None, tries: int) -> None:
+        self.name = name
+        self.files = files
+        self.d = d
+        self.tries = tries
+        self.usage: dict[str, Any] | None = None
+        self.error: OSError | None = None
+        self.recycled: CgroupFiles | None = None
 
 
 __all__ = ["BATCH", "SIZE", "CgroupPool", "ThreadRunner"]

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-#: The v1 controllers a job gets a cgroup in (those mounted; freezer is what makes KILL
-#: race-free, pids and cpuacct what makes accounting possible).
-CONTROLLERS_V1 = ("memory", "cpu", "cpuacct", "blkio", "pids", "freezer")
+#: The v1 controllers a job gets a cgroup in (those mounted): freezer makes the KILL
+#: race-free, cpuacct, memory and blkio count.  Not cpu: it counts nothing cpuacct does
+#: not, and moving a thread into a new cpu cgroup and back costs ~0.5 ms of wall time
+#: (median, this host) against ~0.05 ms for these five together.
+CONTROLLERS_V1 = ("memory", "cpuacct", "blkio", "pids", "freezer")
 #: The v2 controllers enabled for jobs when the daemon's cgroup offers them.
 CONTROLLERS_V2 = ("memory", "cpu", "io", "pids")
 
@@ -66,6 +68,11 @@ class CgroupFiles(Protocol):
     def usage(self) -> dict[str, Any]:
         """``cpu_seconds``, ``memory_peak``, ``io_read_bytes``, ``io_write_bytes`` (None
         where this host cannot count it)."""
+
+    def recycle(self, name: str) -> None:
+        """Make this empty cgroup as good as new under ``name`` (a fresh job id): counters
+        reset, renamed in every hierarchy, descriptors kept.  OSError where the kernel
+        cannot (v2 has no rename): remove it instead."""
 
     def close(self) -> None:
         """Close the descriptors held open."""
@@ -122,7 +129,9 @@ def _read_int(path: str) -> int | None:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    # O_TRUNC as the shell's ``echo 0 > file``: the kernel ignores it; a fake tree's
+    # regular files then read back what was written.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
         os.write(fd, text.encode())
     finally:
@@ -194,6 +203,33 @@ class V1Files:
         self._home = home_fds
         # Any hierarchy lists the same processes; the freezer's is the one frozen.
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
+
+    def recycle(self, name: str) -> None:
+        """Reset the counters a job reads (memory: reclaim what the last job left charged
+        first, so the next peak starts from nothing), then rename each directory: ~0.15 ms
+        against ~0.75 ms to remove, make and open anew (this host)."""
+        d = self._dirs
+        if "memory" in d:
+            _write(os.path.join(d["memory"], "memory.force_empty"), "0")
+            _write(os.path.join(d["memory"], "memory.max_usage_in_bytes"), "0")
+        if "cpuacct" in d:
+            _write(os.path.join(d["cpuacct"], "cpuacct.usage"), "0")
+        if "blkio" in d:
+            _write(os.path.join(d["blkio"], "blkio.reset_stats"), "1")
+        renamed: dict[str, str] = {}
+        try:
+            for old in dict.fromkeys(d.values()):
+                new = os.path.join(os.path.dirname(old), name)
+                os.rename(old, new)  # within one parent: kernel/cgroup/cgroup-v1.c
+                renamed[old] = new
+        except OSError:
+            for old, new in renamed.items():  # all or nothing
+                os.rename(new, old)
+            raise
+        self._dirs = {c: renamed[p] for c, p in d.items()}
+        unique = list(dict.fromkeys(self._dirs.values()))
+        self._procs = os.path.join(self._dirs.get("freezer", unique[0]), "cgroup.procs")
+        self.name = name
 
     def enter(self) -> None:
         tid = str(threading.get_native_id()).encode()
@@ -394,6 +430,9 @@ class V2Files:
                         write += int(value)
         return {"cpu_seconds": cpu_us / 1e6 if cpu_us is not None else None,
                 "memory_peak": peak, "io_read_bytes": read, "io_write_bytes": write}
+
+    def recycle(self, name: str) -> None:
+        raise OSError(errno.EPERM, "cgroup v2 cannot rename a cgroup")
 
     def close(self) -> None:
         if self._procs >= 0:

@@ -14,9 +14,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from jobworker.jobs.process import JobProcessProtocol
-
-if TYPE_CHECKING:
-    from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.wire.codec import Encoded, encode
 from jobworker.wire.record import (
     EXITED,
@@ -28,6 +25,9 @@ from jobworker.wire.record import (
     wire_map,
 )
 from jobworker.wire.timestamps import iso8601
+
+if TYPE_CHECKING:
+    from jobworker.jobs.jobcgroup import JobCgroup
 
 
 #: Seconds after its KILL that a stop is answered even if the job's cgroup is not empty.
@@ -434,11 +434,9 @@ class Job:
             lambda f: self.log.failure("{event} job={job_id}", f, event="job.cgroup_bug",
                                        job_id=self.id))
 
-    def _cgroup_empty(self, _: None, cgroup: JobCgroup) -> None:
-        """No process of the job is left: keep its final usage, release the cgroup."""
-        self._usage = cgroup.release()
-        self.cgroup = None
-        self._packed = None
+    def _cgroup_empty(self, _: None, cgroup: JobCgroup) -> Deferred[None]:
+        """No process of the job is left: no more KILL; release the cgroup, and once its
+        final usage is read the job is done."""
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
@@ -446,6 +444,12 @@ class Job:
             self._stuck_call.cancel()
         self._stuck_call = None
         self._fire_kill_waiters()
+        return cgroup.release().addCallback(self._released, cgroup)
+
+    def _released(self, usage: dict[str, Any], cgroup: JobCgroup) -> None:
+        self._usage = usage
+        self.cgroup = None
+        self._packed = None
         self._fire_done()
 
     def _fire_done(self) -> None:

@@ -36,7 +36,8 @@ class JobCgroup:
     log = Logger()
 
     def __init__(self, reactor: Any, files: CgroupFiles, *, atomic_kill: bool,
-                 on_release: Callable[[str], None], kill: Kill = os.kill) -> None:
+                 on_release: Callable[[CgroupFiles], Deferred[dict[str, Any] | None]],
+                 kill: Kill = os.kill) -> None:
         self._reactor = reactor
         self._files = files
         self._atomic_kill = atomic_kill
@@ -160,21 +161,23 @@ class JobCgroup:
         except OSError:
             return self._usage[1]
 
-    def release(self) -> dict[str, Any]:
-        """The job is over and its cgroup empty: read the final usage (before the cgroup
-        goes), close its descriptors and hand it back for removal.  Returns the usage."""
+    def release(self) -> Deferred[dict[str, Any]]:
+        """The job is over and its cgroup empty: hand it back for removal; fires with the
+        final usage, read (off the reactor thread) just before the cgroup goes."""
         if self._released:
-            return self._usage[1]
-        final = self._read_usage()
-        self._usage = (self._reactor.seconds(), final)
+            return succeed(self._usage[1])
         self._released = True
         for call in (self._poll_call, self._freeze_call):
             if call is not None and call.active():
                 call.cancel()
         self._poll_call = self._freeze_call = None
-        self._files.close()
-        self._on_release(self.name)
-        return final
+
+        def final(usage: dict[str, Any] | None) -> dict[str, Any]:
+            if usage is not None:
+                self._usage = (self._reactor.seconds(), usage)
+            return self._usage[1]
+
+        return self._on_release(self._files).addCallback(final)
 
     def __repr__(self) -> str:
         return f"<JobCgroup {self.name}>"

@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.jobs.cgroups import CONTROLLERS_V1, Detected, detect
+from jobworker.jobs.cgroups import CONTROLLERS_V1, CPU_V1, Detected, detect
 from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.jobs.logs import JobLogs, LogStore
 from jobworker.wire.frames import PREFIX
@@ -296,6 +296,8 @@ class FakeCgroupFiles:
         self.usage_reads = 0
         self.closed = False
         self.inside = False
+        self.limits: tuple[int | None, float | None, int | None] | None = None
+        self.ooms = 0  # processes the kernel's OOM killer ended here
 
     def enter(self) -> None:
         self.log.append("enter")
@@ -335,6 +337,13 @@ class FakeCgroupFiles:
     def recycle(self, name: str) -> None:
         self.log.append("recycle")
         self.name = name
+
+    def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
+        self.log.append(f"limits:{memory},{cpu},{pids}")
+        self.limits = (memory, cpu, pids)
+
+    def oom_kills(self) -> int:
+        return self.ooms
 
     def close(self) -> None:
         self.closed = True
@@ -377,14 +386,19 @@ class FakeCgroups:
 
 #: What a fresh cgroup directory holds, per v1 controller (the files the drivers use).
 _V1_FILES = {
-    "memory": {"memory.max_usage_in_bytes": "0\n", "memory.force_empty": ""},
+    "memory": {"memory.max_usage_in_bytes": "0\n", "memory.force_empty": "",
+               "memory.limit_in_bytes": "9223372036854771712\n",
+               "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"},
+    "pids": {"pids.max": "max\n"},
+    "cpu": {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"},
     "cpuacct": {"cpuacct.usage": "0\n"},
     "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n", "blkio.reset_stats": ""},
     "freezer": {"freezer.state": "THAWED\n"},
 }
 _V2_FILES = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.subtree_control": "",
              "cgroup.controllers": "", "cpu.stat": "usage_usec 0\n", "memory.peak": "0\n",
-             "io.stat": ""}
+             "io.stat": "", "memory.max": "max\n", "cpu.max": "max 100000\n",
+             "pids.max": "max\n", "memory.events": "oom 0\noom_kill 0\n"}
 
 
 class FakeCgroupTree:
@@ -402,7 +416,7 @@ class FakeCgroupTree:
         self.own_file = os.path.join(root, "cgroup")
         mounts, members = [], []
         if version == "v1":
-            for i, c in enumerate(CONTROLLERS_V1):
+            for i, c in enumerate((*CONTROLLERS_V1, CPU_V1)):
                 mounts.append(f"{40 + i} 31 0:{40 + i} / /sys/fs/cgroup/{c} rw - cgroup "
                               f"cgroup rw,{c}")
                 own = "/outer/daemon" if c == "memory" else "/"

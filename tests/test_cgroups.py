@@ -70,7 +70,9 @@ def test_detect_picks_the_version_and_the_daemons_own_cgroups(tree: FakeCgroupTr
         assert isinstance(driver, V1Driver)
         assert driver.controllers == ("memory", "cpuacct", "blkio", "pids", "freezer")
         assert driver.roots[0] == f"{base}/memory/outer/daemon/jw"
-        assert f"{base}/freezer/jw" in driver.roots and len(driver.roots) == 5
+        # cpu only for jobs with a CPU limit: its subtree is there, listed last.
+        assert f"{base}/freezer/jw" in driver.roots and len(driver.roots) == 6
+        assert driver.roots[-1] == f"{base}/cpu/jw"
     else:
         assert isinstance(driver, V2Driver)
         assert driver.controllers == ("memory", "cpu", "io", "pids")
@@ -110,10 +112,12 @@ def test_enter_and_leave_move_the_calling_thread(tree: FakeCgroupTree) -> None:
     driver.teardown()
     if tree.version == "v1":
         me = str(threading.get_native_id())
-        for path in driver.paths(JOB):
+        joined = len(driver.controllers)  # not cpu: only jobs with a CPU limit join it
+        for path in driver.paths(JOB)[:joined]:
             assert read(f"{path}/tasks") == me
-        for root in driver.roots:
+        for root in driver.roots[:joined]:
             assert read(f"{os.path.dirname(root)}/tasks") == me
+        assert read(f"{os.path.dirname(driver.roots[-1])}/tasks") == ""
     else:
         [path] = driver.paths(JOB)
         assert read(f"{path}/cgroup.procs") == str(os.getpid())
@@ -155,18 +159,19 @@ def test_kill_all_freezes_on_v1_and_writes_cgroup_kill_on_v2(tree: FakeCgroupTre
     assert driver is not None
     driver.setup()
     driver.create(JOB)
-    for path in driver.paths(JOB):
+    for path in driver.paths(JOB)[:len(driver.controllers)]:
         Path(path, "cgroup.procs").write_text("101\n102\n")
     files = driver.open(JOB)
     sent: list[tuple[int, int]] = []
     if tree.version == "v1":
         assert files.freeze()
-        assert read(f"{driver.roots[-1]}/{JOB}/freezer.state") == "FROZEN"
+        freezer = driver.roots[driver.controllers.index("freezer")]
+        assert read(f"{freezer}/{JOB}/freezer.state") == "FROZEN"
         assert files.frozen()
         assert files.kill_all(lambda pid, sig: sent.append((pid, sig))) == 2
         assert sent == [(101, signal.SIGKILL), (102, signal.SIGKILL)]
         files.thaw()
-        assert read(f"{driver.roots[-1]}/{JOB}/freezer.state").strip() == "THAWED"
+        assert read(f"{freezer}/{JOB}/freezer.state") == "THAWED"
     else:
         assert not files.freeze()
         files.kill_all(lambda pid, sig: sent.append((pid, sig)))
@@ -187,11 +192,11 @@ def test_recycle_resets_counters_and_renames_on_v1_only(tree: FakeCgroupTree) ->
         with pytest.raises(OSError):
             files.recycle("fresh")
         return
-    paths = dict(zip(driver.controllers, driver.paths(JOB), strict=True))
+    paths = dict(zip(driver.controllers, driver.paths(JOB), strict=False))
     Path(paths["cpuacct"], "cpuacct.usage").write_text("9999\n")
     files.recycle("fresh")
     assert driver.children() == ["fresh"] and files.name == "fresh"
-    fresh = dict(zip(driver.controllers, driver.paths("fresh"), strict=True))
+    fresh = dict(zip(driver.controllers, driver.paths("fresh"), strict=False))
     assert read(f"{fresh['cpuacct']}/cpuacct.usage").startswith("0")
     assert read(f"{fresh['memory']}/memory.force_empty") == "0"
     assert read(f"{fresh['blkio']}/blkio.reset_stats") == "1"
@@ -206,7 +211,7 @@ def test_remove_is_refused_while_busy(tree: FakeCgroupTree) -> None:
     assert driver is not None
     driver.setup()
     driver.create(JOB)
-    assert all(os.path.isdir(p) for p in driver.paths(JOB))
+    assert all(os.path.isdir(p) for p in driver.paths(JOB)[:len(driver.controllers)])
     assert driver.children() == [JOB]
     Path(driver.paths(JOB)[0], "cgroup.procs").write_text("77\n")
     with pytest.raises(OSError) as e:
@@ -442,7 +447,7 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     driver.setup()
     driver.create("old-job")
     driver.create("busy-job")
-    Path(driver.paths("busy-job")[-1], "cgroup.procs").write_text("999\n")
+    Path(driver.paths("busy-job")[0], "cgroup.procs").write_text("999\n")
     pool = CgroupPool(preactor, driver, run_in_thread=in_thread, size=4, batch=4)
     pool.startService()
     assert named(events, "cgroups.enabled")[0]["version"] == "v1"
@@ -472,7 +477,7 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     fired(pool.stopService())
     # The spares went; an earlier daemon's busy cgroup (and so the subtree) stays.
     assert driver.children() == ["busy-job"]
-    Path(driver.paths("busy-job")[-1], "cgroup.procs").write_text("")
+    Path(driver.paths("busy-job")[0], "cgroup.procs").write_text("")
     driver.remove("busy-job")
     driver.teardown()
     assert not any(os.path.exists(r) for r in driver.roots)
@@ -555,6 +560,8 @@ def test_daemon_logs_cgroups_and_a_job_is_in_its_cgroup_before_exec(
                                         for r in roots})
     for root in roots:
         controller = root.split("/sys/fs/cgroup/")[1].split("/")[0]
+        if controller == "cpu":
+            continue  # joined only by jobs with a CPU limit
         line = next(ln for ln in lines if controller in ln.split(":")[1].split(","))
         assert line.endswith(f"/{d.cgroup_name}/{job_id}"), line
     assert set(rec["usage"]) == {"cpu_seconds", "memory_peak", "io_read_bytes",

@@ -73,7 +73,8 @@ class Client:
 
     async def start(self, command: str, args: list[str] | None = None,
                     env: list[str] | None = None, dir: str | None = None,
-                    timeout: float | None = None) -> JobRecord:
+                    timeout: float | None = None, memory: int | None = None,
+                    cpu: float | None = None, pids: int | None = None) -> JobRecord:
         params: dict[str, Any] = {"command": command, "args": args or []}
         if env:
             params["env"] = env
@@ -81,6 +82,9 @@ class Client:
             params["dir"] = dir
         if timeout is not None:
             params["timeout"] = timeout
+        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids)):
+            if value is not None:
+                params[name] = value
         return JobRecord.from_wire(await self.call("start", params))
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:

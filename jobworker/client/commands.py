@@ -100,7 +100,8 @@ async def whoami(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 
 async def _start(client: Client, args: argparse.Namespace) -> JobRecord:
     return await client.start(args.program, args.args, env=args.env, dir=args.dir,
-                              timeout=args.timeout)
+                              timeout=args.timeout, memory=getattr(args, "memory", None),
+                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None))
 
 
 async def start(reactor: Any, client: Client, args: argparse.Namespace) -> int:

@@ -60,7 +60,8 @@ def outcome(record: JobRecord) -> str:
         return f"lost: {record.error}" if record.error else "lost"
     how = (f"code {record.exit_code}" if record.exit_code is not None
            else f"{record.signal}" if record.signal else "?")
-    extra = ", timed out" if record.timed_out else ""
+    extra = (", timed out" if record.timed_out else "") + (
+        ", out of memory" if record.oom_killed else "")
     if record.state == STOPPED:
         return f"stopped ({how}{extra})"
     if record.signal:
@@ -89,6 +90,14 @@ def usage(u: dict[str, Any]) -> str:
             f"io read {size(u.get('io_read_bytes'))}, written {size(u.get('io_write_bytes'))}")
 
 
+def limits(lim: dict[str, Any]) -> str:
+    """``memory 512.0 MiB, cpu 0.5, pids 64`` (``-``: unlimited)."""
+    memory = lim.get("memory")
+    return (f"memory {size(memory) if memory is not None else '-'}, "
+            f"cpu {lim.get('cpu') if lim.get('cpu') is not None else '-'}, "
+            f"pids {lim.get('pids') if lim.get('pids') is not None else '-'}")
+
+
 def _command_line(record: JobRecord, width: int | None) -> str:
     text = " ".join([record.command, *record.args])
     if width and len(text) > width:
@@ -111,6 +120,8 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
     ]
     if r.timeout is not None:
         rows.append(("timeout", duration(r.timeout)))
+    if r.limits is not None:
+        rows.append(("limits", limits(r.limits)))
     if r.usage is not None:
         rows.append(("usage", usage(r.usage)))
     width = max(len(k) for k, _ in rows) + 1

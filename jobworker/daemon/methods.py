@@ -61,7 +61,8 @@ class Methods:
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"])
         job = self.jobs.start(owner=call.who.name, command=p["command"], args=p["args"],
-                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id)
+                              env=p["env"], dir=p["dir"], timeout=p["timeout"], job_id=job_id,
+                              memory=p["memory"], cpu=p["cpu"], pids=p["pids"])
         record = job.wire()
         self._audit(call, "start", job_id,
                     "failed" if record["state"] == FAILED else "started",

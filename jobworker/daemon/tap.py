@@ -22,6 +22,7 @@ from jobworker.daemon.startup import fail
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.cgpool import CgroupPool
 from jobworker.jobs.cgroups import detect
+from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
@@ -29,6 +30,7 @@ from jobworker.jobs.reaping import QuietChildSignals
 from jobworker.jobs.reserve import DiskReserve, MinFree
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
+from jobworker.wire.sizes import parse_size
 
 
 class Options(usage.Options):
@@ -66,6 +68,14 @@ class Options(usage.Options):
          "Free space to keep on the state file system (512M, 1G, 5%): below it new jobs "
          "are refused, so stops and job ends are still recorded."],
         ["policy", None, None, "TOML file mapping identities to roles or denying them."],
+        ["default-memory", None, None, "Memory limit of a job that asks for none (512M, 1G)."],
+        ["max-memory", None, None, "Most memory a job may ask for; a start asking for more "
+                                   "is refused."],
+        ["default-cpu", None, None, "CPU limit, in cores, of a job that asks for none (0.5).",
+         float],
+        ["max-cpu", None, None, "Most CPU, in cores, a job may ask for.", float],
+        ["default-pids", None, None, "Process limit of a job that asks for none.", int],
+        ["max-pids", None, None, "Most processes a job may ask for.", int],
         ["cgroup-root-name", None, "jobworker",
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
          "holds the job cgroups (<own>/<name>/<job id>); one per daemon."],
@@ -104,6 +114,26 @@ class Options(usage.Options):
             self["min-free"] = MinFree.parse(self["min-free"])
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}") from None
+        for which in ("default", "max"):
+            key = f"{which}-memory"
+            if self[key] is not None:
+                try:
+                    self[key] = parse_size(self[key])
+                except ValueError as e:
+                    raise usage.UsageError(f"--{key}: {e}") from None
+            if self[f"{which}-cpu"] is not None and not 0.01 <= self[f"{which}-cpu"] <= 4096:
+                raise usage.UsageError(f"--{which}-cpu must be from 0.01 to 4096 cores")
+            if self[f"{which}-pids"] is not None and self[f"{which}-pids"] < 1:
+                raise usage.UsageError(f"--{which}-pids must be at least 1")
+        try:
+            self["limits"] = LimitPolicy(
+                JobLimits(self["default-memory"], self["default-cpu"], self["default-pids"]),
+                JobLimits(self["max-memory"], self["max-cpu"], self["max-pids"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["limits"].defaults or self["limits"].maxima:
+            if self["no-cgroups"]:
+                raise usage.UsageError("job limits need cgroups: drop --no-cgroups")
         name = self["cgroup-root-name"]
         if (not name or name in (".", "..") or "/" in name or "\0" in name
                 or len(name) > 200):
@@ -155,7 +185,7 @@ def makeService(config: Options) -> service.MultiService:
         found = detect(config["cgroup-root-name"])
         cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
-                      reserve=reserve, cgroups=cgroups)
+                      reserve=reserve, cgroups=cgroups, limits=config["limits"])
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor))
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
 

@@ -152,6 +152,10 @@ class CgroupPool(service.Service):
             return None
         job_id = next(iter(self._spares))
         self._given[job_id] = self._spares.pop(job_id)
+        if len(self._given) > self._size:
+            # Ids given out for starts that were then refused: their cgroups go.
+            stale = next(iter(self._given))
+            self._doom(_Doomed(stale, self._given.pop(stale), None, RETRIES))
         self._maybe_refill()
         return job_id
 

@@ -60,7 +60,7 @@ class Job:
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "cgroup", "_usage", "_done_observers",
-        "_stuck_call",
+        "_stuck_call", "limits", "oom_killed",
     )
 
     log = Logger()
@@ -117,6 +117,9 @@ class Job:
         self._usage: dict[str, Any] | None = None
         self._done_observers: list[Deferred[JobRecord]] = []
         self._stuck_call: DelayedCall | None = None
+        # Set by the manager before spawning (record fields).
+        self.limits: dict[str, Any] | None = None
+        self.oom_killed = False
 
     # -- what clients see --------------------------------------------------------------
 
@@ -213,6 +216,23 @@ class Job:
         """The job's own cgroup, which its process will start in: stop then ends every
         process in it, and the job is done only once it is empty."""
         self.cgroup = cgroup
+
+    def watch_memory(self) -> None:
+        """The job has a memory limit: once the kernel kills one of its processes for want
+        of memory, the daemon ends the rest (``oom_killed`` in the record)."""
+        if self.cgroup is not None:
+            self.cgroup.watch_oom(self._out_of_memory)
+
+    def _out_of_memory(self) -> None:
+        self.oom_killed = True
+        self._packed = None
+        self.log.info("{event} job={job_id} pid={pid} limit={limit}", event="job.oom_killed",
+                      job_id=self.id, pid=self.pid,
+                      limit=(self.limits or {}).get("memory"))
+        self._cancel_timeout()
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill()
 
     def spawning(self) -> None:
         """The spawner is about to run; an end reported before ``spawned`` is held back."""
@@ -406,6 +426,14 @@ class Job:
         self._finish()
 
     def _finish(self) -> None:
+        cgroup = self.cgroup
+        if (cgroup is not None and not self.oom_killed and (self.limits or {}).get("memory")
+                and cgroup.oom_kills()):
+            # Most often the leader itself was the victim: say so in the ended record.
+            self.oom_killed = True
+            self.log.info("{event} job={job_id} pid={pid} limit={limit}",
+                          event="job.oom_killed", job_id=self.id, pid=self.pid,
+                          limit=(self.limits or {}).get("memory"))
         self.ended_at = iso8601(self._reactor.seconds())
         self._on_ended(self)
         observers, self._observers = self._observers, []
@@ -423,7 +451,9 @@ class Job:
         ended too (TERM now, KILL after the grace, as systemd's KillMode=control-group does
         when a service's main process exits); once the cgroup is empty, the job is done."""
         pids = cgroup.pids()
-        if pids and not self._stopping:
+        if pids and self.oom_killed:
+            self._kill()  # out of memory: the rest goes at once, no grace
+        elif pids and not self._stopping:
             left = cgroup.signal_all(signal.SIGTERM, pids)
             if left:
                 self.log.info("{event} job={job_id} processes={count} grace={grace}",

@@ -25,6 +25,8 @@ FREEZE_WAIT = 0.5
 KILL_AGAIN = 0.5
 #: A running job's usage is read from the kernel at most this often (status, list).
 USAGE_TTL = 1.0
+#: How often a job with a memory limit is checked for OOM kills while it runs.
+OOM_POLL = 0.25
 
 ZERO_USAGE: dict[str, Any] = {"cpu_seconds": 0.0, "memory_peak": 0, "io_read_bytes": 0,
                               "io_write_bytes": 0}
@@ -52,6 +54,33 @@ class JobCgroup:
         self._poll_call: DelayedCall | None = None
         self._empty_waiters: list[Deferred[None]] = []
         self._released = False
+        self._oom_call: DelayedCall | None = None
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
+        """Before the spawn: OSError if the kernel refuses one (or lacks its controller)."""
+        self._files.set_limits(memory, cpu, pids)
+
+    def oom_kills(self) -> int:
+        try:
+            return self._files.oom_kills()
+        except (OSError, ValueError):
+            return 0
+
+    def watch_oom(self, on_oom: Callable[[], None]) -> None:
+        """Call ``on_oom`` once, when the kernel first kills a process here for want of
+        memory (checked every OOM_POLL seconds until the cgroup is released)."""
+        def check() -> None:
+            self._oom_call = None
+            if self._released:
+                return
+            if self.oom_kills():
+                on_oom()
+                return
+            self._oom_call = self._reactor.callLater(OOM_POLL, check)
+
+        self._oom_call = self._reactor.callLater(OOM_POLL, check)
 
     # -- spawning (reactor thread, around posix_spawn) -------------------------------------
 
@@ -167,10 +196,10 @@ class JobCgroup:
         if self._released:
             return succeed(self._usage[1])
         self._released = True
-        for call in (self._poll_call, self._freeze_call):
+        for call in (self._poll_call, self._freeze_call, self._oom_call):
             if call is not None and call.active():
                 call.cancel()
-        self._poll_call = self._freeze_call = None
+        self._poll_call = self._freeze_call = self._oom_call = None
 
         def final(usage: dict[str, Any] | None) -> dict[str, Any]:
             if usage is not None:
@@ -183,5 +212,6 @@ class JobCgroup:
         return f"<JobCgroup {self.name}>"
 
 
-__all__ = ["FIRST_POLL", "FREEZE_WAIT", "KILL_AGAIN", "MAX_POLL", "USAGE_TTL", "ZERO_USAGE",
+__all__ = ["FIRST_POLL", "FREEZE_WAIT", "KILL_AGAIN", "MAX_POLL", "OOM_POLL", "USAGE_TTL",
+           "ZERO_USAGE",
            "JobCgroup"]

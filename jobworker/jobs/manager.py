@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
 from jobworker.jobs.jobcgroup import JobCgroup
+from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.process import JobProcessProtocol, spawn
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
@@ -83,6 +84,7 @@ class JobManager(service.Service):
         spare_logs: SpareLogDirs | None = None,
         reserve: DiskReserve | None = None,
         cgroups: JobCgroups | None = None,
+        limits: LimitPolicy | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -94,6 +96,7 @@ class JobManager(service.Service):
         self._store: JobStore = store if store is not None else MemoryStore()
         self._reserve = reserve
         self._cgroups = cgroups
+        self._limits = limits if limits is not None else LimitPolicy()
         self._shutting_down = False
 
     # -- service -------------------------------------------------------------------------
@@ -130,13 +133,20 @@ class JobManager(service.Service):
         dir: str | None = None,
         timeout: float | None = None,
         job_id: str | None = None,
+        memory: int | None = None,
+        cpu: float | None = None,
+        pids: int | None = None,
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one).  Anything wrong
         with the request or the spawn gives a job in state ``failed`` with its error, never
         an exception (the record is the answer); only a daemon that takes no new job
         (shutting down, short of disk) raises L{errors.Unavailable}."""
         self.check_admission()
+        # Above a maximum: refused (BadRequest naming it), not a failed job.
+        limits = self._limits.resolve(memory, cpu, pids)
         job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout)
+        if limits:
+            job.limits = limits.wire()
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -264,15 +274,27 @@ class JobManager(service.Service):
     def _take_cgroup(self, job: Job) -> JobCgroup | None:
         """Attach the job's own cgroup (if cgroups are on); failing that, fail the job:
         it never runs outside the isolation it would have had."""
-        if self._cgroups is None:
-            return None
-        try:
-            cgroup = self._cgroups.take(job.id)
-        except OSError as e:
-            job.fail(f"cannot make the job's cgroup: {e.strerror or e}")
-            return None
+        cgroup = None
+        if self._cgroups is not None:
+            try:
+                cgroup = self._cgroups.take(job.id)
+            except OSError as e:
+                job.fail(f"cannot make the job's cgroup: {e.strerror or e}")
+                return None
         if cgroup is not None:
             job.attach_cgroup(cgroup)
+        if job.limits:
+            if cgroup is None:
+                job.fail("resource limits need cgroups, which this daemon runs without")
+                return None
+            limits = JobLimits(**job.limits)
+            try:
+                cgroup.set_limits(limits.memory, limits.cpu, limits.pids)
+            except OSError as e:
+                job.fail(f"cannot set the job's limits: {e.strerror or e}")
+                return None
+            if limits.memory is not None:
+                job.watch_memory()
         return cgroup
 
     def _spawn_in(self, cgroup: JobCgroup, job: Job, environment: dict[str, str],

@@ -21,6 +21,10 @@ from jobworker.wire.schema import (
 #: A start's arguments and its run-time limit, shared with ``JobManager.start``.
 START_ARGS = list_of(string(65536), 4096)
 START_TIMEOUT = number(0.001, 10.0**8)
+#: Resource limits a start may ask for: bytes of memory, cores of CPU time, processes.
+START_MEMORY = integer(1 << 20, 1 << 50)
+START_CPU = number(0.01, 4096.0)
+START_PIDS = integer(1, 1 << 22)
 
 _JOB = {"job": job_ref()}
 
@@ -33,6 +37,9 @@ SCHEMAS: dict[str, Schema] = {
         "env": (list_of(string(65536, no_nul=False), 1024), []),
         "dir": (string(4096, nonempty=True), None),
         "timeout": (START_TIMEOUT, None),
+        "memory": (START_MEMORY, None),
+        "cpu": (START_CPU, None),
+        "pids": (START_PIDS, None),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),

@@ -670,3 +670,40 @@ def test_a_cgroup_that_never_empties_still_gets_the_stop_answered(
     files.procs = []
     preactor.advance(jobcgroup.MAX_POLL)
     assert cgroups.released == [job.id] and job.done
+
+
+def test_pool_stop_waits_for_jobs_still_holding_a_cgroup(
+        tmp_path: Path, preactor: ProcessReactor) -> None:
+    """MultiService stops the pool together with the job manager: the pool keeps removing
+    released cgroups (and firing their final usage) until every job has handed its cgroup
+    back, then removes the rest and the subtree."""
+    tree = FakeCgroupTree(str(tmp_path), "v1")
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    pool = CgroupPool(preactor, driver, run_in_thread=in_thread, size=2, batch=2)
+    pool.startService()
+    held = pool.take(JOB)
+    assert held is not None
+    stopped = pool.stopService()
+    assert not stopped.called
+    usage = held.release()  # the job ended while the daemon stops
+    assert fired(usage)["cpu_seconds"] == 0.0
+    assert stopped.called and not any(os.path.exists(r) for r in driver.roots)
+
+
+def test_pool_stop_gives_up_on_a_cgroup_never_released(
+        tmp_path: Path, preactor: ProcessReactor, events: list[dict[str, Any]]) -> None:
+    """A job that never hands its cgroup back holds the stop for DRAIN_WAIT at most."""
+    from jobworker.jobs.cgpool import DRAIN_WAIT
+
+    tree = FakeCgroupTree(str(tmp_path), "v1")
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    pool = CgroupPool(preactor, driver, run_in_thread=in_thread, size=2, batch=2)
+    pool.startService()
+    assert pool.take(JOB) is not None
+    Path(driver.paths(JOB)[0], "cgroup.procs").write_text("4242\n")
+    stopped = pool.stopService()
+    preactor.advance(DRAIN_WAIT)
+    assert stopped.called and named(events, "cgroups.still_held")[0]["names"] == [JOB]
+    assert driver.children() == [JOB]  # busy: left for the next start-up sweep

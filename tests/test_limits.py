@@ -271,3 +271,18 @@ def test_a_start_above_the_daemons_maximum_is_refused(make_daemon: Any) -> None:
     assert b"maximum of 67108864 bytes" in result.stderr, result.stderr
     ok = d.jwclient("--json", "start", "--", "true", check=True)
     assert json.loads(ok.stdout)["limits"]["memory"] == 64 * MiB
+
+
+def test_the_default_cgroup_subtree_is_named_after_the_state_directory() -> None:
+    """Same state directory, same subtree (a restarted daemon finds its jobs' cgroups);
+    another state directory, another subtree."""
+    from jobworker.daemon.tap import default_cgroup_root_name
+
+    one = Options()
+    one.parseOptions(["--pki", "/p", "--state-dir", "/srv/jw/state"])
+    assert one["cgroup-root-name"] == default_cgroup_root_name("/srv/jw/state")
+    assert one["cgroup-root-name"].startswith("jobworker-") and len(one["cgroup-root-name"]) == 18
+    assert default_cgroup_root_name("/srv/jw/other") != one["cgroup-root-name"]
+    named_opts = Options()
+    named_opts.parseOptions(["--pki", "/p", "--cgroup-root-name", "jw-a"])
+    assert named_opts["cgroup-root-name"] == "jw-a"

@@ -70,8 +70,8 @@ def _cores(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"bad process limit {text!r}: a whole number >= 1")
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"bad process limit {text!r}: a whole number >= 2")
     return int(text)
 
 

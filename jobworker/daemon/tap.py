@@ -6,6 +6,7 @@ and ports.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from twisted.application import service
@@ -76,9 +77,11 @@ class Options(usage.Options):
         ["max-cpu", None, None, "Most CPU, in cores, a job may ask for.", float],
         ["default-pids", None, None, "Process limit of a job that asks for none.", int],
         ["max-pids", None, None, "Most processes a job may ask for.", int],
-        ["cgroup-root-name", None, "jobworker",
+        ["cgroup-root-name", None, None,
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
-         "holds the job cgroups (<own>/<name>/<job id>); one per daemon."],
+         "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
+         "jobworker-<8 hex digits of the state directory's path>, so a daemon restarted on "
+         "the same state finds its jobs' cgroups and daemons on other states never meet."],
     ]
     optFlags = [
         ["no-cgroups", None, "Run jobs without cgroups (stop then signals the process "
@@ -123,8 +126,8 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{key}: {e}") from None
             if self[f"{which}-cpu"] is not None and not 0.01 <= self[f"{which}-cpu"] <= 4096:
                 raise usage.UsageError(f"--{which}-cpu must be from 0.01 to 4096 cores")
-            if self[f"{which}-pids"] is not None and self[f"{which}-pids"] < 1:
-                raise usage.UsageError(f"--{which}-pids must be at least 1")
+            if self[f"{which}-pids"] is not None and self[f"{which}-pids"] < 2:
+                raise usage.UsageError(f"--{which}-pids must be at least 2")
         try:
             self["limits"] = LimitPolicy(
                 JobLimits(self["default-memory"], self["default-cpu"], self["default-pids"]),
@@ -134,6 +137,8 @@ class Options(usage.Options):
         if self["limits"].defaults or self["limits"].maxima:
             if self["no-cgroups"]:
                 raise usage.UsageError("job limits need cgroups: drop --no-cgroups")
+        if self["cgroup-root-name"] is None:
+            self["cgroup-root-name"] = default_cgroup_root_name(self["state-dir"])
         name = self["cgroup-root-name"]
         if (not name or name in (".", "..") or "/" in name or "\0" in name
                 or len(name) > 200):
@@ -141,6 +146,12 @@ class Options(usage.Options):
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
+
+
+def default_cgroup_root_name(state_dir: str) -> str:
+    """``jobworker-`` and 8 hex digits of the state directory's absolute path."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()
+    return f"jobworker-{digest[:8]}"
 
 
 def makeService(config: Options) -> service.MultiService:

@@ -31,6 +31,9 @@ BATCH = 8
 #: A cgroup still busy when removed (its last task not yet detached) is tried again.
 RETRY_AFTER = 1.0
 RETRIES = 5
+#: At stop, how long to wait for jobs still holding a cgroup (their manager is stopping
+#: them: it stops at the same time, as MultiService stops every child at once).
+DRAIN_WAIT = 30.0
 
 
 class CgroupPool(service.Service):
@@ -75,6 +78,11 @@ class CgroupPool(service.Service):
         self._removal: Deferred[None] | None = None
         self._remove_call: DelayedCall | None = None
         self._ready = False
+        # Cgroups handed to jobs and not released yet; at stop they are waited for.
+        self._out: set[str] = set()
+        self._drained: list[Deferred[None]] = []
+        # Removal goes on while stopping, until the last batch at teardown.
+        self._serving = False
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +118,7 @@ class CgroupPool(service.Service):
             self.driver = None
             return
         self._ready = True
+        self._serving = True
         self.log.info("{event} version={version} controllers={controllers} roots={roots}",
                       event="cgroups.enabled", version=driver.version,
                       controllers=",".join(driver.controllers), roots=list(driver.roots))
@@ -119,14 +128,34 @@ class CgroupPool(service.Service):
         d.addCallback(self._swept).addErrback(self._bug, "_refill")
 
     def stopService(self) -> Deferred[None]:
+        """Once every job has handed its cgroup back (the job manager is stopping them
+        meanwhile; DRAIN_WAIT at most), remove what is left and the subtree."""
         super().stopService()
         if self.driver is None or not self._ready:
             return succeed(None)
+        drained: Deferred[None] = Deferred()
+        if self._out:
+            self._drained.append(drained)
+            timer = self._reactor.callLater(DRAIN_WAIT, self._drain_timeout)
+            drained.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        else:
+            drained.callback(None)
+        d: Deferred[None] = Deferred()
+        drained.addCallback(lambda _: self._last_batch(d))
+        return d
+
+    def _drain_timeout(self) -> None:
+        self.log.error("{event} cgroups={names}", event="cgroups.still_held",
+                       names=sorted(self._out))
+        waiters, self._drained = self._drained, []
+        for w in waiters:
+            w.callback(None)
+
+    def _last_batch(self, d: Deferred[None]) -> None:
         if self._remove_call is not None and self._remove_call.active():
             self._remove_call.cancel()
         self._remove_call = None
-        in_flight = [d for d in (self._refill, self._removal) if d is not None]
-        d: Deferred[None] = Deferred()
+        in_flight = [x for x in (self._refill, self._removal) if x is not None]
 
         def last(_: object = None) -> None:
             if in_flight:
@@ -136,11 +165,11 @@ class CgroupPool(service.Service):
             self._spares, self._given = {}, {}
             batch = [_Doomed(n, f, None, 1) for n, f in unused.items()] + self._doomed
             self._doomed = []
+            self._serving = False
             self._in_thread(self._teardown, batch).addCallback(self._removed).addErrback(
                 self._bug, "_removal").chainDeferred(d)
 
         last()
-        return d
 
     # -- the start path ----------------------------------------------------------------
 
@@ -174,6 +203,7 @@ class CgroupPool(service.Service):
             except OSError:
                 self._doom(_Doomed(job_id, None, None, RETRIES))
                 raise
+        self._out.add(job_id)
         return JobCgroup(self._reactor, files, atomic_kill=driver.atomic_kill,
                          on_release=self._released, kill=self._kill)
 
@@ -249,14 +279,20 @@ class CgroupPool(service.Service):
         """From JobCgroup.release: the job is over and its cgroup empty.  Fires with its
         final usage, read in the worker thread just before the cgroup is removed."""
         d: Deferred[dict[str, Any] | None] = Deferred()
-        self._doom(_Doomed(files.name, files, d, RETRIES))
+        name = files.name  # before a recycle renames it
+        self._out.discard(name)
+        self._doom(_Doomed(name, files, d, RETRIES))
+        if not self._out and self._drained:
+            waiters, self._drained = self._drained, []
+            for w in waiters:
+                w.callback(None)
         return d
 
     def _doom(self, doomed: _Doomed) -> None:
         """Removed with the next batch: at once if no removal is under way (the batch is
         whatever ended meanwhile), else when the one under way is done."""
         self._doomed.append(doomed)
-        if self._remove_call is None and self._removal is None and self.running:
+        if self._remove_call is None and self._removal is None and self._serving:
             self._remove_now()
 
     def _remove_now(self) -> None:
@@ -264,7 +300,8 @@ class CgroupPool(service.Service):
         if not self._doomed or self.driver is None:
             return
         batch, self._doomed = self._doomed, []
-        room = self._size - len(self._spares) - (self._batch if self._refill else 0)
+        room = (self._size - len(self._spares) - (self._batch if self._refill else 0)
+                if self.running else 0)
         self._removal = d = self._in_thread(self._remove, self.driver, batch, max(room, 0))
         d.addCallback(self._removed).addErrback(self._bug, "_removal")
 
@@ -316,13 +353,13 @@ class CgroupPool(service.Service):
             e = doomed.error
             if e is None:
                 continue
-            if e.errno == errno.EBUSY and doomed.tries > 1 and self.running:
+            if e.errno == errno.EBUSY and doomed.tries > 1 and self._serving:
                 doomed.tries -= 1
                 retry.append(doomed)
             else:
                 self.log.error("{event} cgroup={name}: {error}", event="cgroups.remove_failed",
                                name=doomed.name, error=e.strerror or str(e))
-        if not self.running:
+        if not self._serving:
             return
         if retry:
             self._doomed.extend(retry)

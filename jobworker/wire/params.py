@@ -24,7 +24,8 @@ START_TIMEOUT = number(0.001, 10.0**8)
 #: Resource limits a start may ask for: bytes of memory, cores of CPU time, processes.
 START_MEMORY = integer(1 << 20, 1 << 50)
 START_CPU = number(0.01, 4096.0)
-START_PIDS = integer(1, 1 << 22)
+#: At least 2: the daemon's spawning thread is in the job's cgroup while it forks.
+START_PIDS = integer(2, 1 << 22)
 
 _JOB = {"job": job_ref()}
 

@@ -320,14 +320,19 @@ class CgroupPool(service.Service):
                     except OSError:
                         doomed.usage = None
                 if recycle > 0:
+                    fresh = str(uuid.uuid4())
                     try:
-                        files.recycle(str(uuid.uuid4()))
+                        files.recycle(fresh)
                         doomed.recycled = files
                         recycle -= 1
                         doomed.error = None
                         continue
                     except OSError:
                         recycle = 0  # v2, or something odd: remove from now on
+                        try:
+                            driver.remove(fresh)  # what was renamed or made already
+                        except OSError:
+                            pass
                 files.close()
                 doomed.files = None
             try:

@@ -212,14 +212,18 @@ class V1Files:
     thread's id into each ``tasks`` file, so only the spawning thread moves."""
 
     def __init__(self, name: str, dirs: dict[str, str], home_fds: list[int],
-                 cpu: tuple[str, int, Mkdir, Rmdir] | None = None) -> None:
+                 cpu: tuple[str, int, Mkdir, Rmdir] | None = None,
+                 fs: tuple[Mkdir, Rmdir] = (os.mkdir, os.rmdir)) -> None:
         """``cpu``: where this job's cpu cgroup would go (a subtree of the cpu hierarchy
         apart from the others), the daemon's own cpu ``tasks`` and how to make and remove
-        it; None when cpu is co-mounted with another (then in ``dirs``) or not mounted."""
+        it; None when cpu is co-mounted with another (then in ``dirs``) or not mounted.
+        ``fs``: how to make and remove a cgroup directory."""
         self.name = name
         self._dirs = dirs  # controller -> this cgroup's directory (co-mounted share one)
+        self._fs = fs
         unique = list(dict.fromkeys(dirs.values()))
         self._tasks = _open_tasks(unique, "tasks")
+        self._task_fd = dict(zip(unique, self._tasks, strict=True))
         self._home = home_fds
         # Any hierarchy lists the same processes; the freezer's is the one frozen.
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
@@ -279,18 +283,34 @@ class V1Files:
         return 0
 
     def recycle(self, name: str) -> None:
-        """Reset the counters a job reads (memory: reclaim what the last job left charged
-        first, so the next peak starts from nothing), then rename each directory: ~0.15 ms
-        against ~0.75 ms to remove, make and open anew (this host)."""
+        """Reset the counters and limits a job has, then rename each directory (~0.25 ms
+        against ~0.75 ms to remove, make and open them all anew, on this host).  The
+        memory cgroup alone is made anew: what the last job left charged there (its log
+        files' page cache, mostly) goes to the parent on rmdir, where reclaiming it
+        (``memory.force_empty``) would evict pages a client may read next and cost
+        writeback; so the next job's peak starts from nothing."""
         self._leave_cpu()
         d = self._dirs
-        if "memory" in d:
-            memsw = os.path.join(d["memory"], "memory.memsw.limit_in_bytes")
+        memory = d.get("memory")
+        if memory is not None and list(d.values()).count(memory) == 1:
+            mkdir, rmdir = self._fs
+            fresh = os.path.join(os.path.dirname(memory), name)
+            fd = self._task_fd.pop(memory)
+            self._tasks.remove(fd)
+            os.close(fd)
+            rmdir(memory)
+            mkdir(fresh)
+            fd = os.open(os.path.join(fresh, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
+            self._tasks.append(fd)
+            self._task_fd[fresh] = fd
+            d = self._dirs = {c: fresh if c == "memory" else p for c, p in d.items()}
+        elif memory is not None:  # co-mounted with another controller: reclaim in place
+            memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
             if os.path.exists(memsw):  # raised first: it may not go below the other
                 _write(memsw, "-1")
-            _write(os.path.join(d["memory"], "memory.limit_in_bytes"), "-1")
-            _write(os.path.join(d["memory"], "memory.force_empty"), "0")
-            _write(os.path.join(d["memory"], "memory.max_usage_in_bytes"), "0")
+            _write(os.path.join(memory, "memory.limit_in_bytes"), "-1")
+            _write(os.path.join(memory, "memory.force_empty"), "0")
+            _write(os.path.join(memory, "memory.max_usage_in_bytes"), "0")
         if "pids" in d:
             _write(os.path.join(d["pids"], "pids.max"), "max")
         if CPU_V1 in d:  # co-mounted with cpuacct
@@ -300,16 +320,15 @@ class V1Files:
         if "blkio" in d:
             _write(os.path.join(d["blkio"], "blkio.reset_stats"), "1")
         renamed: dict[str, str] = {}
-        try:
-            for old in dict.fromkeys(d.values()):
-                new = os.path.join(os.path.dirname(old), name)
-                os.rename(old, new)  # within one parent: kernel/cgroup/cgroup-v1.c
-                renamed[old] = new
-        except OSError:
-            for old, new in renamed.items():  # all or nothing
-                os.rename(new, old)
-            raise
+        for old in dict.fromkeys(d.values()):
+            new = os.path.join(os.path.dirname(old), name)
+            if old != new:
+                # Within one parent (kernel/cgroup/cgroup-v1.c).  A failure part way
+                # leaves both names: the pool then removes both.
+                os.rename(old, new)
+            renamed[old] = new
         self._dirs = {c: renamed[p] for c, p in d.items()}
+        self._task_fd = {renamed[p]: fd for p, fd in self._task_fd.items()}
         unique = list(dict.fromkeys(self._dirs.values()))
         self._procs = os.path.join(self._dirs.get("freezer", unique[0]), "cgroup.procs")
         self.name = name
@@ -457,7 +476,7 @@ class V1Driver:
         cpu = ((self._cpu_root, self._cpu_home, self._mkdir, self._rmdir)
                if self._cpu_root is not None else None)
         return V1Files(name, {c: os.path.join(s, name) for c, s in self._subtree.items()},
-                       self._home, cpu)
+                       self._home, cpu, (self._mkdir, self._rmdir))
 
     def teardown(self) -> None:
         for fd in self._home:

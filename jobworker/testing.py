@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from jobworker.jobs.cgroups import CONTROLLERS_V1, CPU_V1, Detected, detect
+from jobworker.jobs.cgroups import CONTROLLERS_V1, ON_DEMAND_V1, Detected, detect
 from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.jobs.logs import JobLogs, LogStore
 from jobworker.wire.frames import PREFIX
@@ -416,7 +416,7 @@ class FakeCgroupTree:
         self.own_file = os.path.join(root, "cgroup")
         mounts, members = [], []
         if version == "v1":
-            for i, c in enumerate((*CONTROLLERS_V1, CPU_V1)):
+            for i, c in enumerate((*CONTROLLERS_V1, *ON_DEMAND_V1)):
                 mounts.append(f"{40 + i} 31 0:{40 + i} / /sys/fs/cgroup/{c} rw - cgroup "
                               f"cgroup rw,{c}")
                 own = "/outer/daemon" if c == "memory" else "/"

@@ -68,11 +68,11 @@ def test_detect_picks_the_version_and_the_daemons_own_cgroups(tree: FakeCgroupTr
     base = f"{tree.root}/sys/fs/cgroup"
     if tree.version == "v1":
         assert isinstance(driver, V1Driver)
-        assert driver.controllers == ("memory", "cpuacct", "blkio", "pids", "freezer")
+        assert driver.controllers == ("memory", "cpuacct", "blkio", "freezer")
         assert driver.roots[0] == f"{base}/memory/outer/daemon/jw"
-        # cpu only for jobs with a CPU limit: its subtree is there, listed last.
+        # cpu and pids only for jobs with such a limit: their subtrees are listed last.
         assert f"{base}/freezer/jw" in driver.roots and len(driver.roots) == 6
-        assert driver.roots[-1] == f"{base}/cpu/jw"
+        assert driver.roots[-2:] == (f"{base}/cpu/jw", f"{base}/pids/jw")
     else:
         assert isinstance(driver, V2Driver)
         assert driver.controllers == ("memory", "cpu", "io", "pids")
@@ -112,12 +112,13 @@ def test_enter_and_leave_move_the_calling_thread(tree: FakeCgroupTree) -> None:
     driver.teardown()
     if tree.version == "v1":
         me = str(threading.get_native_id())
-        joined = len(driver.controllers)  # not cpu: only jobs with a CPU limit join it
+        joined = len(driver.controllers)  # not cpu, pids: only jobs with such a limit
         for path in driver.paths(JOB)[:joined]:
             assert read(f"{path}/tasks") == me
         for root in driver.roots[:joined]:
             assert read(f"{os.path.dirname(root)}/tasks") == me
-        assert read(f"{os.path.dirname(driver.roots[-1])}/tasks") == ""
+        for root in driver.roots[joined:]:
+            assert read(f"{os.path.dirname(root)}/tasks") == ""
     else:
         [path] = driver.paths(JOB)
         assert read(f"{path}/cgroup.procs") == str(os.getpid())
@@ -202,8 +203,9 @@ def test_recycle_resets_counters_and_renames_on_v1_only(tree: FakeCgroupTree) ->
     assert read(f"{fresh['memory']}/memory.force_empty") == ""
     assert not os.path.exists(paths["memory"])
     assert read(f"{fresh['blkio']}/blkio.reset_stats") == "1"
+    assert fresh["freezer"].endswith("/fresh")
     files.enter()  # the open tasks files followed the rename
-    assert read(f"{fresh['pids']}/tasks") == str(threading.get_native_id())
+    assert read(f"{fresh['freezer']}/tasks") == str(threading.get_native_id())
     files.close()
 
 
@@ -562,8 +564,8 @@ def test_daemon_logs_cgroups_and_a_job_is_in_its_cgroup_before_exec(
                                         for r in roots})
     for root in roots:
         controller = root.split("/sys/fs/cgroup/")[1].split("/")[0]
-        if controller == "cpu":
-            continue  # joined only by jobs with a CPU limit
+        if controller in ("cpu", "pids"):
+            continue  # joined only by jobs with such a limit
         line = next(ln for ln in lines if controller in ln.split(":")[1].split(","))
         assert line.endswith(f"/{d.cgroup_name}/{job_id}"), line
     assert set(rec["usage"]) == {"cpu_seconds", "memory_peak", "io_read_bytes",

@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-#: The v1 controllers a job gets a cgroup in (those mounted): freezer makes the KILL
-#: race-free, cpuacct, memory and blkio count.  Not cpu: it counts nothing cpuacct does
-#: not, and moving a thread into a new cpu cgroup and back costs ~0.5 ms of wall time
-#: (median, this host) against ~0.05 ms for these five together.
-CONTROLLERS_V1 = ("memory", "cpuacct", "blkio", "pids", "freezer")
-#: Joined only by jobs that ask for a CPU limit (unless co-mounted with one above).
+#: The v1 controllers every job gets a cgroup in (those mounted): freezer makes the KILL
+#: race-free, cpuacct, memory and blkio count.
+CONTROLLERS_V1 = ("memory", "cpuacct", "blkio", "freezer")
+#: Joined only by jobs with that limit (unless co-mounted with one above): they count
+#: nothing the others do not, and each hierarchy costs every spawn two thread moves and
+#: every job a cgroup to make and remove; moving a thread into a new cpu cgroup and back
+#: alone costs ~0.5 ms of wall time (median, this host).
+ON_DEMAND_V1 = ("cpu", "pids")
 CPU_V1 = "cpu"
 #: The CFS period a CPU limit is a quota of (the kernel's default, 100 ms).
 CPU_PERIOD_US = 100_000
@@ -212,12 +214,12 @@ class V1Files:
     thread's id into each ``tasks`` file, so only the spawning thread moves."""
 
     def __init__(self, name: str, dirs: dict[str, str], home_fds: list[int],
-                 cpu: tuple[str, int, Mkdir, Rmdir] | None = None,
+                 extra: dict[str, tuple[str, int]] | None = None,
                  fs: tuple[Mkdir, Rmdir] = (os.mkdir, os.rmdir)) -> None:
-        """``cpu``: where this job's cpu cgroup would go (a subtree of the cpu hierarchy
-        apart from the others), the daemon's own cpu ``tasks`` and how to make and remove
-        it; None when cpu is co-mounted with another (then in ``dirs``) or not mounted.
-        ``fs``: how to make and remove a cgroup directory."""
+        """``extra``: for each ON_DEMAND_V1 controller mounted apart from ``dirs``, where
+        this job's cgroup there would go and the daemon's own ``tasks`` in it (joined by
+        ``set_limits`` when the job has that limit).  ``fs``: how to make and remove a
+        cgroup directory."""
         self.name = name
         self._dirs = dirs  # controller -> this cgroup's directory (co-mounted share one)
         self._fs = fs
@@ -227,8 +229,8 @@ class V1Files:
         self._home = home_fds
         # Any hierarchy lists the same processes; the freezer's is the one frozen.
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
-        self._cpu = cpu
-        self._cpu_fd = -1  # the job's own cpu cgroup's tasks, once it has a CPU limit
+        self._extra = extra or {}
+        self._extra_fd: dict[str, int] = {}  # joined: controller -> the job's tasks there
 
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         d = self._dirs
@@ -239,35 +241,35 @@ class V1Files:
             if os.path.exists(memsw):  # swap accounting on: no escape into swap
                 _write(memsw, str(memory))
         if pids is not None:
-            _need(d, "pids")
-            _write(os.path.join(d["pids"], "pids.max"), str(pids))
+            self._join("pids")
+            _write(os.path.join(self._dirs["pids"], "pids.max"), str(pids))
         if cpu is not None:
-            if CPU_V1 not in d:
-                self._join_cpu()
+            self._join(CPU_V1)
             quota = max(1000, int(cpu * CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_quota_us"), str(quota))
 
-    def _join_cpu(self) -> None:
-        if self._cpu is None:
-            raise OSError(errno.ENOTSUP, "no cpu controller mounted for a CPU limit")
-        root, _, mkdir, _ = self._cpu
-        path = os.path.join(root, self.name)
+    def _join(self, controller: str) -> None:
+        """Give the job a cgroup in an on-demand hierarchy (before it is spawned)."""
+        if controller in self._dirs:
+            return  # co-mounted with one every job has, or joined already
+        if controller not in self._extra:
+            raise OSError(errno.ENOTSUP, f"no {controller} controller mounted for this limit")
+        path = os.path.join(self._extra[controller][0], self.name)
         try:
-            mkdir(path)
+            self._fs[0](path)
         except FileExistsError:
             pass
-        self._cpu_fd = os.open(os.path.join(path, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
-        self._dirs = {**self._dirs, CPU_V1: path}
+        self._extra_fd[controller] = os.open(os.path.join(path, "tasks"),
+                                             os.O_WRONLY | os.O_CLOEXEC)
+        self._dirs = {**self._dirs, controller: path}
 
-    def _leave_cpu(self) -> None:
-        """Recycling: the next job may want no CPU limit, so the cpu cgroup goes."""
-        if self._cpu_fd < 0 or self._cpu is None:
-            return
-        os.close(self._cpu_fd)
-        self._cpu_fd = -1
-        path = self._dirs.pop(CPU_V1)
-        self._cpu[3](path)
+    def _leave_extra(self) -> None:
+        """Recycling: the next job may want no such limit, so those cgroups go."""
+        for controller, fd in self._extra_fd.items():
+            os.close(fd)
+            self._fs[1](self._dirs.pop(controller))
+        self._extra_fd = {}
 
     def oom_kills(self) -> int:
         if "memory" not in self._dirs:
@@ -289,7 +291,7 @@ class V1Files:
         files' page cache, mostly) goes to the parent on rmdir, where reclaiming it
         (``memory.force_empty``) would evict pages a client may read next and cost
         writeback; so the next job's peak starts from nothing."""
-        self._leave_cpu()
+        self._leave_extra()
         d = self._dirs
         memory = d.get("memory")
         if memory is not None and list(d.values()).count(memory) == 1:
@@ -311,7 +313,7 @@ class V1Files:
             _write(os.path.join(memory, "memory.limit_in_bytes"), "-1")
             _write(os.path.join(memory, "memory.force_empty"), "0")
             _write(os.path.join(memory, "memory.max_usage_in_bytes"), "0")
-        if "pids" in d:
+        if "pids" in d:  # co-mounted with one every job has
             _write(os.path.join(d["pids"], "pids.max"), "max")
         if CPU_V1 in d:  # co-mounted with cpuacct
             _write(os.path.join(d[CPU_V1], "cpu.cfs_quota_us"), "-1")
@@ -337,15 +339,15 @@ class V1Files:
         tid = str(threading.get_native_id()).encode()
         for fd in self._tasks:
             os.write(fd, tid)
-        if self._cpu_fd >= 0:
-            os.write(self._cpu_fd, tid)
+        for fd in self._extra_fd.values():
+            os.write(fd, tid)
 
     def leave(self) -> None:
         tid = str(threading.get_native_id()).encode()
         error: OSError | None = None
         home = self._home
-        if self._cpu_fd >= 0 and self._cpu is not None:
-            home = [*home, self._cpu[1]]
+        if self._extra_fd:
+            home = [*home, *(self._extra[c][1] for c in self._extra_fd)]
         for fd in home:
             try:
                 os.write(fd, tid)
@@ -409,9 +411,9 @@ class V1Files:
         for fd in self._tasks:
             os.close(fd)
         self._tasks = []
-        if self._cpu_fd >= 0:
-            os.close(self._cpu_fd)
-            self._cpu_fd = -1
+        for fd in self._extra_fd.values():
+            os.close(fd)
+        self._extra_fd = {}
 
 
 class V1Driver:
@@ -429,17 +431,18 @@ class V1Driver:
         self._subtree = {c: os.path.join(own[c], root_name) for c in self.controllers}
         self._made = tuple(dict.fromkeys(self._subtree.values()))  # every job has these
         self._own_dirs = list(dict.fromkeys(own[c] for c in self.controllers))
-        self._cpu_root: str | None = None  # a hierarchy of its own, for CPU limits only
-        self._cpu_own: str | None = None
-        if CPU_V1 in own:
-            cpu_root = os.path.join(own[CPU_V1], root_name)
-            if cpu_root in self._made:  # co-mounted (cpu,cpuacct): every job has it
-                self._subtree[CPU_V1] = cpu_root
-            else:
-                self._cpu_root, self._cpu_own = cpu_root, own[CPU_V1]
-        self.roots = self._made + ((self._cpu_root,) if self._cpu_root else ())
+        # On-demand hierarchies apart from those: controller -> (subtree, own cgroup).
+        self._extra: dict[str, tuple[str, str]] = {}
+        for c in ON_DEMAND_V1:
+            if c in own:
+                root = os.path.join(own[c], root_name)
+                if root in self._made:  # co-mounted (cpu,cpuacct): every job has it
+                    self._subtree[c] = root
+                else:
+                    self._extra[c] = (root, own[c])
+        self.roots = self._made + tuple(r for r, _ in self._extra.values())
         self._home: list[int] = []
-        self._cpu_home = -1
+        self._extra_home: dict[str, int] = {}
 
     def setup(self) -> None:
         for root in self.roots:
@@ -447,8 +450,9 @@ class V1Driver:
                 self._mkdir(root)
         if not self._home:
             self._home = _open_tasks(self._own_dirs, "tasks")
-        if self._cpu_own is not None and self._cpu_home < 0:
-            self._cpu_home = _open_tasks([self._cpu_own], "tasks")[0]
+        for c, (_, own_dir) in self._extra.items():
+            if c not in self._extra_home:
+                self._extra_home[c] = _open_tasks([own_dir], "tasks")[0]
 
     def paths(self, name: str) -> list[str]:
         return [os.path.join(root, name) for root in self.roots]
@@ -473,18 +477,17 @@ class V1Driver:
         return sorted(names)
 
     def open(self, name: str) -> CgroupFiles:
-        cpu = ((self._cpu_root, self._cpu_home, self._mkdir, self._rmdir)
-               if self._cpu_root is not None else None)
+        extra = {c: (root, self._extra_home[c]) for c, (root, _) in self._extra.items()}
         return V1Files(name, {c: os.path.join(s, name) for c, s in self._subtree.items()},
-                       self._home, cpu, (self._mkdir, self._rmdir))
+                       self._home, extra, (self._mkdir, self._rmdir))
 
     def teardown(self) -> None:
         for fd in self._home:
             os.close(fd)
         self._home = []
-        if self._cpu_home >= 0:
-            os.close(self._cpu_home)
-            self._cpu_home = -1
+        for fd in self._extra_home.values():
+            os.close(fd)
+        self._extra_home = {}
         try:
             _rmdir_all(list(self.roots), self._rmdir)
         except OSError:
@@ -703,7 +706,7 @@ def detect(root_name: str, *, mountinfo: str = "/proc/self/mountinfo",
         root, point, fstype = fields[3], _unescape(fields[4]), fields[sep + 1]
         options = fields[sep + 3].split(",") if len(fields) > sep + 3 else []
         if fstype == "cgroup":
-            for c in (*CONTROLLERS_V1, CPU_V1):
+            for c in (*CONTROLLERS_V1, *ON_DEMAND_V1):
                 if c in options and c in v1_paths and c not in v1_own:
                     rel = _relative(v1_paths[c], root)
                     if rel is not None:
@@ -742,5 +745,5 @@ def _unescape(field: str) -> str:
         "\\012", "\n").replace("\\134", "\\")
 
 
-__all__ = ["CONTROLLERS_V1", "CONTROLLERS_V2", "CgroupDriver", "CgroupFiles", "Detected",
+__all__ = ["CONTROLLERS_V1", "CONTROLLERS_V2", "CPU_V1", "ON_DEMAND_V1", "CgroupDriver", "CgroupFiles", "Detected",
            "Kill", "Mkdir", "Rmdir", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]

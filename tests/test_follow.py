@@ -488,7 +488,9 @@ async def test_twenty_followers_early_late_and_after_the_end_get_identical_bytes
         await until(lambda: log_size(job) == hold, what="90% of the output")
         followers += [Follower(daemon, tmp_path / f"late{i}", job.id) for i in range(5)]
         # All 15 are live when the rest comes: the early ones may have joined late too.
-        await until(lambda: all(f.size() == hold for f in followers),
+        # 15 jwclient processes start and read 7.2 MiB each: ~5 s of CPU on 2 cores,
+        # more than the default 10 s when other suites share the machine.
+        await until(lambda: all(f.size() == hold for f in followers), 30.0,
                     what="the early and late followers to catch up")
         os.kill(job.pid, signal.SIGUSR1)
         ended = JobRecord.from_wire(await within(client.call("wait", {"job": job.id})))

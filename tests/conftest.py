@@ -272,6 +272,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+                self.remove_cgroups(kill_jobs=True)
                 raise AssertionError(
                     f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}") from None
         self.log_file.close()
@@ -286,10 +287,37 @@ class Daemon:
             self._cgroup_roots = cgroup_dirs(self.proc.pid, self.cgroup_name)
         return self._cgroup_roots
 
-    def remove_cgroups(self) -> None:
+    def remove_cgroups(self, kill_jobs: bool = False) -> None:
         """After the daemon has gone: remove what it left of its own subtree (nothing, if
-        it stopped cleanly), never anything else."""
-        for root in self._cgroup_roots if hasattr(self, "_cgroup_roots") else []:
+        it stopped cleanly), never anything else.  ``kill_jobs``: it was KILLed, so its
+        jobs (in sessions of their own) may still run in there: SIGKILL them first."""
+        roots = self._cgroup_roots if hasattr(self, "_cgroup_roots") else []
+        if kill_jobs:
+            def left() -> list[int]:
+                pids = []
+                for root in roots:
+                    for dirpath, _, files in os.walk(root):
+                        if "cgroup.procs" in files:
+                            try:
+                                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                                    pids += [int(p) for p in f.read().split()]
+                            except OSError:
+                                pass
+                return pids
+
+            def killed() -> bool:
+                for pid in left():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return not left()
+
+            try:
+                wait_for(killed, 10.0, what="the KILLed daemon's jobs to go")
+            except AssertionError:
+                pass  # leave the rest: rmdir below refuses busy cgroups
+        for root in roots:
             remove_cgroup_subtree(root)
 
     def config(self, identity: str = "alice"):  # type: ignore[no-untyped-def]

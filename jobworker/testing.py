@@ -4,7 +4,9 @@
 returns a ``FakeProcess`` the test ends at will; its ``killpg`` records group signals, so a
 JobManager built with ``killpg=reactor.killpg`` never touches real processes.
 ``create_logs`` makes a job's log directory as a start would; ``read_range`` and ``size``
-read a log file back.
+read a log file back.  ``FakeCgroups`` hands out job cgroups over ``FakeCgroupFiles`` (in
+memory); ``FakeCgroupTree`` lays out a v1 or v2 cgroup file system in a directory for the
+real drivers of ``jobworker.jobs.cgroups``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
@@ -22,6 +25,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker.jobs.cgroups import CONTROLLERS_V1, ON_DEMAND_V1, Detected, detect
+from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.jobs.logs import JobLogs, LogStore
 from jobworker.wire.frames import PREFIX
 
@@ -272,5 +277,204 @@ def frames_in(data: bytes) -> list[Any]:
     return out
 
 
-__all__ = ["FakeProcess", "ProcessReactor", "SlowPeer", "create_logs", "create_open_logs",
+# -- cgroups ----------------------------------------------------------------------------------
+
+
+class FakeCgroupFiles:
+    """A job cgroup in memory: ``procs`` is what the kernel would list; ``log`` records
+    enter/leave/freeze/kill/thaw in order; ``freezing`` keeps it FREEZING (a stuck task)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.procs: list[int] = []
+        self.log: list[str] = []
+        self.state = "THAWED"
+        self.freezing = False
+        self.can_freeze = True
+        self.counted: dict[str, Any] = {"cpu_seconds": 0.0, "memory_peak": 0,
+                                        "io_read_bytes": 0, "io_write_bytes": 0}
+        self.usage_reads = 0
+        self.closed = False
+        self.inside = False
+        self.limits: tuple[int | None, float | None, int | None] | None = None
+        self.ooms = 0  # processes the kernel's OOM killer ended here
+
+    def enter(self) -> None:
+        self.log.append("enter")
+        self.inside = True
+
+    def leave(self) -> None:
+        self.log.append("leave")
+        self.inside = False
+
+    def pids(self) -> list[int]:
+        return list(self.procs)
+
+    def freeze(self) -> bool:
+        if not self.can_freeze:
+            return False
+        self.log.append("freeze")
+        self.state = "FREEZING" if self.freezing else "FROZEN"
+        return True
+
+    def frozen(self) -> bool:
+        return self.state == "FROZEN"
+
+    def thaw(self) -> None:
+        self.log.append("thaw")
+        self.state = "THAWED"
+
+    def kill_all(self, kill: Any) -> int:
+        self.log.append(f"kill:{self.state}")
+        for pid in self.procs:
+            kill(pid, 9)
+        return len(self.procs)
+
+    def usage(self) -> dict[str, Any]:
+        self.usage_reads += 1
+        return dict(self.counted)
+
+    def recycle(self, name: str) -> None:
+        self.log.append("recycle")
+        self.name = name
+
+    def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
+        self.log.append(f"limits:{memory},{cpu},{pids}")
+        self.limits = (memory, cpu, pids)
+
+    def oom_kills(self) -> int:
+        return self.ooms
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeCgroups:
+    """``JobManager(cgroups=...)``: each job gets a JobCgroup over FakeCgroupFiles
+    (``files[job_id]``); ``kills`` lists (pid, signal) sent to its processes;
+    ``released`` the cgroups handed back; ``error``, when set, is raised by the next take."""
+
+    def __init__(self, reactor: Any, atomic_kill: bool = False) -> None:
+        self.reactor = reactor
+        self.atomic_kill = atomic_kill
+        self.files: dict[str, FakeCgroupFiles] = {}
+        self.kills: list[tuple[int, int]] = []
+        self.released: list[str] = []
+        self.error: OSError | None = None
+
+    def new_id(self) -> None:
+        return None  # no cgroup made ahead: take makes each
+
+    def take(self, job_id: str) -> JobCgroup:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        files = self.files[job_id] = FakeCgroupFiles(job_id)
+        return JobCgroup(self.reactor, files, atomic_kill=self.atomic_kill,
+                         on_release=self._release, kill=self._kill)
+
+    def _release(self, files: Any) -> Deferred[dict[str, Any] | None]:
+        """As the pool does, but at once: the final usage, then the files closed."""
+        self.released.append(files.name)
+        usage = files.usage()
+        files.close()
+        return succeed(usage)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        self.kills.append((pid, signum))
+
+
+#: What a fresh cgroup directory holds, per v1 controller (the files the drivers use).
+_V1_FILES = {
+    "memory": {"memory.max_usage_in_bytes": "0\n", "memory.force_empty": "",
+               "memory.limit_in_bytes": "9223372036854771712\n",
+               "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"},
+    "pids": {"pids.max": "max\n"},
+    "cpu": {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"},
+    "cpuacct": {"cpuacct.usage": "0\n"},
+    "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n", "blkio.reset_stats": ""},
+    "freezer": {"freezer.state": "THAWED\n"},
+}
+_V2_FILES = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.subtree_control": "",
+             "cgroup.controllers": "", "cpu.stat": "usage_usec 0\n", "memory.peak": "0\n",
+             "io.stat": "", "memory.max": "max\n", "cpu.max": "max 100000\n",
+             "pids.max": "max\n", "memory.events": "oom 0\noom_kill 0\n"}
+
+
+class FakeCgroupTree:
+    """A cgroup file system in ``root`` for the real drivers: ``/proc/self/mountinfo``
+    and ``/proc/thread-self/cgroup`` files, mount points under ``root/sys/fs/cgroup``, and
+    a ``mkdir`` that writes the files the kernel would.  v1: every CONTROLLERS_V1 mounted
+    alone, the daemon in ``/`` except memory (``/outer/daemon``); v2: one unified mount,
+    the daemon in ``/svc``, offering ``controllers``."""
+
+    def __init__(self, root: str, version: str, controllers: str = "memory cpu io pids"
+                 ) -> None:
+        self.root = root
+        self.version = version
+        self.mountinfo = os.path.join(root, "mountinfo")
+        self.own_file = os.path.join(root, "cgroup")
+        mounts, members = [], []
+        if version == "v1":
+            for i, c in enumerate((*CONTROLLERS_V1, *ON_DEMAND_V1)):
+                mounts.append(f"{40 + i} 31 0:{40 + i} / /sys/fs/cgroup/{c} rw - cgroup "
+                              f"cgroup rw,{c}")
+                own = "/outer/daemon" if c == "memory" else "/"
+                members.append(f"{i + 1}:{c}:{own}")
+                self._populate(os.path.join(root, f"sys/fs/cgroup/{c}") + own, c)
+            members.append("0::/")
+        else:
+            mounts.append("41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw")
+            members.append("0::/svc")
+            self._populate(os.path.join(root, "sys/fs/cgroup/svc"), "")
+            with open(os.path.join(root, "sys/fs/cgroup/svc/cgroup.controllers"), "w") as f:
+                f.write(controllers + "\n")
+        with open(self.mountinfo, "w") as f:
+            f.write("\n".join(mounts) + "\n")
+        with open(self.own_file, "w") as f:
+            f.write("\n".join(members) + "\n")
+
+    def detect(self, root_name: str) -> Detected:
+        return detect(root_name, mountinfo=self.mountinfo, own=self.own_file,
+                      prefix=self.root, mkdir=self.mkdir, rmdir=self.rmdir)
+
+    def rmdir(self, path: str) -> None:
+        """os.rmdir of a cgroup: EBUSY while its cgroup.procs lists a pid, as the kernel
+        says; the kernel's files go with it.  (The daemon's own cgroups are never removed.)"""
+        import errno
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        subdirs = [e for e in os.scandir(path) if e.is_dir()]
+        if subdirs:
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        procs = os.path.join(path, "cgroup.procs")
+        if os.path.exists(procs) and open(procs).read().split():
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        for entry in os.scandir(path):
+            os.unlink(entry.path)
+        os.rmdir(path)
+
+    def mkdir(self, path: str) -> None:
+        """os.mkdir, then the files the kernel puts in a new cgroup of that hierarchy."""
+        os.mkdir(path)
+        if self.version == "v1":
+            controller = os.path.relpath(path, os.path.join(self.root, "sys/fs/cgroup"))
+            self._files(path, controller.split(os.sep)[0])
+        else:
+            self._files(path, "")
+
+    def _populate(self, path: str, controller: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self._files(path, controller)
+
+    def _files(self, path: str, controller: str) -> None:
+        files = (dict({"tasks": "", "cgroup.procs": ""}, **_V1_FILES.get(controller, {}))
+                 if self.version == "v1" else _V2_FILES)
+        for name, text in files.items():
+            with open(os.path.join(path, name), "w") as f:
+                f.write(text)
+
+
+__all__ = ["FakeCgroupFiles", "FakeCgroupTree", "FakeCgroups", "FakeProcess", "ProcessReactor", "SlowPeer", "create_logs", "create_open_logs",
            "frames_in", "read_range", "size"]

@@ -147,13 +147,27 @@ def child_pids(parent: int) -> list[int]:
 
 def fds_but_spares(pid: int) -> int:
     """``open_fd_count`` without the descriptors on spare log files, which the spare pool
-    opens and hands over as it goes (``<logs>/.spare/<group>/<n>/*.log``)."""
+    opens and hands over as it goes (``<logs>/.spare/<group>/<n>/*.log``), nor those on
+    cgroup files (the cgroup pool keeps ready cgroups' ``tasks`` open, and each running
+    job's until it ends)."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += "/logs/.spare/" not in os.readlink(f"/proc/{pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
-            pass  # closed while we looked
+            continue  # closed while we looked
+        count += "/logs/.spare/" not in target and not target.startswith("/sys/fs/cgroup/")
+    return count
+
+
+def fds_but_cgroups(pid: int) -> int:
+    """``open_fd_count`` without descriptors on cgroup files (see ``fds_but_spares``)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/sys/fs/cgroup/")
+        except FileNotFoundError:
+            pass
     return count
 
 
@@ -210,14 +224,55 @@ TEST_IDENTITIES = ("admin", "alice", "bob", "auditor", "norole", "weird", "expir
                    "noeku", "servereku", "caleaf")
 
 
+def cgroup_dirs(pid: int, name: str) -> list[str]:
+    """The directories ``<own>/<name>`` beneath process ``pid``'s cgroup in each mounted
+    hierarchy (existing or not): where that daemon keeps its job cgroups."""
+    from jobworker.jobs.cgroups import detect
+
+    found = detect(name, own=f"/proc/{pid}/cgroup")
+    return list(found.driver.roots) if found.driver is not None else []
+
+
+def remove_cgroup_subtree(root: str) -> list[str]:
+    """rmdir the cgroups beneath ``root`` (one we made), deepest first, then ``root``;
+    returns those that would not go (a process still in them)."""
+    left = []
+    for dirpath, dirnames, _ in os.walk(root, topdown=False):
+        for d in dirnames:
+            try:
+                os.rmdir(os.path.join(dirpath, d))
+            except OSError:
+                left.append(os.path.join(dirpath, d))
+    try:
+        os.rmdir(root)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left.append(root)
+    return left
+
+
+_cgroup_names = iter(range(1 << 30))
+
+
 class Daemon:
-    """A real ``twistd -n jobworker`` in its own process group, on a free port."""
+    """A real ``twistd -n jobworker`` in its own process group, on a free port.
+
+    Each gets a cgroup subtree of its own (``--cgroup-root-name jwtest-<pid>-<n>``, unless
+    the test names one): test daemons run side by side in the test process's cgroups."""
 
     def __init__(self, pki_: PKI, state_dir: Path, *args: str,
                  jobs_as_root: bool = True) -> None:
         self.pki = pki_
         self.state_dir = state_dir
         self.args = list(args)
+        self.cgroup_name = f"jwtest-{os.getpid()}-{next(_cgroup_names)}"
+        if not any(a.startswith("--cgroup-root-name") for a in args):
+            self.args += ["--cgroup-root-name", self.cgroup_name]
+        else:
+            i = next(i for i, a in enumerate(self.args) if a.startswith("--cgroup-root-name"))
+            self.cgroup_name = (self.args[i].split("=", 1)[1] if "=" in self.args[i]
+                                else self.args[i + 1])
         if jobs_as_root and "--policy" not in self.args and os.geteuid() == 0:
             # Most tests hand jobs files under pytest's 0700 temporary directories: map
             # the test identities to root, as an operator's policy may.  Run-as itself is
@@ -248,6 +303,7 @@ class Daemon:
             return int(m.group(1)) if m else None
 
         self.port = wait_for(listening, timeout, what="the daemon to listen")
+        self.cgroup_roots()  # learnt while the daemon lives, to clean up after it
         return self
 
     @property
@@ -279,10 +335,53 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+                self.remove_cgroups(kill_jobs=True)
                 raise AssertionError(
                     f"daemon did not stop on SIGTERM:\n{self.log()[-3000:]}") from None
         self.log_file.close()
+        self.remove_cgroups()
         return self.proc.returncode
+
+    def cgroup_roots(self) -> list[str]:
+        """This daemon's job subtree in each hierarchy (see ``cgroup_dirs``)."""
+        if "--no-cgroups" in self.args or self.proc is None:
+            return []
+        if not hasattr(self, "_cgroup_roots"):
+            self._cgroup_roots = cgroup_dirs(self.proc.pid, self.cgroup_name)
+        return self._cgroup_roots
+
+    def remove_cgroups(self, kill_jobs: bool = False) -> None:
+        """After the daemon has gone: remove what it left of its own subtree (nothing, if
+        it stopped cleanly), never anything else.  ``kill_jobs``: it was KILLed, so its
+        jobs (in sessions of their own) may still run in there: SIGKILL them first."""
+        roots = self._cgroup_roots if hasattr(self, "_cgroup_roots") else []
+        if kill_jobs:
+            def left() -> list[int]:
+                pids = []
+                for root in roots:
+                    for dirpath, _, files in os.walk(root):
+                        if "cgroup.procs" in files:
+                            try:
+                                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                                    pids += [int(p) for p in f.read().split()]
+                            except OSError:
+                                pass
+                return pids
+
+            def killed() -> bool:
+                for pid in left():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return not left()
+
+            try:
+                wait_for(killed, 10.0, what="the KILLed daemon's jobs to go")
+            except AssertionError:
+                pass  # leave the rest: rmdir below refuses busy cgroups
+        for root in roots:
+            remove_cgroup_subtree(root)
 
     def config(self, identity: str = "alice"):  # type: ignore[no-untyped-def]
         from jobworker.client.api import ClientConfig

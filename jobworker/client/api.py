@@ -80,11 +80,13 @@ class Client:
     async def start(self, command: str, args: list[str] | None = None,
                     env: list[str] | None = None, dir: str | None = None,
                     timeout: float | None = None, request_id: str | None = None,
-                    user: str | None = None, isolate: list[str] | None = None
-                    ) -> JobRecord:
+                    user: str | None = None, isolate: list[str] | None = None,
+                    memory: int | None = None, cpu: float | None = None,
+                    pids: int | None = None) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
-        new namespaces for the job, of ``pid``, ``net``, ``mount``."""
+        new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
+        ``cpu`` (cores), ``pids``: limits (docs/isolation.md)."""
         params: dict[str, Any] = {"command": command, "args": args or []}
         if request_id is not None:
             params["request_id"] = request_id
@@ -98,6 +100,9 @@ class Client:
             params["dir"] = dir
         if timeout is not None:
             params["timeout"] = timeout
+        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids)):
+            if value is not None:
+                params[name] = value
         return JobRecord.from_wire(await self.call("start", params))
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:

@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from jobworker.wire.record import ISOLATE, STATES
+from jobworker.wire.sizes import parse_size
 
 USAGE_EXIT = 2
 #: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).
@@ -62,6 +63,29 @@ def _job_ref(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cores(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"bad CPU limit {text!r}: a number of cores, 0.5")
+    return value
+
+
+def _pids(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"bad process limit {text!r}: a whole number >= 2")
+    return int(text)
+
+
 def _env_entry(text: str) -> str:
     if "=" not in text or text.startswith("="):
         raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
@@ -88,6 +112,10 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolate", type=_namespaces, metavar="NS[,NS...]",
                    help="run in new namespaces: pid (sees only its own processes), net "
                         "(loopback only), mount (a private /tmp); root daemons only")
+    p.add_argument("--memory", type=_size, help="memory limit (512M, 1G; K M G T: powers of "
+                   "1024); past it the kernel kills the job's processes (oom_killed)")
+    p.add_argument("--cpu", type=_cores, help="CPU limit in cores (0.5: half of one CPU)")
+    p.add_argument("--pids", type=_pids, help="most processes at once (then forks fail)")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 

@@ -105,7 +105,9 @@ async def _start(client: Client, args: argparse.Namespace,
                               timeout=args.timeout,
                               request_id=request_id or str(uuid.uuid4()),
                               user=getattr(args, "user", None),
-                              isolate=getattr(args, "isolate", None))
+                              isolate=getattr(args, "isolate", None),
+                              memory=getattr(args, "memory", None),
+                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.

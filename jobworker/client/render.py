@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from jobworker.wire.record import FAILED, LOST, RUNNING, STOPPED, JobRecord
 
@@ -59,12 +60,42 @@ def outcome(record: JobRecord) -> str:
         return f"lost: {record.error}" if record.error else "lost"
     how = (f"code {record.exit_code}" if record.exit_code is not None
            else f"{record.signal}" if record.signal else "?")
-    extra = ", timed out" if record.timed_out else ""
+    extra = (", timed out" if record.timed_out else "") + (
+        ", out of memory" if record.oom_killed else "")
     if record.state == STOPPED:
         return f"stopped ({how}{extra})"
     if record.signal:
         return f"killed by {record.signal}{extra}"
     return f"exited {record.exit_code}{extra}"
+
+
+def size(n: int | None) -> str:
+    """Bytes in powers of 1024: ``512 B``, ``3.4 MiB``; ``-`` when not counted."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def usage(u: dict[str, Any]) -> str:
+    """``cpu 1.2s, memory peak 3.4 MiB, io read 0 B, written 8.0 KiB`` (``-``: this host
+    does not count it; see docs/isolation.md for what v1 counts as written)."""
+    cpu = u.get("cpu_seconds")
+    cpu_text = "-" if not isinstance(cpu, int | float) else f"{cpu:.3g}s"
+    return (f"cpu {cpu_text}, memory peak {size(u.get('memory_peak'))}, "
+            f"io read {size(u.get('io_read_bytes'))}, written {size(u.get('io_write_bytes'))}")
+
+
+def limits(lim: dict[str, Any]) -> str:
+    """``memory 512.0 MiB, cpu 0.5, pids 64`` (``-``: unlimited)."""
+    memory = lim.get("memory")
+    return (f"memory {size(memory) if memory is not None else '-'}, "
+            f"cpu {lim.get('cpu') if lim.get('cpu') is not None else '-'}, "
+            f"pids {lim.get('pids') if lim.get('pids') is not None else '-'}")
 
 
 def _command_line(record: JobRecord, width: int | None) -> str:
@@ -91,6 +122,10 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
         rows.append(("timeout", duration(r.timeout)))
     if r.isolate:
         rows.append(("isolate", ",".join(r.isolate)))
+    if r.limits is not None:
+        rows.append(("limits", limits(r.limits)))
+    if r.usage is not None:
+        rows.append(("usage", usage(r.usage)))
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in rows)
 

@@ -110,7 +110,8 @@ class Methods:
             workdir = creds.home if os.path.isdir(creds.home) else "/"
         job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
                               dir=workdir, timeout=p["timeout"], job_id=job_id,
-                              request=request, isolate=p["isolate"])
+                              request=request, isolate=p["isolate"], memory=p["memory"],
+                              cpu=p["cpu"], pids=p["pids"])
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)

@@ -6,6 +6,7 @@ and ports.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 
@@ -23,19 +24,23 @@ from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
 from jobworker.daemon.watcher import FileWatcher
+from jobworker.jobs.cgpool import CgroupPool
+from jobworker.jobs.cgroups import detect
 from jobworker.jobs.credentials import can_switch
 from jobworker.jobs.durable import DurableStore
+from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logcap import LogCap
 from jobworker.jobs.logpool import LogDirPool
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
 from jobworker.jobs.reaping import QuietChildSignals
-from jobworker.jobs.reserve import DiskReserve, MinFree, parse_size
+from jobworker.jobs.reserve import DiskReserve, MinFree
 from jobworker.jobs.retention import Retention
 from jobworker.jobs.sql import TableError
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
+from jobworker.wire.sizes import parse_size
 
 
 class Options(usage.Options):
@@ -83,10 +88,25 @@ class Options(usage.Options):
         ["store", None, "sqlite",
          "Where the job table lives: sqlite (<state-dir>/jobs.db, kept across restarts) "
          "or memory (this daemon's lifetime only)."],
+        ["default-memory", None, None, "Memory limit of a job that asks for none (512M, 1G)."],
+        ["max-memory", None, None, "Most memory a job may ask for; a start asking for more "
+                                   "is refused."],
+        ["default-cpu", None, None, "CPU limit, in cores, of a job that asks for none (0.5).",
+         float],
+        ["max-cpu", None, None, "Most CPU, in cores, a job may ask for.", float],
+        ["default-pids", None, None, "Process limit of a job that asks for none.", int],
+        ["max-pids", None, None, "Most processes a job may ask for.", int],
+        ["cgroup-root-name", None, None,
+         "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
+         "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
+         "jobworker-<8 hex digits of the state directory's path>, so a daemon restarted on "
+         "the same state finds its jobs' cgroups and daemons on other states never meet."],
     ]
     optFlags = [
         ["fsync", None, "Commit each change of the job table to disk before replying "
                         "(survives power loss; slower)."],
+        ["no-cgroups", None, "Run jobs without cgroups (stop then signals the process "
+                             "group only, and no usage is counted)."],
     ]
 
     def __init__(self) -> None:
@@ -133,6 +153,32 @@ class Options(usage.Options):
             raise usage.UsageError(f"--dynamic-uids: {e}") from None
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError("--store is sqlite or memory")
+        for which in ("default", "max"):
+            key = f"{which}-memory"
+            if self[key] is not None:
+                try:
+                    self[key] = parse_size(self[key])
+                except ValueError as e:
+                    raise usage.UsageError(f"--{key}: {e}") from None
+            if self[f"{which}-cpu"] is not None and not 0.01 <= self[f"{which}-cpu"] <= 4096:
+                raise usage.UsageError(f"--{which}-cpu must be from 0.01 to 4096 cores")
+            if self[f"{which}-pids"] is not None and self[f"{which}-pids"] < 2:
+                raise usage.UsageError(f"--{which}-pids must be at least 2")
+        try:
+            self["limits"] = LimitPolicy(
+                JobLimits(self["default-memory"], self["default-cpu"], self["default-pids"]),
+                JobLimits(self["max-memory"], self["max-cpu"], self["max-pids"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["limits"].defaults or self["limits"].maxima:
+            if self["no-cgroups"]:
+                raise usage.UsageError("job limits need cgroups: drop --no-cgroups")
+        if self["cgroup-root-name"] is None:
+            self["cgroup-root-name"] = default_cgroup_root_name(self["state-dir"])
+        name = self["cgroup-root-name"]
+        if (not name or name in (".", "..") or "/" in name or "\0" in name
+                or len(name) > 200):
+            raise usage.UsageError("--cgroup-root-name must be one plain directory name")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -205,6 +251,10 @@ def _dynamic_uids(config: Options, state_dir: str) -> DynamicUids | None:
     except (OSError, ValueError) as e:
         fail(f"cannot read the dynamic uid table: {e}")
     return dynamic
+def default_cgroup_root_name(state_dir: str) -> str:
+    """``jobworker-`` and 8 hex digits of the state directory's absolute path."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()
+    return f"jobworker-{digest[:8]}"
 
 
 def makeService(config: Options) -> service.MultiService:
@@ -263,8 +313,16 @@ def makeService(config: Options) -> service.MultiService:
     authz = Authorizer(policy)
     spare_logs = LogDirPool(reactor, logs)
     reserve = DiskReserve(state_dir, config["min-free"], reactor.seconds)
+    if config["no-cgroups"]:
+        cgroups = CgroupPool(reactor, None, "--no-cgroups")
+    else:
+        # Here, on the thread that will run the reactor and spawn: its cgroups are the
+        # ones jobs are made beneath and that it returns to after each spawn.
+        found = detect(config["cgroup-root-name"])
+        cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
-                       reserve=reserve, store=store)
+                       reserve=reserve, store=store, cgroups=cgroups,
+                       limits=config["limits"])
     runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
                     runas=runas)
@@ -272,10 +330,12 @@ def makeService(config: Options) -> service.MultiService:
 
     top = service.MultiService()
     StateLockService(lock).setServiceParent(top)
-    # Spare log directories first, jobs second, listener third: on shutdown the listener
-    # stops accepting before running jobs are stopped, and the spares go once no job can
-    # start (MultiService stops children in reverse order).
+    # Spare log directories and cgroups first, jobs second, listener third: on shutdown
+    # the listener stops accepting before running jobs are stopped, and the spares (and
+    # the job cgroups) go once no job can start or run (MultiService stops children in
+    # reverse order).
     spare_logs.setServiceParent(top)
+    cgroups.setServiceParent(top)
     QuietChildSignals(reactor).setServiceParent(top)
     jobs.setServiceParent(top)
     Retention(reactor, store, logs.root, retention=config["retention"],

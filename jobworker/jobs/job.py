@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
@@ -25,6 +25,13 @@ from jobworker.wire.record import (
     wire_map,
 )
 from jobworker.wire.timestamps import iso8601
+
+if TYPE_CHECKING:
+    from jobworker.jobs.jobcgroup import JobCgroup
+
+
+#: Seconds after its KILL that a stop is answered even if the job's cgroup is not empty.
+STUCK_AFTER = 10.0
 
 
 def signal_name(number: int) -> str:
@@ -53,7 +60,8 @@ class Job:
         "_started_at", "_packed", "ended_at", "timed_out", "_timeout_grace", "_signal_group",
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
-        "spawn_ticks", "uid", "gid", "isolate", "__weakref__",
+        "spawn_ticks", "uid", "gid", "isolate", "cgroup", "_usage", "_done_observers",
+        "_stuck_call", "limits", "oom_killed", "__weakref__",
     )
 
     log = Logger()
@@ -117,6 +125,15 @@ class Job:
         self.gid: int | None = None
         #: The namespaces it runs in (``jobworker.jobs.namespaces``); None: the host's.
         self.isolate: list[str] | None = None
+        # The job's own cgroup (``attach_cgroup``), until it is empty and released; then
+        # only the usage it reported last is kept.
+        self.cgroup: JobCgroup | None = None
+        self._usage: dict[str, Any] | None = None
+        self._done_observers: list[Deferred[JobRecord]] = []
+        self._stuck_call: DelayedCall | None = None
+        # Set by the manager before spawning (record fields).
+        self.limits: dict[str, Any] | None = None
+        self.oom_killed = False
 
     # -- what clients see --------------------------------------------------------------
 
@@ -130,6 +147,19 @@ class Job:
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """What the job's cgroup counted (None without one): live while it runs, final
+        once its cgroup was emptied and released."""
+        if self.cgroup is not None:
+            return self.cgroup.usage()
+        return self._usage
+
+    @property
+    def done(self) -> bool:
+        """Ended, and no process of the job is left (its cgroup, if any, is released)."""
+        return self.ended_at is not None and self.cgroup is None
 
     def record(self) -> JobRecord:
         """The job as clients (and a future store) see it."""
@@ -146,7 +176,7 @@ class Job:
         packed = self._packed
         if packed is None:
             packed = Encoded(encode(wire_map(self)))
-            if self.ended:
+            if self.done:  # its usage is final too
                 self._packed = packed
         return packed
 
@@ -163,6 +193,20 @@ class Job:
     def _forget_observer(self, d: Deferred[JobRecord]) -> None:
         if d in self._observers:
             self._observers.remove(d)
+
+    def when_done(self) -> Deferred[JobRecord]:
+        """Like ``when_ended``, but fires only once every process of the job has gone
+        (its cgroup empty, its final usage read); the same as ``when_ended`` without a
+        cgroup."""
+        if self.done:
+            return succeed(self.record())
+        d: Deferred[JobRecord] = Deferred(self._forget_done)
+        self._done_observers.append(d)
+        return d
+
+    def _forget_done(self, d: Deferred[JobRecord]) -> None:
+        if d in self._done_observers:
+            self._done_observers.remove(d)
 
     # -- life cycle, driven by JobManager ------------------------------------------------
 
@@ -181,6 +225,28 @@ class Job:
             error=error,
         )
         self._finish()
+
+    def attach_cgroup(self, cgroup: JobCgroup) -> None:
+        """The job's own cgroup, which its process will start in: stop then ends every
+        process in it, and the job is done only once it is empty."""
+        self.cgroup = cgroup
+
+    def watch_memory(self) -> None:
+        """The job has a memory limit: once the kernel kills one of its processes for want
+        of memory, the daemon ends the rest (``oom_killed`` in the record)."""
+        if self.cgroup is not None:
+            self.cgroup.watch_oom(self._out_of_memory)
+
+    def _out_of_memory(self) -> None:
+        self.oom_killed = True
+        self._packed = None
+        self.log.info("{event} job={job_id} pid={pid} limit={limit}", event="job.oom_killed",
+                      job_id=self.id, pid=self.pid,
+                      limit=(self.limits or {}).get("memory"))
+        self._cancel_timeout()
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill()
 
     def spawning(self) -> None:
         """The spawner is about to run; an end reported before ``spawned`` is held back."""
@@ -216,12 +282,17 @@ class Job:
             self._timeout_call = self._reactor.callLater(left, self._time_is_up)
 
     def stop(self, grace: float) -> Deferred[JobRecord]:
-        """TERM the process group now and KILL it after ``grace`` seconds; fires with the
-        final record once the job has ended.  Later stops share the first escalation."""
-        if self.ended:
+        """TERM the process group (and every process in the job's cgroup) now and KILL
+        them after ``grace`` seconds; fires with the final record once the job has ended
+        and, with a cgroup, no process of it is left.  Later stops share the first
+        escalation (a shorter grace brings its KILL forward)."""
+        if self.done:
             return succeed(self.record())
-        ended = self.when_ended()
+        ended = self.when_done()
         if self._stopping:
+            if self._kill_call is not None and self._kill_call.active():
+                self._kill_call.reset(min(grace, self._kill_call.getTime()
+                                          - self._reactor.seconds()))
             return ended
         self._stopping = True
         self._cancel_timeout()
@@ -233,13 +304,20 @@ class Job:
             grace=grace,
             timed_out=self.timed_out,
         )
-        self._kill_call = self._reactor.callLater(grace, self._kill)
+        if self._kill_call is not None and self._kill_call.active():
+            # Leftovers of an ended job already being ended: bring the KILL forward.
+            self._kill_call.reset(min(grace, self._kill_call.getTime()
+                                      - self._reactor.seconds()))
+        else:
+            self._kill_call = self._reactor.callLater(grace, self._kill)
         self._signal(signal.SIGTERM)
         return ended
 
     def settle(self) -> Deferred[None]:
         """Fires once no KILL sweep is pending; a pending sweep of a group with no member
         left is simply cancelled (used at shutdown so no timer outlives the manager)."""
+        if self.cgroup is not None:
+            return self.when_done().addCallback(lambda _: None)
         if self._kill_call is None or not self._kill_call.active():
             return succeed(None)
         if self.ended and not self._group_alive():
@@ -275,11 +353,38 @@ class Job:
             ended=self.ended,
         )
         self._signal(signal.SIGKILL)
+        self._fire_kill_waiters()
+        if self.cgroup is not None and self._stuck_call is None:
+            self._stuck_call = self._reactor.callLater(STUCK_AFTER, self._stuck)
+
+    def _stuck(self) -> None:
+        """KILLed STUCK_AFTER ago and still not empty (a task in an uninterruptible sleep,
+        on a dead NFS server say): answer the stop now rather than never; the cgroup is
+        still watched, KILLed again and released once it empties."""
+        self._stuck_call = None
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        self.log.error("{event} job={job_id} pids={pids}", event="job.cgroup_stuck",
+                       job_id=self.id, pids=cgroup.pids())
+        if self.ended:
+            self._fire_done()
+
+    def _fire_kill_waiters(self) -> None:
         waiters, self._kill_waiters = self._kill_waiters, []
         for d in waiters:
             d.callback(None)
 
     def _signal(self, signum: int) -> None:
+        cgroup = self.cgroup
+        if cgroup is not None:
+            # Every process in the cgroup, whatever its session or parent: TERM to each,
+            # KILL by freezing first (``JobCgroup.kill``).  The group below as well: the
+            # same processes, unless the job has no cgroup.
+            if signum == signal.SIGKILL:
+                cgroup.kill()
+            else:
+                cgroup.signal_all(signum)
         if self.pid is None:
             return
         try:
@@ -350,11 +455,66 @@ class Job:
         self._finish()
 
     def _finish(self) -> None:
+        cgroup = self.cgroup
+        if (cgroup is not None and not self.oom_killed and (self.limits or {}).get("memory")
+                and cgroup.oom_kills()):
+            # Most often the leader itself was the victim: say so in the ended record.
+            self.oom_killed = True
+            self.log.info("{event} job={job_id} pid={pid} limit={limit}",
+                          event="job.oom_killed", job_id=self.id, pid=self.pid,
+                          limit=(self.limits or {}).get("memory"))
         self.ended_time = self._reactor.seconds()
         self.ended_at = iso8601(self.ended_time)
         self._on_ended(self)
         observers, self._observers = self._observers, []
         if observers:  # most jobs end unwatched: no record to build then
+            record = self.record()
+            for d in observers:
+                d.callback(record)
+        if self.cgroup is None:
+            self._fire_done()
+        else:
+            self._end_rest(self.cgroup)
+
+    def _end_rest(self, cgroup: JobCgroup) -> None:
+        """The leader has ended: a job is its whole cgroup, so processes it left behind are
+        ended too (TERM now, KILL after the grace, as systemd's KillMode=control-group does
+        when a service's main process exits); once the cgroup is empty, the job is done."""
+        pids = cgroup.pids()
+        if pids and self.oom_killed:
+            self._kill()  # out of memory: the rest goes at once, no grace
+        elif pids and not self._stopping:
+            left = cgroup.signal_all(signal.SIGTERM, pids)
+            if left:
+                self.log.info("{event} job={job_id} processes={count} grace={grace}",
+                              event="job.leftovers", job_id=self.id, count=left,
+                              grace=self._timeout_grace)
+                self._kill_call = self._reactor.callLater(self._timeout_grace, self._kill)
+        cgroup.when_empty(pids).addCallback(self._cgroup_empty, cgroup).addErrback(
+            lambda f: self.log.failure("{event} job={job_id}", f, event="job.cgroup_bug",
+                                       job_id=self.id))
+
+    def _cgroup_empty(self, _: None, cgroup: JobCgroup) -> Deferred[None]:
+        """No process of the job is left: no more KILL; release the cgroup, and once its
+        final usage is read the job is done."""
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        if self._stuck_call is not None and self._stuck_call.active():
+            self._stuck_call.cancel()
+        self._stuck_call = None
+        self._fire_kill_waiters()
+        return cgroup.release().addCallback(self._released, cgroup)
+
+    def _released(self, usage: dict[str, Any], cgroup: JobCgroup) -> None:
+        self._usage = usage
+        self.cgroup = None
+        self._packed = None
+        self._fire_done()
+
+    def _fire_done(self) -> None:
+        observers, self._done_observers = self._done_observers, []
+        if observers:
             record = self.record()
             for d in observers:
                 d.callback(record)

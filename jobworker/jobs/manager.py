@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from jobworker.jobs.credentials import Credentials, CredentialsError, acting_as
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
+from jobworker.jobs.jobcgroup import JobCgroup
+from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.namespaces import effective, helper_command
 from jobworker.jobs.process import JobProcessProtocol, spawn
@@ -42,6 +44,24 @@ class SpareLogDirs(Protocol):
     def take(self, log_dir: str) -> tuple[int, int] | None:
         """Rename a spare to ``log_dir`` and hand over its (stdout, stderr) descriptors,
         or None when none is ready."""
+        ...
+
+
+class JobCgroups(Protocol):
+    """Each job's own cgroup; ``jobworker.jobs.cgpool.CgroupPool`` is the real one.  Without
+    one, jobs run in the daemon's cgroups and stop signals their process group only."""
+
+    def take(self, job_id: str) -> JobCgroup | None:
+        """The cgroup for job ``job_id``, or None when cgroups are off; OSError when it
+        cannot be made."""
+        ...
+
+    def new_id(self) -> str | None:
+        """A fresh job id whose cgroup is ready, or None."""
+        ...
+
+    def adopt(self, job_id: str) -> JobCgroup | None:
+        """The cgroup an earlier daemon made for ``job_id``, if it is still there."""
         ...
 
 
@@ -77,6 +97,8 @@ class JobManager(service.Service):
         store: JobStore | None = None,
         spare_logs: SpareLogDirs | None = None,
         reserve: DiskReserve | None = None,
+        cgroups: JobCgroups | None = None,
+        limits: LimitPolicy | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -87,6 +109,8 @@ class JobManager(service.Service):
         self._killpg = killpg
         self._store: JobStore = store if store is not None else MemoryStore()
         self._reserve = reserve
+        self._cgroups = cgroups
+        self._limits = limits if limits is not None else LimitPolicy()
         self._shutting_down = False
         # Every job some timer or caller still holds: at shutdown, the ones with a KILL
         # sweep pending are waited for (the store may have let ended ones go).
@@ -144,10 +168,15 @@ class JobManager(service.Service):
         if not watching:
             return None
         job.adopt(pid)
+        # Its cgroup, named by its id, holds every process it made: stop ends them all.
+        cgroup = self._cgroups.adopt(job.id) if self._cgroups is not None else None
+        if cgroup is not None:
+            job.attach_cgroup(cgroup)
         self._held.add(job)
         self._store.adopt(job)
-        self.log.info("{event} job={job_id} pid={pid} owner={owner}", event="job.adopted",
-                      job_id=job.id, pid=job.pid, owner=job.owner)
+        self.log.info("{event} job={job_id} pid={pid} owner={owner} cgroup={cgroup}",
+                      event="job.adopted", job_id=job.id, pid=job.pid, owner=job.owner,
+                      cgroup=cgroup is not None)
         return job
 
     def stopService(self) -> Deferred[None]:
@@ -178,6 +207,9 @@ class JobManager(service.Service):
         job_id: str | None = None,
         request: tuple[str, bytes] | None = None,
         isolate: Sequence[str] = (),
+        memory: int | None = None,
+        cpu: float | None = None,
+        pids: int | None = None,
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -185,7 +217,8 @@ class JobManager(service.Service):
         only a daemon that takes no new job (shutting down, short of disk) raises
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
         it asked (see ``by_request``)."""
-        job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate)
+        job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
+                         memory, cpu, pids)
         self.launch(job, env)
         return job
 
@@ -199,6 +232,9 @@ class JobManager(service.Service):
         job_id: str | None = None,
         request: tuple[str, bytes] | None = None,
         isolate: Sequence[str] = (),
+        memory: int | None = None,
+        cpu: float | None = None,
+        pids: int | None = None,
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
@@ -206,9 +242,13 @@ class JobManager(service.Service):
         heard of (a restarted daemon finds it by its job id, see ``recovery``), and a
         retried start finds its job instead of running the program again."""
         self.check_admission()
+        # Above a maximum: refused (BadRequest naming it), not a failed job.
+        limits = self._limits.resolve(memory, cpu, pids)
         job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
                             request)
         job.isolate = list(effective(isolate)) or None
+        if limits:
+            job.limits = limits.wire()
         return job
 
     def launch(self, job: Job, env: list[str] | None = None,
@@ -235,7 +275,11 @@ class JobManager(service.Service):
             self._store.running(job)
 
     def new_id(self) -> str:
-        """A fresh job id."""
+        """A fresh job id (one whose cgroup is made already, when one is ready)."""
+        if self._cgroups is not None:
+            ready = self._cgroups.new_id()
+            if ready is not None:
+                return ready
         return str(uuid.uuid4())
 
     def check_admission(self) -> None:
@@ -364,6 +408,9 @@ class JobManager(service.Service):
         except (ValueError, TypeError) as e:
             job.fail(str(e))
             return
+        cgroup = self._take_cgroup(job)
+        if job.ended:
+            return
         job.spawning()
         earliest = ticks_now()
         executable, argv, run_as = job.executable, [job.command, *job.args], creds
@@ -373,9 +420,13 @@ class JobManager(service.Service):
                                                            environment, creds)
             run_as = None
         try:
-            with acting_as(run_as):  # this thread only, and back at once
-                self._spawner(self._reactor, job.protocol, executable, argv, environment,
-                              job.dir, out, err)
+            if cgroup is None:
+                with acting_as(run_as):  # this thread only, and back at once
+                    self._spawner(self._reactor, job.protocol, executable, argv,
+                                  environment, job.dir, out, err)
+            else:
+                self._spawn_in(cgroup, job, executable, argv, environment, out, err,
+                               run_as)
         except CredentialsError as e:
             job.fail(str(e))
             return
@@ -393,6 +444,60 @@ class JobManager(service.Service):
         job.uid, job.gid = (creds.uid, creds.gid) if creds is not None else self._own_ids
         job.spawned()
 
+
+    def _take_cgroup(self, job: Job) -> JobCgroup | None:
+        """Attach the job's own cgroup (if cgroups are on); failing that, fail the job:
+        it never runs outside the isolation it would have had."""
+        cgroup = None
+        if self._cgroups is not None:
+            try:
+                cgroup = self._cgroups.take(job.id)
+            except OSError as e:
+                job.fail(f"cannot make the job's cgroup: {e.strerror or e}")
+                return None
+        if cgroup is not None:
+            job.attach_cgroup(cgroup)
+        if job.limits:
+            if cgroup is None:
+                job.fail("resource limits need cgroups, which this daemon runs without")
+                return None
+            limits = JobLimits(**job.limits)
+            try:
+                cgroup.set_limits(limits.memory, limits.cpu, limits.pids)
+            except OSError as e:
+                job.fail(f"cannot set the job's limits: {e.strerror or e}")
+                return None
+            if limits.memory is not None:
+                job.watch_memory()
+        return cgroup
+
+    def _spawn_in(self, cgroup: JobCgroup, job: Job, executable: str, argv: list[str],
+                  environment: dict[str, str], out: int, err: int,
+                  run_as: Credentials | None = None) -> None:
+        """Spawn with this (the reactor) thread inside the job's cgroup, so the child
+        starts there, before its first instruction; then move the thread back."""
+        assert job.executable is not None
+        try:
+            cgroup.enter()
+        except OSError as e:
+            self._leave(cgroup, job)
+            raise OSError(e.errno, f"cannot enter the job's cgroup: {e.strerror}") from e
+        try:
+            # Into the cgroup as root, then the job's credentials: both for this thread.
+            with acting_as(run_as):
+                self._spawner(self._reactor, job.protocol, executable, argv, environment,
+                              job.dir, out, err)
+        finally:
+            self._leave(cgroup, job)
+
+    def _leave(self, cgroup: JobCgroup, job: Job) -> None:
+        try:
+            cgroup.leave()
+        except OSError:
+            # The reactor thread stays in the job's cgroup: its CPU is charged there and
+            # the cgroup cannot be removed until the next spawn moves the thread again.
+            self.log.failure("{event} job={job_id}", event="cgroups.leave_failed",
+                             job_id=job.id)
 
     def _signal_group(self, job: Job, signum: int) -> None:
         """Signal the job's process group, unless its pid now belongs to another running job

@@ -27,6 +27,11 @@ from jobworker.wire.schema import (
 #: A start's arguments and its run-time limit, shared with ``JobManager.start``.
 START_ARGS = list_of(string(65536), 4096)
 START_TIMEOUT = number(0.001, 10.0**8)
+#: Resource limits a start may ask for: bytes of memory, cores of CPU time, processes.
+START_MEMORY = integer(1 << 20, 1 << 50)
+START_CPU = number(0.01, 4096.0)
+#: At least 2: the daemon's spawning thread is in the job's cgroup while it forks.
+START_PIDS = integer(2, 1 << 22)
 
 _JOB = {"job": job_ref()}
 
@@ -45,6 +50,9 @@ SCHEMAS: dict[str, Schema] = {
         "user": (string(256, nonempty=True), None),
         # New namespaces for the job (root daemons only): docs/protocol.md.
         "isolate": (subset_of(*ISOLATE), []),
+        "memory": (START_MEMORY, None),
+        "cpu": (START_CPU, None),
+        "pids": (START_PIDS, None),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),

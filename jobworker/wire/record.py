@@ -42,6 +42,16 @@ class JobRecord:
     uid: int | None = None  # whom the job ran as (null: it never started)
     gid: int | None = None
     isolate: list[str] | None = None  # the namespaces it ran in (null: none)
+    # What the job's cgroup counted: cpu_seconds, memory_peak (bytes), io_read_bytes and
+    # io_write_bytes (None where the host cannot count one); live while the job runs, final
+    # once its last process has gone.  None: the job had no cgroup (docs/isolation.md).
+    usage: dict[str, Any] | None = None
+    # The limits the job runs under: memory (bytes), cpu (cores), pids (processes), each
+    # None when unlimited; None: no limits at all.
+    limits: dict[str, Any] | None = None
+    # The kernel killed a process of the job for want of memory (under its memory limit);
+    # the daemon then ended the rest of the job.
+    oom_killed: bool = False
 
     @property
     def ended(self) -> bool:

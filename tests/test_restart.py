@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -327,3 +328,28 @@ def test_retention_forget_and_the_log_cap(test_pki: PKI, state: Path) -> None:
         assert d.tracebacks() == []
     finally:
         d.stop()
+
+
+def test_an_adopted_job_is_stopped_whole_through_its_cgroup(test_pki: PKI, state: Path,
+                                                            pids: list[int]) -> None:
+    """After a SIGKILL, the restarted daemon (same state, same cgroup subtree) adopts a job
+    with its cgroup: a stop ends its setsid child too, which its process group would miss."""
+    d = Daemon(test_pki, state).start()
+    job = start_json(d, "sh", "-c", "setsid sleep 303 & echo $!; exec sleep 304")
+    out = Path(job["log_dir"]) / "stdout.log"
+    child = int(wait_for(lambda: out.read_text().strip(), what="the child's pid"))
+    pids += [job["pid"], child]
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)  # type: ignore[union-attr]
+    d2 = Daemon(test_pki, state, "--cgroup-root-name", d.cgroup_name).start()
+    try:
+        line = wait_for(lambda: re.search(r"job\.adopted job=\S+ pid=\d+ owner=\S+ "
+                                          r"cgroup=(\w+)", d2.log()), what="adoption")
+        if line.group(1) != "True":
+            pytest.skip("no cgroups here: an adopted job is stopped by its process group")
+        stopped = json.loads(d2.jwclient("--json", "stop", "--grace", "2", job["id"],
+                                         check=True).stdout)
+        assert stopped["state"] == "stopped"
+        wait_for(lambda: dead(child) and dead(job["pid"]), what="the whole job to end")
+    finally:
+        d2.stop()

@@ -102,6 +102,10 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             # "nobody" is not (forbidden), an unknown user is a bad_request.
             "user": (st.sampled_from(["root", "nobody", "jw-no-such-user"]),
                      st.one_of(st.just(""), texts, but(str))),
+            # Limits (cgroups): modest values, and any.
+            "memory": (st.sampled_from([64 << 20, 1 << 30]), st.one_of(ints, but(int))),
+            "cpu": (st.sampled_from([0.5, 1.0, 2]), st.one_of(floats, ints, but(int, float))),
+            "pids": (st.sampled_from([16, 64]), st.one_of(ints, but(int))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),
@@ -219,8 +223,8 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             # Refused after the schema: a request_id already used for another start, a
             # start as a user the host does not have, a list cursor that is no cursor, a
             # forget of a running job.
-            assert (method == "start" and ("request_id" in params or "user" in params
-                                           or "isolate" in params)) or (
+            assert (method == "start" and any(k in params for k in (
+                "request_id", "user", "isolate", "memory", "cpu", "pids"))) or (
                 method == "list" and "cursor" in params) or method == "forget", (
                 method, params, reply)
         else:

@@ -115,13 +115,22 @@ class Methods:
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)
-        return self._launch_when_committed(pending, call, job, p["env"], creds)
+        # The launch hangs on the commit, not on this request: a caller that goes away
+        # meanwhile (its request cancelled) must not leave a job admitted but never run.
+        launched: Deferred[dict[str, Any]] = Deferred()
 
-    async def _launch_when_committed(self, pending: Deferred[None], call: Call, job: Job,
-                                     env: list[str], creds: Credentials | None
-                                     ) -> dict[str, Any]:
-        await pending
-        return self._launch(call, job, env, creds)
+        def launch(_: object) -> None:
+            try:
+                record = self._launch(call, job, p["env"], creds)
+            except Exception:  # noqa: BLE001 (handed to the caller, who logs it)
+                if not launched.called:
+                    launched.errback()
+                return
+            if not launched.called:
+                launched.callback(record)
+
+        pending.addBoth(launch)
+        return _result(launched)
 
     def _launch(self, call: Call, job: Job, env: list[str], creds: Credentials | None
                 ) -> dict[str, Any]:
@@ -236,6 +245,10 @@ class Methods:
         finally:
             _count(self._per_connection, connection, -1)
             _count(self._per_identity, who, -1)
+
+
+async def _result(d: Deferred[dict[str, Any]]) -> dict[str, Any]:
+    return await d
 
 
 def _count(counts: dict[Any, int], key: Any, change: int) -> None:

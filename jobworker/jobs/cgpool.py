@@ -36,6 +36,10 @@ RETRIES = 5
 DRAIN_WAIT = 30.0
 
 
+#: Ids given out by ``new_id`` and not yet taken, at most (the oldest then go).
+MAX_GIVEN = 4096
+
+
 class CgroupPool(service.Service):
     """Hands each starting job its own cgroup (``take``) and removes it once the job has
     ended (``JobCgroup.release`` -> ``_released``).
@@ -181,8 +185,10 @@ class CgroupPool(service.Service):
             return None
         job_id = next(iter(self._spares))
         self._given[job_id] = self._spares.pop(job_id)
-        if len(self._given) > self._size:
-            # Ids given out for starts that were then refused: their cgroups go.
+        if len(self._given) > MAX_GIVEN:
+            # Ids given out for starts that were then refused: their cgroups go.  Bounded
+            # far above the starts that can be between new_id and take at once (each
+            # waits there for its job's commit): an id still to be taken must not go.
             stale = next(iter(self._given))
             self._doom(_Doomed(stale, self._given.pop(stale), None, RETRIES))
         self._maybe_refill()
@@ -206,6 +212,13 @@ class CgroupPool(service.Service):
         self._out.add(job_id)
         return JobCgroup(self._reactor, files, atomic_kill=driver.atomic_kill,
                          on_release=self._released, kill=self._kill)
+
+    def unused(self, job_id: str) -> None:
+        """The id was given out, but its job ended without taking its cgroup (it failed
+        to start): the cgroup goes now, not when MAX_GIVEN is reached."""
+        files = self._given.pop(job_id, None)
+        if files is not None:
+            self._doom(_Doomed(job_id, files, None, RETRIES))
 
     def adopt(self, job_id: str) -> JobCgroup | None:
         """The cgroup an earlier daemon made for job ``job_id``, still holding its

@@ -290,7 +290,8 @@ class DurableStore:
                 self._flush_call = self._reactor.callLater(0, self._flush)
         waiters, self._batch_waiters = self._batch_waiters, []
         for d in waiters:
-            d.callback(None)
+            if not d.called:  # a waiter cancelled meanwhile (its caller went away)
+                d.callback(None)
 
     def _give_up_reserve(self, failure: Failure) -> float:
         """The disk is full: free the reserve so this batch fits, and refuse new starts;

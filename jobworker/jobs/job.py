@@ -510,6 +510,7 @@ class Job:
         self._usage = usage
         self.cgroup = None
         self._packed = None
+        self._on_ended(self)  # the final usage: the store records the record again
         self._fire_done()
 
     def _fire_done(self) -> None:

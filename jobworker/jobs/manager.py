@@ -64,6 +64,10 @@ class JobCgroups(Protocol):
         """The cgroup an earlier daemon made for ``job_id``, if it is still there."""
         ...
 
+    def unused(self, job_id: str) -> None:
+        """Job ``job_id`` ended without taking the cgroup made for it: let it go."""
+        ...
+
 
 class Spawner(Protocol):
     """What JobManager needs to start a process; ``jobworker.jobs.process.spawn`` is the real one."""
@@ -515,3 +519,6 @@ class JobManager(service.Service):
 
     def _job_ended(self, job: Job) -> None:
         self._store.ended(job)
+        if self._cgroups is not None and job.cgroup is None and not job.adopted:
+            # Ended without taking the cgroup made for its id (it failed to start).
+            self._cgroups.unused(job.id)

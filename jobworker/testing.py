@@ -361,9 +361,16 @@ class FakeCgroups:
         self.kills: list[tuple[int, int]] = []
         self.released: list[str] = []
         self.error: OSError | None = None
+        self.unused_ids: list[str] = []
 
     def new_id(self) -> None:
         return None  # no cgroup made ahead: take makes each
+
+    def adopt(self, job_id: str) -> JobCgroup | None:
+        return None  # no earlier daemon's cgroups here
+
+    def unused(self, job_id: str) -> None:
+        self.unused_ids.append(job_id)
 
     def take(self, job_id: str) -> JobCgroup:
         if self.error is not None:

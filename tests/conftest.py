@@ -255,6 +255,24 @@ def remove_cgroup_subtree(root: str) -> list[str]:
 _cgroup_names = iter(range(1 << 30))
 
 
+#: Daemons started so far: one a test KILLed (never to be stopped) has its cgroup
+#: subtree removed, and its jobs still there ended, when that test ends.
+_started: list[Daemon] = []
+
+
+@pytest.fixture(autouse=True)
+def _clean_after_killed_daemons() -> Iterator[None]:
+    yield
+    for d in list(_started):
+        if d.proc is not None and d.proc.poll() is not None:
+            _started.remove(d)
+            if d.proc.returncode < 0:  # killed by a signal: nothing cleaned up after it
+                try:
+                    d.remove_cgroups(kill_jobs=True)
+                except OSError:
+                    pass
+
+
 class Daemon:
     """A real ``twistd -n jobworker`` in its own process group, on a free port.
 
@@ -303,6 +321,8 @@ class Daemon:
             return int(m.group(1)) if m else None
 
         self.port = wait_for(listening, timeout, what="the daemon to listen")
+        self.cgroup_roots()  # now, while /proc knows the daemon: to clean up after it
+        _started.append(self)
         self.cgroup_roots()  # learnt while the daemon lives, to clean up after it
         return self
 

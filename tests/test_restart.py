@@ -100,11 +100,13 @@ def test_sigkill_then_restart_adopts_running_jobs_and_marks_gone_ones_lost(
         assert status(d2, ended["id"])["state"] == "exited"
         assert d2.jwclient("logs", ended["id"], check=True).stdout == b"history\n"
         # Adopted jobs are stoppable: the whole of each ends, and its record says so.
+        conn = Conn(d2)
+        conn.hello()
         for j in jobs:
-            stopped = json.loads(d2.jwclient("--json", "stop", "--grace", "2", j["id"],
-                                             check=True).stdout)
+            stopped = conn.call("stop", {"job": j["id"], "grace": 2})
             assert stopped["state"] == "stopped" and "adopted" in stopped["error"]
             wait_for(lambda j=j: dead(j["pid"]), what="adopted job to end")
+        conn.close()
         # bob sees none of alice's jobs, adopted or not.
         assert d2.jwclient("status", jobs[0]["id"], identity="bob").returncode != 0
         assert d2.tracebacks() == []

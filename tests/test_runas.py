@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import BIN, PKI, Daemon, wait_for
+from test_robustness import Conn
 
 from jobworker.daemon.runas import DynamicUids
 from jobworker.jobs.credentials import Credentials, acting_as, can_switch
@@ -25,11 +26,22 @@ pytestmark = pytest.mark.skipif(not can_switch(),
 
 
 def run(d: Daemon, *args: str, identity: str = "alice") -> tuple[dict[str, Any], bytes]:
-    """Start a job, wait for it, and return its record and stdout."""
-    record = json.loads(d.jwclient("--json", "start", *args, identity=identity,
-                                   check=True).stdout)
-    final = json.loads(d.jwclient("--json", "wait", record["id"], identity=identity).stdout)
-    return final, d.jwclient("logs", record["id"], identity=identity, check=True).stdout
+    """Start a job (``--user NAME`` and ``--dir DIR`` as jwclient takes them), wait for
+    it, and return its record and stdout: over the wire, not a jwclient process each."""
+    params: dict[str, Any] = {}
+    args_list = list(args)
+    while args_list and args_list[0] in ("--user", "--dir"):
+        params[args_list[0][2:]] = args_list[1]
+        args_list = args_list[2:]
+    params.update(command=args_list[0], args=args_list[1:])
+    conn = Conn(d, identity)
+    try:
+        conn.hello()
+        record = conn.call("start", params)
+        final = conn.call("wait", {"job": record["id"]})
+    finally:
+        conn.close()
+    return final, (Path(final["log_dir"]) / "stdout.log").read_bytes()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sys
 from typing import NoReturn
 
 from jobworker.wire.record import ISOLATE, STATES
-from jobworker.wire.sizes import parse_size
+from jobworker.wire.sizes import parse_duration, parse_size
 
 USAGE_EXIT = 2
 #: Exit status of ``wait`` and ``run`` when jwclient itself fails (as ``docker run``).
@@ -33,17 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _duration(text: str) -> float:
     """``30``, ``30s``, ``5m``, ``1h``, ``2d``, ``250ms``."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    for suffix in ("ms", "s", "m", "h", "d"):
-        if text.endswith(suffix):
-            number, scale = text[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = text, 1.0
     try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad duration {text!r}") from None
+        value = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not 0 < value < 10**8:
         raise argparse.ArgumentTypeError(f"duration {text!r} out of range")
     return value

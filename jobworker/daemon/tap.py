@@ -40,7 +40,7 @@ from jobworker.jobs.sql import TableError
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
-from jobworker.wire.sizes import parse_size
+from jobworker.wire.sizes import parse_duration, parse_size
 
 
 class Options(usage.Options):
@@ -186,15 +186,8 @@ class Options(usage.Options):
 
 def _seconds(option: str, text: str) -> float:
     """``30d``, ``12h``, ``5m``, ``90s``, ``250ms`` or plain seconds."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    for suffix in ("ms", "s", "m", "h", "d"):
-        if text.endswith(suffix):
-            number, scale = text[:-len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = text, 1.0
     try:
-        value = float(number) * scale
+        value = parse_duration(text)
     except ValueError:
         raise usage.UsageError(f"{option}: bad duration {text!r} (e.g. 30d, 12h)") from None
     if not 0 < value < 10**10:

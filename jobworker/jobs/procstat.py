@@ -13,18 +13,24 @@ import time
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (clock ticks after boot), or None if no such
-    process is visible."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` from field 3 (the state) on, or None.  The
+    command name (field 2) is in parentheses and may hold spaces or ')': fields are
+    counted after the last ')', so field N is at index N - 3."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except OSError:
+        return data[data.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
         return None
-    # The command name (field 2) is in parentheses and may hold spaces or ')': fields
-    # are counted after the last ')'.  Field 3 is the first after it; 22 is the 20th.
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (clock ticks after boot), or None if no such
+    process is visible."""
+    fields = _stat(pid)
     try:
-        return int(data[data.rindex(b")") + 2:].split()[19])
+        return int(fields[19]) if fields is not None else None
     except (ValueError, IndexError):
         return None
 
@@ -42,14 +48,10 @@ def is_running(pid: int, earliest: int | None, latest: int | None) -> bool:
     parent to reap it has ended."""
     if earliest is None or latest is None:
         return False
+    fields = _stat(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    try:
-        fields = data[data.rindex(b")") + 2:].split()
-        return fields[0] not in (b"Z", b"X") and earliest <= int(fields[19]) <= latest
+        return (fields is not None and fields[0] not in (b"Z", b"X")
+                and earliest <= int(fields[19]) <= latest)
     except (ValueError, IndexError):
         return False
 
@@ -63,12 +65,10 @@ def find_job_leader(env_entry: bytes) -> tuple[int, int] | None:
         if not name.isdigit():
             continue
         pid = int(name)
+        fields = _stat(pid)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            if int(fields[3]) != pid or fields[0] in (b"Z", b"X"):  # not a session leader
-                continue
+            if fields is None or int(fields[3]) != pid or fields[0] in (b"Z", b"X"):
+                continue  # gone, a zombie, or not a session leader
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read()
         except (OSError, ValueError, IndexError):

@@ -12,19 +12,6 @@ from jobworker.wire.errors import Unavailable
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    """``512M``, ``1G``, ``4096``: bytes (K, M, G, T as powers of 1024); ValueError else."""
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS else (value, "")
-        size = int(float(number) * _UNITS[unit])
-    except (ValueError, IndexError, KeyError):
-        raise ValueError(f"bad size {text!r}: use a size such as 512M or 1G") from None
-    if size <= 0:
-        raise ValueError(f"bad size {text!r}: it must be positive")
-    return size
-
-
 @dataclass(frozen=True)
 class MinFree:
     """``--min-free``: a size in bytes, or a percentage of the file system."""

@@ -1,4 +1,5 @@
-"""Sizes as people write them (``512M``, ``1G``): K, M, G and T are powers of 1024."""
+"""Sizes and durations as people write them: ``512M``, ``1G`` (K, M, G and T are powers of
+1024); ``250ms``, ``30s``, ``5m``, ``1h``, ``2d``."""
 
 from __future__ import annotations
 
@@ -25,4 +26,22 @@ def parse_size(text: str) -> int:
     return int(size * _UNITS[unit])
 
 
-__all__ = ["parse_size"]
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``30``, ``250ms``, ``30s``, ``5m``, ``1h``, ``2d``;
+    ValueError with the reason otherwise (range checks are the caller's)."""
+    for suffix in ("ms", "s", "m", "h", "d"):
+        if text.endswith(suffix):
+            number, scale = text[:-len(suffix)], _SECONDS[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        return float(number) * scale
+    except ValueError:
+        raise ValueError(f"bad duration {text!r}") from None
+
+
+__all__ = ["parse_duration", "parse_size"]

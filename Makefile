@@ -33,8 +33,12 @@ $(PKI)/ca.pem: | $(STAMP)
 run: $(STAMP) $(PKI)/ca.pem
 	$(VENV)/bin/twistd --nodaemon --pidfile= jobworker --pki $(PKI) --state-dir $(STATE) --listen $(LISTEN)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist): most tests wait on real daemons
+# and child processes, so two workers on two cores take about half the time of one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The load tests' soak versions (marked soak: counts scaled up, minutes each), which
 # make test leaves out; see docs/robustness.md.

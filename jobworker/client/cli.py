@@ -1,16 +1,18 @@
-"""``jwclient``: schedule jobs on a jobworker daemon and fetch their results and logs.
+"""jwclient: schedule jobs on jobworker daemons and fetch their results and logs.
 
-Imports stay lean until a command runs: ``jwclient status`` is mostly interpreter
-start-up and Twisted import time.
+Imports stay lean: parsing needs argparse alone; a command adds ``ssl``, ``socket`` and
+``msgpack`` (jobworker.client.session), never Twisted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import NoReturn
 
+from jobworker import __version__
 from jobworker.wire.record import ISOLATE, STATES
 from jobworker.wire.sizes import parse_duration, parse_size
 
@@ -27,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, as every jwclient error is."""
 
     def error(self, message: str) -> NoReturn:
+        if "required: program" in message:  # argparse's words for `start -x`
+            message = ("no PROGRAM given (to run one whose name starts with '-', put -- "
+                       "before it: jwclient run -- -prog)")
         sys.stderr.write(f"jwclient: {message} (see {self.prog} --help)\n")
         raise SystemExit(USAGE_EXIT)
 
@@ -38,7 +43,8 @@ def _duration(text: str) -> float:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if not 0 < value < 10**8:
-        raise argparse.ArgumentTypeError(f"duration {text!r} out of range")
+        raise argparse.ArgumentTypeError(
+            f"duration {text!r} out of range: more than 0 and less than 10^8 seconds")
     return value
 
 
@@ -53,7 +59,15 @@ def _count(text: str) -> int:
 
 
 def _job_ref(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
+    """A job's id, a unique prefix of 8 or more characters of one, or a pid (all
+    digits); the daemon resolves it among the jobs the caller may see."""
+    return int(text) if text.isdigit() and text.isascii() else text
+
+
+def _lines(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--tail takes a number of lines, got {text!r}")
+    return int(text)
 
 
 def _size(text: str) -> int:
@@ -129,8 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--connect-timeout", type=_duration, default=10.0,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"jwclient {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    # --json is taken after the command's name too (never from the program's arguments:
+    # those follow PROGRAM, which ends option parsing); SUPPRESS keeps an earlier one.
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON for scripts")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
     sub.add_parser("whoami", help="print the identity and role the server sees")
 
@@ -160,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     many = p.add_mutually_exclusive_group()
     many.add_argument("--limit", type=_count, default=100, help="at most N jobs (100)")
     many.add_argument("--all", action="store_true", help="every job, page by page")
+    p.add_argument("--wide", action="store_true",
+                   help="never cut a cell to fit the terminal's width")
 
     p = sub.add_parser("logs", help="write a job's output to stdout, byte-exact")
     p.add_argument("job", type=_job_ref)
@@ -169,16 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stdout to stdout and stderr to stderr")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("--offset", type=int, default=0, help="start at this byte")
+    p.add_argument("--tail", type=_lines, metavar="N",
+                   help="only the last N lines (then new ones, with -f)")
 
     p = sub.add_parser("forget", help="remove an ended job: its record and its logs",
                        description="Remove one ended job of yours (an admin: anyone's), "
                                    "its record and its log folder.")
     p.add_argument("job", type=_job_ref)
 
-    p = sub.add_parser("wait", help="wait for a job to end; exit with its status",
-                       description="Wait for the job to end and exit with its status: the "
-                                   "exit code, 128+N if killed by signal N, 125 on errors.")
-    p.add_argument("job", type=_job_ref)
+    p = sub.add_parser("wait", help="wait for jobs to end; exit with their status",
+                       description="Wait for every JOB to end and exit with a status: 125 if "
+                                   "any could not start (or jwclient failed), else the first "
+                                   "non-zero status in argument order (the exit code, 128+N "
+                                   "if killed by signal N), else 0.")
+    p.add_argument("job", type=_job_ref, nargs="+")
 
     p = sub.add_parser("run", help="start a job, stream its output, exit with its status",
                        description="Start PROGRAM, stream its stdout and stderr here, and "
@@ -188,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="start a batch of jobs from a TOML file")
     p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")
     p.add_argument("--wait", action="store_true", help="show progress until all have ended")
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
+                       description="Print a completion script: "
+                                   "eval \"$(jwclient completion bash)\" in ~/.bashrc.")
+    p.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
@@ -203,22 +235,40 @@ def _credentials(args: argparse.Namespace) -> tuple[str, str, str]:
     missing = [n for n, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if not v]
     if missing:
         raise UsageError(f"{', '.join(missing)} required (or --pki DIR --identity NAME)")
+    for what, path in (("CA file", ca), ("certificate", cert), ("private key", key)):
+        if not os.path.isfile(path):
+            raise UsageError(f"no {what} {path}")
     return ca, cert, key
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command had begun: as quiet as during one
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("start", "run") and args.args[:1] == ["--"]:
         args.args = args.args[1:]
+    if args.command == "completion":
+        from jobworker.client import completion  # shtab, for this command alone
+
+        sys.stdout.write(completion.script(parser, args.shell))
+        return 0
+    from jobworker.client.endpoint import ClientConfig, ClientError, parse_server
+
     try:
         creds = _credentials(args)
-    except UsageError as e:
+        parse_server(args.server)
+    except (UsageError, ClientError) as e:
         sys.stderr.write(f"jwclient: {e}\n")
         return USAGE_EXIT
-    from jobworker.client import commands  # Twisted is imported only from here on
+    from jobworker.client import commands
 
-    return commands.run(args, creds)
+    return commands.run(args, ClientConfig(args.server, *creds))
 
 
 if __name__ == "__main__":

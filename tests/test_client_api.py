@@ -34,7 +34,8 @@ pytestmark = pytest.mark.timeout(60, method="thread")
 
 def test_jwclient_and_the_wire_layer_load_no_twisted(daemon: Daemon) -> None:
     """A whole jwclient call (parse, connect, TLS, hello, whoami, print) and every wire
-    module import no ``twisted``, ``OpenSSL`` or ``cryptography`` module."""
+    module import no ``twisted``, ``OpenSSL`` or ``cryptography`` module (nor ``shtab``,
+    which only ``completion`` needs)."""
     code = (
         "import sys, pkgutil, importlib, jobworker.wire\n"
         "for m in pkgutil.iter_modules(jobworker.wire.__path__):\n"
@@ -43,7 +44,7 @@ def test_jwclient_and_the_wire_layer_load_no_twisted(daemon: Daemon) -> None:
         "from jobworker.client import cli\n"
         "status = cli.main(sys.argv[1:])\n"
         "heavy = sorted(n for n in sys.modules if n.split('.')[0] in\n"
-        "               ('twisted', 'OpenSSL', 'cryptography', 'service_identity'))\n"
+        "               ('twisted', 'OpenSSL', 'cryptography', 'service_identity', 'shtab'))\n"
         "print('HEAVY', heavy, status)\n")
     result = subprocess.run(
         [sys.executable, "-c", code, "--server", daemon.address, "--pki",

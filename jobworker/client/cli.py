@@ -10,7 +10,7 @@ import argparse
 import functools
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jobworker import __version__
 from jobworker.wire.record import ISOLATE, STATES
@@ -128,18 +128,25 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    parser = _Parser(prog="jwclient", description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--server", default=env("JWCLIENT_SERVER", "127.0.0.1:8443"),
-                        help="HOST:PORT of the daemon [$JWCLIENT_SERVER, 127.0.0.1:8443]")
-    parser.add_argument("--ca", default=env("JWCLIENT_CA"), help="CA file [$JWCLIENT_CA]")
-    parser.add_argument("--cert", default=env("JWCLIENT_CERT"),
-                        help="client certificate [$JWCLIENT_CERT]")
-    parser.add_argument("--key", default=env("JWCLIENT_KEY"), help="client key [$JWCLIENT_KEY]")
-    parser.add_argument("--pki", default=env("JWCLIENT_PKI"),
-                        help="directory with ca.pem, NAME.pem, NAME.key [$JWCLIENT_PKI]")
-    parser.add_argument("--identity", default=env("JWCLIENT_IDENTITY"),
-                        help="NAME within --pki [$JWCLIENT_IDENTITY]")
+    # Settings default to None here: a flag, then its variable, then the chosen worker's
+    # entry in the configuration file, then the default (jobworker.client.profiles).
+    parser = _Parser(prog="jwclient", description=__doc__.split("\n")[0] if __doc__ else None,
+                     epilog="Settings: a flag, else its variable, else the worker's entry "
+                            "in the configuration file, else the default.")
+    parser.add_argument("--server", help="HOST:PORT of the daemon [$JWCLIENT_SERVER, "
+                                         "127.0.0.1:8443]")
+    parser.add_argument("--ca", help="CA file [$JWCLIENT_CA]")
+    parser.add_argument("--cert", help="client certificate [$JWCLIENT_CERT]")
+    parser.add_argument("--key", help="client key [$JWCLIENT_KEY]")
+    parser.add_argument("--pki", help="directory with ca.pem, NAME.pem, NAME.key "
+                                      "[$JWCLIENT_PKI]")
+    parser.add_argument("--identity", help="NAME within --pki [$JWCLIENT_IDENTITY]")
+    parser.add_argument("--config", metavar="FILE",
+                        help="configuration file naming workers [$JWCLIENT_CONFIG, "
+                             "$XDG_CONFIG_HOME/jobworker/client.toml]")
+    parser.add_argument("--worker", "-w", metavar="NAME",
+                        help="the worker of the configuration file to talk to "
+                             "[$JWCLIENT_WORKER, the file's default]")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--connect-timeout", type=_duration, default=10.0,
                         help=argparse.SUPPRESS)
@@ -183,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--all", action="store_true", help="every job, page by page")
     p.add_argument("--wide", action="store_true",
                    help="never cut a cell to fit the terminal's width")
+    p.add_argument("--all-workers", action="store_true",
+                   help="every worker of the configuration file, at once (a WORKER column)")
 
     p = sub.add_parser("logs", help="write a job's output to stdout, byte-exact")
     p.add_argument("job", type=_job_ref)
@@ -216,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")
     p.add_argument("--wait", action="store_true", help="show progress until all have ended")
 
+    sub.add_parser("workers", help="show the configured workers: reachable? as whom?",
+                   description="Connect to every worker of the configuration file at once "
+                               "and show whether it answers and the identity it sees.")
+
     p = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
                        description="Print a completion script: "
                                    "eval \"$(jwclient completion bash)\" in ~/.bashrc.")
@@ -223,22 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _credentials(args: argparse.Namespace) -> tuple[str, str, str]:
-    ca, cert, key = args.ca, args.cert, args.key
-    if args.pki:
-        if not args.identity and not (cert and key):
-            raise UsageError("--pki needs --identity NAME")
-        ca = ca or os.path.join(args.pki, "ca.pem")
-        if args.identity:
-            cert = cert or os.path.join(args.pki, f"{args.identity}.pem")
-            key = key or os.path.join(args.pki, f"{args.identity}.key")
-    missing = [n for n, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if not v]
-    if missing:
-        raise UsageError(f"{', '.join(missing)} required (or --pki DIR --identity NAME)")
-    for what, path in (("CA file", ca), ("certificate", cert), ("private key", key)):
-        if not os.path.isfile(path):
-            raise UsageError(f"no {what} {path}")
-    return ca, cert, key
+def _connection_settings(args: argparse.Namespace, single: bool = True
+                         ) -> tuple[Any, str | None, dict[str, Any]]:
+    """The config of the chosen worker (or of flags and variables alone), the worker's
+    name, and every configured worker's config (for ``workers``, ``--all-workers`` and
+    looking a job up elsewhere); UsageError for what cannot make one."""
+    from jobworker.client import profiles
+    from jobworker.client.endpoint import ClientError, parse_server
+
+    env = os.environ
+    try:
+        loaded = profiles.load(*profiles.config_path(args.config, env))
+        name = profiles.chosen(loaded, args.worker, env)
+    except profiles.ProfileError as e:
+        raise UsageError(str(e)) from None
+    flags = {key: getattr(args, key) for key in profiles.SETTINGS}
+    config, problem = profiles.client_config(
+        profiles.settings(flags, env, loaded.workers.get(name, {}) if name else {}))
+    if config is None and single:
+        raise UsageError(problem)
+    try:
+        if config is not None:
+            parse_server(config.server)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    others: dict[str, Any] = {}
+    for other, entry in loaded.workers.items():
+        # Each worker at its own address: a server flag or variable names one daemon.
+        values = profiles.settings({**flags, "server": None},
+                                   {k: v for k, v in env.items() if k != "JWCLIENT_SERVER"},
+                                   entry)
+        made, problem = profiles.client_config(values)
+        others[other] = made if made is not None else problem
+    return config, name, others
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,17 +288,19 @@ def _main(argv: list[str] | None) -> int:
 
         sys.stdout.write(completion.script(parser, args.shell))
         return 0
-    from jobworker.client.endpoint import ClientConfig, ClientError, parse_server
-
+    fleet = args.command == "workers" or getattr(args, "all_workers", False)
     try:
-        creds = _credentials(args)
-        parse_server(args.server)
-    except (UsageError, ClientError) as e:
+        config, name, workers = _connection_settings(args, single=not fleet)
+    except UsageError as e:
         sys.stderr.write(f"jwclient: {e}\n")
+        return USAGE_EXIT
+    if fleet and not workers:
+        sys.stderr.write("jwclient: no workers are configured (see jwclient --help, "
+                         "--config)\n")
         return USAGE_EXIT
     from jobworker.client import commands
 
-    return commands.run(args, ClientConfig(args.server, *creds))
+    return commands.run(args, config, workers, name)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 from jobworker.client import render
 from jobworker.client.endpoint import ClientConfig, ClientError
 from jobworker.client.sync import Client, start_params
-from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.errors import ConnectionLost, JobWorkerError, NotFound
 from jobworker.wire.record import FAILED, JobRecord
 
 Command = Callable[[Client, argparse.Namespace], int]
@@ -45,12 +45,17 @@ def connect(config: ClientConfig, timeout: float) -> Client:
     return Client(config, timeout=timeout)
 
 
-def run(args: argparse.Namespace, config: ClientConfig) -> int:
-    """Connect, run the command, and turn every way it can end into an exit status."""
+#: Commands naming one job, which another configured worker may know.
+JOB_COMMANDS = ("status", "stop", "logs", "forget", "wait")
+
+
+def run(args: argparse.Namespace, config: ClientConfig | None,
+        workers: dict[str, Any] | None = None, current: str | None = None) -> int:
+    """Connect, run the command, and turn every way it can end into an exit status.
+    ``workers``: every configured worker's config, ``current`` the chosen one's name."""
     own_error = OWN_ERROR_EXIT if args.command in ("wait", "run") else 1
     try:
-        with connect(config, args.connect_timeout) as client:
-            status = COMMANDS[args.command](client, args)
+        status = _dispatch(args, config, workers or {}, current)
         sys.stdout.flush()
         return status
     except KeyboardInterrupt:
@@ -67,6 +72,34 @@ def run(args: argparse.Namespace, config: ClientConfig) -> int:
     except JobWorkerError as e:
         report(args, e.code, e.message)
         return own_error
+
+
+def _dispatch(args: argparse.Namespace, config: ClientConfig | None,
+              workers: dict[str, Any], current: str | None) -> int:
+    if args.command == "workers" or getattr(args, "all_workers", False):
+        from jobworker.client import fleet
+
+        if args.command == "workers":
+            return fleet.show_workers(args, workers, current)
+        return fleet.list_all(args, workers, _list_filters(args))
+    assert config is not None
+    try:
+        with connect(config, args.connect_timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except NotFound:
+        # The job may be on another configured worker, unless one was asked for.
+        refs: list[str | int] = args.job if isinstance(args.job, list) else [args.job]
+        if args.command not in JOB_COMMANDS or len(refs) != 1 or len(workers) < 2 or \
+                args.worker or os.environ.get("JWCLIENT_WORKER"):
+            raise
+        from jobworker.client import fleet
+
+        ref = refs[0]
+        found = fleet.find_elsewhere(ref, workers, current, args.connect_timeout)
+        if found is None:
+            raise
+        with connect(found[1], args.connect_timeout) as client:
+            return COMMANDS[args.command](client, args)
 
 
 def report(args: argparse.Namespace, code: str, message: str) -> None:
@@ -186,11 +219,15 @@ def status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def list_(client: Client, args: argparse.Namespace) -> int:
+def _list_filters(args: argparse.Namespace) -> dict[str, Any]:
     now = time.time()
-    filters = {"state": args.state, "owner": args.owner,
-               "since": now - args.since if args.since else None,
-               "until": now - args.until if args.until else None}
+    return {"state": args.state, "owner": args.owner,
+            "since": now - args.since if args.since else None,
+            "until": now - args.until if args.until else None}
+
+
+def list_(client: Client, args: argparse.Namespace) -> int:
+    filters = _list_filters(args)
     more = None
     if args.all:
         records = list(client.list(running=args.running, **filters))
@@ -297,6 +334,8 @@ def wait(client: Client, args: argparse.Namespace) -> int:
     """Exit 125 if any job could not start (or be found), else the first non-zero
     status in argument order, else 0."""
     results = client.wait_many(args.job)
+    if len(results) == 1 and isinstance(results[0], NotFound):
+        raise results[0]  # one job: as status would (and perhaps on another worker)
     records = [r for r in results if isinstance(r, JobRecord)]
     if args.json:
         wire = [r.to_wire() if isinstance(r, JobRecord)

@@ -211,3 +211,16 @@ def test_many_starts_and_waits_pipeline_on_one_connection(daemon: Daemon) -> Non
         statuses = [r.exit_code for r in ended if isinstance(r, JobRecord)]
         expected = [i % 3 for i in range(count) if i != 7]
         assert statuses == expected and sorted(seen) == list(range(count - 1))
+
+
+def test_leaving_a_follow_early_keeps_the_client_usable(daemon: Daemon) -> None:
+    """Breaking out of a follow of a chatty job: later calls on the same client answer,
+    and the abandoned stream's chunks are not kept."""
+    with Client(daemon.address, pki=str(daemon.pki.dir), identity="alice") as client:
+        job = client.start("sh", ["-c", "while :; do echo more; done"])
+        follow = client.follow(job.id)
+        for _ in follow:
+            break
+        assert client.status(job.id).state == "running"
+        assert len(follow._chunks) == 0
+        assert client.stop(job.id, grace=0.5).state == "stopped"

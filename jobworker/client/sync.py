@@ -60,21 +60,29 @@ class LogStream:
         self._rid = session.send("logs", params, self._chunk)
         self.offset: int = params["offset"]
         self.record: JobRecord | None = None
+        self._abandoned = False
 
     def _chunk(self, chunk: Any) -> None:
         if not isinstance(chunk, bytes):
             raise ConnectionLost("server sent a log chunk that is not bytes")
-        self._chunks.append(chunk)
+        if not self._abandoned:
+            self._chunks.append(chunk)
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            while self._chunks:
-                chunk = self._chunks.popleft()
-                self.offset += len(chunk)
-                yield chunk
-            if self._session.done(self._rid):
-                break
-            self._session.read_frame()
+        try:
+            while True:
+                while self._chunks:
+                    chunk = self._chunks.popleft()
+                    self.offset += len(chunk)
+                    yield chunk
+                if self._session.done(self._rid):
+                    break
+                self._session.read_frame()
+        except GeneratorExit:
+            # Left before the end: what the stream still sends is dropped, not kept.
+            self._abandoned = True
+            self._chunks.clear()
+            raise
         final = self._session.take(self._rid)
         if isinstance(final, dict):
             self.offset = final.get("offset", self.offset)

@@ -25,6 +25,7 @@ from jobworker.client import (
     JobRecord,
     NotFound,
     leafcheck,
+    sync,
 )
 from jobworker.client.sync import IN_FLIGHT, start_params
 from jobworker.wire import tlspolicy
@@ -195,10 +196,14 @@ def test_errors_are_typed_per_code(daemon: Daemon) -> None:
         assert client.whoami()["role"] == "viewer"
 
 
-def test_many_starts_and_waits_pipeline_on_one_connection(daemon: Daemon) -> None:
-    """More jobs than requests in flight, started and waited on one connection, results
-    in the order asked; a bad start is its error in its place."""
-    count = IN_FLIGHT * 2 + 5
+def test_many_starts_and_waits_pipeline_on_one_connection(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More jobs than requests in flight (a window of 8 here, 128 in use), started and
+    waited on one connection, results in the order asked; a bad start is its error in its
+    place."""
+    assert IN_FLIGHT == 128
+    monkeypatch.setattr(sync, "IN_FLIGHT", 8)
+    count = 8 * 3 + 5
     with Client(daemon.address, pki=str(daemon.pki.dir), identity="alice") as client:
         requests = [start_params("sh", ["-c", f"exit {i % 3}"]) for i in range(count)]
         requests[7] = {"command": "true", "args": "not a list"}

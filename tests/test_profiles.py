@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,12 +92,20 @@ def test_a_bad_file_is_one_usage_error(tmp_path: Path, text: str, needle: str) -
 # -- two real workers -----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def second(test_pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A second daemon for the module (as conftest's ``daemon`` is the first)."""
+    d = Daemon(test_pki, tmp_path_factory.mktemp("second") / "state").start()
+    yield d
+    d.stop()
+
+
 @pytest.fixture
-def two(make_daemon: Callable[..., Daemon], daemon: Daemon, test_pki: PKI,
+def two(second: Daemon, daemon: Daemon, test_pki: PKI,
         tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, str, int]]:
     """Workers a (the default) and b, plus c where nothing listens; the file's pki is a
     path relative to the file."""
-    b = make_daemon()
+    b = second
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]

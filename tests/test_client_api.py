@@ -107,7 +107,8 @@ def tls_server(tmp_path: Path) -> Iterator[object]:
             conn, _ = listener.accept()
             try:
                 with ctx.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(1)  # until the client gives up
+                    while tls.recv(4096):  # never answers; until the client gives up
+                        pass
             except OSError:
                 pass
 
@@ -229,3 +230,13 @@ def test_leaving_a_follow_early_keeps_the_client_usable(daemon: Daemon) -> None:
         assert client.status(job.id).state == "running"
         assert len(follow._chunks) == 0
         assert client.stop(job.id, grace=0.5).state == "stopped"
+
+
+def test_a_server_that_never_answers_hello_is_a_timeout(test_pki: PKI,
+                                                        tls_server: object) -> None:
+    """Control for the refusals above: a proper certificate gets past TLS, and a server
+    that then says nothing is 'no answer within' the timeout, not a hang."""
+    key, cert = pki.make_server_cert(test_pki.ca_key, test_pki.ca_cert, [])
+    port = tls_server(cert, key, test_pki.ca)  # type: ignore[operator]
+    with pytest.raises(ClientError, match="no answer within 0.5s"):
+        Client(ClientConfig(f"127.0.0.1:{port}", *test_pki.paths("alice")), timeout=0.5)

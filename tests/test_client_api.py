@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 from conftest import PKI, Daemon
 from cryptography import x509
@@ -27,8 +29,10 @@ from jobworker.client import (
     leafcheck,
     sync,
 )
+from jobworker.client.session import Session
 from jobworker.client.sync import IN_FLIGHT, start_params
 from jobworker.wire import tlspolicy
+from jobworker.wire.errors import ConnectionLost
 
 pytestmark = pytest.mark.timeout(60, method="thread")
 
@@ -240,3 +244,60 @@ def test_a_server_that_never_answers_hello_is_a_timeout(test_pki: PKI,
     port = tls_server(cert, key, test_pki.ca)  # type: ignore[operator]
     with pytest.raises(ClientError, match="no answer within 0.5s"):
         Client(ClientConfig(f"127.0.0.1:{port}", *test_pki.paths("alice")), timeout=0.5)
+
+
+# -- the session's framing, over a socketpair -------------------------------------------------
+
+
+def frame(value: object) -> bytes:
+    payload = msgpack.packb(value, use_bin_type=True)
+    return struct.pack("!I", len(payload)) + payload
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Session, socket.socket]]:
+    """A Session on one end of a socketpair (no TLS: the framing is what is tested)."""
+    ours, theirs = socket.socketpair()
+    session = Session(ours, "pair")  # type: ignore[arg-type]
+    yield session, theirs
+    session.close()
+    theirs.close()
+
+
+def test_replies_fed_a_byte_at_a_time_reach_their_requests(
+        pair: tuple[Session, socket.socket]) -> None:
+    """Two requests in flight; chunks and results out of order, one byte per send,
+    each to its own request."""
+    session, server = pair
+    chunks: list[object] = []
+    first = session.send("logs", {}, chunks.append)
+    second = session.send("status", {})
+    data = frame({"id": second, "result": "two"}) + frame({"id": first, "chunk": b"c"}) + \
+        frame({"id": 999, "result": "stray"}) + frame({"id": first, "result": "one"})
+    for byte in data:
+        server.send(bytes([byte]))
+    assert session.wait_for(first, timeout=5)
+    assert (session.take(first), session.take(second), chunks) == ("one", "two", [b"c"])
+
+
+@pytest.mark.parametrize("data, message", [
+    (struct.pack("!I", 2 * 1024 * 1024), "over the limit"),
+    (frame([1, 2]), "not a map"),
+    (struct.pack("!I", 1) + b"\xc1", "undecodable frame"),
+    (b"", "the server closed the connection"),
+])
+def test_a_bad_reply_is_connection_lost_for_everything_in_flight(
+        pair: tuple[Session, socket.socket], data: bytes, message: str) -> None:
+    """An oversized frame, a frame that is not a map, undecodable bytes or a close:
+    ConnectionLost with the reason, for every request in flight, and for later sends."""
+    session, server = pair
+    first, second = session.send("wait", {}), session.send("wait", {})
+    server.sendall(data)
+    server.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionLost, match=message):
+        session.wait_for(first, timeout=5)
+    for rid in (first, second):
+        with pytest.raises(ConnectionLost, match=message):
+            session.take(rid)
+    with pytest.raises(ConnectionLost):
+        session.send("status", {})

@@ -38,26 +38,29 @@ pytestmark = pytest.mark.timeout(60, method="thread")
 
 
 def test_jwclient_and_the_wire_layer_load_no_twisted(daemon: Daemon) -> None:
-    """A whole jwclient call (parse, connect, TLS, hello, whoami, print) and every wire
-    module import no ``twisted``, ``OpenSSL`` or ``cryptography`` module (nor ``shtab``,
-    which only ``completion`` needs)."""
+    """A whole jwclient call (parse, connect, TLS, hello, whoami, print) and the wire
+    modules it can use import no ``twisted``, ``OpenSSL`` or ``cryptography`` module (nor
+    ``shtab``, which only ``completion`` needs); the wire layer's two certificate modules
+    (the daemon's) add cryptography but no Twisted either."""
     code = (
         "import sys, pkgutil, importlib, jobworker.wire\n"
         "for m in pkgutil.iter_modules(jobworker.wire.__path__):\n"
-        "    if m.name not in ('tlspolicy', 'identity'):  # the daemon's: cryptography\n"
+        "    if m.name not in ('tlspolicy', 'identity'):  # cryptography: below\n"
         "        importlib.import_module('jobworker.wire.' + m.name)\n"
         "from jobworker.client import cli\n"
         "status = cli.main(sys.argv[1:])\n"
         "heavy = sorted(n for n in sys.modules if n.split('.')[0] in\n"
         "               ('twisted', 'OpenSSL', 'cryptography', 'service_identity', 'shtab'))\n"
-        "print('HEAVY', heavy, status)\n")
+        "import jobworker.wire.tlspolicy, jobworker.wire.identity  # the daemon's two\n"
+        "twisted = sorted(n for n in sys.modules if n.split('.')[0] == 'twisted')\n"
+        "print('HEAVY', heavy, status, twisted)\n")
     result = subprocess.run(
         [sys.executable, "-c", code, "--server", daemon.address, "--pki",
          str(daemon.pki.dir), "--identity", "alice", "whoami"],
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "identity: alice" in result.stdout
-    assert result.stdout.splitlines()[-1] == "HEAVY [] 0", result.stdout
+    assert result.stdout.splitlines()[-1] == "HEAVY [] 0 []", result.stdout
 
 
 @pytest.mark.parametrize("name, purpose", [

@@ -29,6 +29,7 @@ from harness import BENCH
 #: (script, budget in seconds for a full run); run in this order.
 SCRIPTS = [
     ("cli_wall", 60),
+    ("cli_workers", 60),
     ("start_latency", 60),
     ("rpc", 60),
     ("throughput", 120),

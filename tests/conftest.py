@@ -414,7 +414,10 @@ class Daemon:
         """Run the real ``jwclient`` command against this daemon."""
         cmd = [str(BIN / "jwclient"), "--server", self.address, "--pki", str(self.pki.dir),
                "--identity", identity, *args]
+        # No input: stdin is /dev/null, as a terminal's would not be piped (jwclient run
+        # warns when it is, whatever stdin pytest itself was given).
         result = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input,
+                                stdin=subprocess.DEVNULL if input is None else None,
                                 env={**os.environ, **(env or {})})
         if check and result.returncode != 0:
             raise AssertionError(f"{cmd} exited {result.returncode}: {result.stderr!r}")

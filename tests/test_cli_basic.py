@@ -130,22 +130,23 @@ def test_server_down_is_connection_refused(test_pki: PKI, refusing_port: int) ->
 
 
 def test_a_missing_certificate_file(daemon: Daemon, test_pki: PKI, tmp_path: Path) -> None:
-    """A certificate path that does not exist: one line naming it, exit 1."""
+    """A certificate path that does not exist: a usage error, one line naming it, exit 2."""
     ca, _, key = test_pki.paths("alice")
     missing = str(tmp_path / "nope.pem")
     result = jwclient("--server", daemon.address, "--ca", ca, "--cert", missing, "--key", key,
                       "whoami")
-    assert_one_line_error(result, 1, missing)
+    assert_one_line_error(result, 2, missing)
 
 
 def test_a_missing_key_and_a_bad_ca_file(daemon: Daemon, test_pki: PKI,
                                          tmp_path: Path) -> None:
-    """A missing key and a CA file without a certificate are each one line naming the file."""
+    """A missing key (exit 2) and a CA file without a certificate (exit 1) are each one line
+    naming the file."""
     ca, cert, _ = test_pki.paths("alice")
     missing_key = str(tmp_path / "nope.key")
     result = jwclient("--server", daemon.address, "--ca", ca, "--cert", cert, "--key",
                       missing_key, "whoami")
-    assert_one_line_error(result, 1, missing_key)
+    assert_one_line_error(result, 2, missing_key)
     empty_ca = tmp_path / "empty-ca.pem"
     empty_ca.write_text("not a certificate\n")
     _, cert, key = test_pki.paths("alice")
@@ -155,10 +156,10 @@ def test_a_missing_key_and_a_bad_ca_file(daemon: Daemon, test_pki: PKI,
 
 
 def test_an_unknown_identity_in_the_pki(daemon: Daemon, test_pki: PKI) -> None:
-    """--identity naming no file in --pki is one line naming the missing file."""
+    """--identity naming no file in --pki is a usage error naming the missing file."""
     result = jwclient("--server", daemon.address, "--pki", str(test_pki.dir), "--identity",
                       "nobody", "whoami")
-    assert_one_line_error(result, 1, "nobody.pem")
+    assert_one_line_error(result, 2, "nobody.pem")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -177,10 +178,9 @@ def test_usage_errors_exit_2_in_one_line(args: list[str], needle: str) -> None:
 @pytest.mark.parametrize("server", ["127.0.0.1:notaport", "127.0.0.1:0", "[::1", "a:b:c:d",
                                     "a b:1", "a..b:1"])
 def test_a_bad_server_address_is_one_line(test_pki: PKI, server: str) -> None:
-    """A malformed --server is one line naming it, non-zero exit."""
+    """A malformed --server is a usage error: one line naming it, exit 2."""
     result = jwclient("--server", server, *creds(test_pki, "alice"), "whoami")
-    assert result.returncode != 0
-    assert_one_line_error(result, result.returncode, "bad server address")
+    assert_one_line_error(result, 2, "bad server address")
 
 
 def test_help_lists_commands_and_exits_0() -> None:

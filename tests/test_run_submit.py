@@ -4,6 +4,7 @@ and ``status``."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -11,7 +12,9 @@ import pty
 import re
 import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 import tomllib
 from pathlib import Path
@@ -65,11 +68,14 @@ def read_until(fd: int, predicate: object, timeout: float = WAIT) -> bytes:
     return data
 
 
-def run_on_terminal(cmd: list[str]) -> str:
-    """Run ``cmd`` with stdout on a pseudo-terminal; return what it wrote there."""
+def run_on_terminal(cmd: list[str], columns: int = 100) -> str:
+    """Run ``cmd`` with stdout on a pseudo-terminal ``columns`` wide; return what it wrote
+    there."""
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = subprocess.Popen(cmd, stdout=terminal, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=env)
     os.close(terminal)
     try:
         out = read_until(controller, lambda data: False)
@@ -309,7 +315,8 @@ def test_the_example_batch_file_runs(daemon: Daemon) -> None:
 def test_the_batch_example_in_the_docs_is_the_example_file() -> None:
     """docs/cli.md shows the same jobs as examples/batch.toml, so neither drifts."""
     docs = (ROOT / "docs" / "cli.md").read_text()
-    shown = re.findall(r"```toml\n(.*?)```", docs, re.S)
+    shown = [block for block in re.findall(r"```toml\n(.*?)```", docs, re.S)
+             if "[[job]]" in block]  # (the other is the configuration file's)
     assert len(shown) == 1
     example = (ROOT / "examples" / "batch.toml").read_text()
     assert tomllib.loads(shown[0]) == tomllib.loads(example)
@@ -346,31 +353,43 @@ def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
 
 
 def test_list_is_an_aligned_table_with_relative_times_and_durations(daemon: Daemon) -> None:
-    """``list`` prints aligned columns with "ago" times and run times; long command lines
-    are cut to 60 characters on a terminal only."""
+    """``list`` prints aligned columns with "ago" times and run times and shell-quoted
+    commands; on a terminal every row fits its width (long cells cut with an ellipsis,
+    a long failure reason included), ``--wide`` or off a terminal nothing is cut; a job
+    that never ran has no run time."""
     long_arg = "x" * 80
     short = daemon.jwclient("start", "--", "sh", "-c", "exit 3", check=True).stdout.decode()
     long = daemon.jwclient("start", "--", "echo", long_arg, check=True).stdout.decode()
+    missing = "/no/such/program/" + "deep/" * 12 + "tool"
+    never = json.loads(daemon.jwclient("--json", "start", missing).stdout)["id"]
     for job in (short.strip(), long.strip()):
         daemon.jwclient("wait", job, timeout=WAIT)
     for out, cut in ((daemon.jwclient("list", check=True).stdout.decode(), False),
-                     (run_on_terminal(jwclient_cmd(daemon, "list")), True)):
+                     (run_on_terminal(jwclient_cmd(daemon, "list"), 100), True),
+                     (run_on_terminal(jwclient_cmd(daemon, "list", "--wide"), 100), False)):
         header, *rows = out.splitlines()
         assert header.split() == ["ID", "PID", "STATE", "OWNER", "STARTED", "RUNTIME",
                                   "COMMAND"]
-        mine = {row.split()[0]: row for row in rows}
+        # On a narrow terminal an id is shortened to its first 8 characters (a prefix
+        # every command accepts).
+        mine = {full: row for row in rows for full in (short.strip(), long.strip(), never)
+                if full.startswith(row.split()[0])}
         row = mine[short.strip()]
         for column, text in (("STATE", "exited 3"), ("OWNER", "alice"),
-                             ("COMMAND", "sh -c exit 3")):
+                             ("COMMAND", "sh -c 'exit 3'")):
             assert row[header.index(column):].startswith(text), (column, row)
         started = row[header.index("STARTED"):header.index("RUNTIME")].strip()
         assert started == "just now" or started.endswith(" ago")
         assert re.fullmatch(r"\d+ms|\d+\.\ds", row[header.index("RUNTIME"):].split()[0])
+        assert mine[never][header.index("RUNTIME"):].split()[0] == "-"
         command = mine[long.strip()][header.index("COMMAND"):]
         if cut:
-            assert len(command) == 60 and command.endswith("…")
+            assert max(len(line) for line in out.splitlines()) <= 100, out
+            assert command.endswith("…") and f"echo {long_arg}".startswith(command[:-1])
+            assert mine[never][header.index("STATE"):].split("  ")[0].endswith("…")
         else:
             assert command == f"echo {long_arg}"
+            assert missing in mine[never]
 
 
 def test_status_is_aligned_and_json_is_the_record(daemon: Daemon) -> None:

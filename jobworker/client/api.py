@@ -1,19 +1,21 @@
-"""Client side of the RPC: connect with mutual TLS, say hello, call methods.
+"""An asynchronous Twisted client: connect with mutual TLS, say hello, call methods.
 
-Shared by ``jwclient``, the tests and the benchmarks; takes the reactor as a parameter.
+For Twisted programs (the tests and benchmarks drive daemons with it); ``jwclient`` and
+the documented API are the synchronous ``jobworker.client.Client``, which imports no
+Twisted.  Takes the reactor as a parameter.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 
+from jobworker.client.endpoint import DEFAULT_SERVER, ClientConfig, ClientError, parse_server
 from jobworker.rpc.correlation import RPCClientProtocol
 from jobworker.rpc.tls import ClientTLS
 from jobworker.rpc.transport import ClientTLSEndpoint
@@ -21,44 +23,8 @@ from jobworker.wire.errors import ConnectionLost, JobWorkerError
 from jobworker.wire.hello import hello_params
 from jobworker.wire.record import JobRecord
 
-DEFAULT_SERVER = "127.0.0.1:8443"
-
-
-class ClientError(Exception):
-    """Anything that keeps the client from getting an answer, with a one-line message."""
-
-
-def parse_server(server: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or a bare host (port 8443)."""
-    host, port = server, "8443"
-    if server.startswith("["):
-        end = server.find("]")
-        if end < 0:
-            raise ClientError(f"bad server address {server!r}")
-        host, rest = server[1:end], server[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ClientError(f"bad server address {server!r}")
-            port = rest[1:]
-    elif server.count(":") == 1:
-        host, port = server.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClientError(f"bad server address {server!r}: expected HOST:PORT")
-    return host, int(port)
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    server: str
-    ca: str
-    cert: str
-    key: str
-
-    @classmethod
-    def from_pki(cls, server: str, pki: str, identity: str) -> ClientConfig:
-        return cls(server, os.path.join(pki, "ca.pem"), os.path.join(pki, f"{identity}.pem"),
-                   os.path.join(pki, f"{identity}.key"))
-
+__all__ = ["DEFAULT_SERVER", "Client", "ClientConfig", "ClientError", "connect",
+           "parse_server"]
 
 Records = list[JobRecord]
 

@@ -12,17 +12,12 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.task import LoopingCall
-
 from jobworker.client import render
-from jobworker.client.api import Client
+from jobworker.client.sync import Client, start_params
 from jobworker.wire.errors import JobWorkerError
 from jobworker.wire.record import FAILED, JobRecord
 
 MAX_JOBS = 10000
-#: Requests one batch keeps in flight: the daemon refuses more than 256 per connection.
-IN_FLIGHT = 128
 #: Seconds between redraws of the progress lines on a terminal.
 TICK = 0.25
 
@@ -127,27 +122,23 @@ class Progress:
         self._drawn = len(self.names)
 
 
-async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
-              as_json: bool, out: IO[str]) -> int:
-    limit = DeferredSemaphore(IN_FLIGHT)
-
-    def start(spec: JobSpec) -> Deferred[JobRecord]:
-        return Deferred.fromCoroutine(client.start(spec.command, spec.args, env=spec.env,
-                                                   dir=spec.dir, timeout=spec.timeout))
-
-    results = await DeferredList([limit.run(start, s) for s in specs], consumeErrors=True)
+def run(client: Client, specs: list[JobSpec], *, wait: bool, as_json: bool,
+        out: IO[str]) -> int:
+    """Start every job pipelined on ``client``'s one connection; with ``wait``, wait for
+    them all the same way, showing progress."""
+    results = client.start_many(
+        start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout)
+        for s in specs)
     records: list[JobRecord | None] = []
     problems: list[str] = []
-    value: Any
-    for spec, (ok, value) in zip(specs, results, strict=True):
-        if ok:
+    for spec, value in zip(specs, results, strict=True):
+        if isinstance(value, JobRecord):
             records.append(value)
             if value.state == FAILED:
                 problems.append(f"{spec.name}: {value.error}")
         else:
             records.append(None)
-            err = value.value  # a Failure
-            problems.append(f"{spec.name}: {err.message if isinstance(err, JobWorkerError) else err}")
+            problems.append(f"{spec.name}: {value.message}")
     if not wait:
         if as_json:
             out.write(json.dumps([r.to_wire() if r else None for r in records], indent=2) + "\n")
@@ -162,37 +153,25 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
     for i, r in enumerate(records):
         if r is not None:
             progress.update(i, r)
-    ticker = None
+    waiting = [i for i, r in enumerate(records) if r is not None and not r.ended]
+    ids = [records[i].id for i in waiting]  # type: ignore[union-attr]
     if tty:
-        ticker = LoopingCall(progress.draw)
-        ticker.clock = reactor
-        ticker.start(TICK)
-
-    async def wait_one(index: int, record: JobRecord) -> None:
-        try:
-            final = await client.record("wait", record.id)
-        except JobWorkerError as e:
-            problems.append(f"{specs[index].name}: {e.message}")
-            return
-        progress.update(index, final)
-
-    def waited(index: int, record: JobRecord) -> Deferred[None]:
-        return Deferred.fromCoroutine(wait_one(index, record))
-
+        progress.draw()
     try:
-        await DeferredList([limit.run(waited, i, r)
-                            for i, r in enumerate(records) if r is not None and not r.ended],
-                           consumeErrors=True)
+        finals = client.wait_many(ids, lambda n, record: progress.update(waiting[n], record),
+                                  progress.draw if tty else None, TICK)
     finally:
-        if ticker is not None:
-            ticker.stop()
+        if tty:
             progress.draw()
-    finals = progress.records
+    for n, final in enumerate(finals):
+        if isinstance(final, JobWorkerError):
+            problems.append(f"{specs[waiting[n]].name}: {final.message}")
+    ended = progress.records
     if as_json:
-        out.write(json.dumps([r.to_wire() if r else None for r in finals], indent=2) + "\n")
+        out.write(json.dumps([r.to_wire() if r else None for r in ended], indent=2) + "\n")
     else:
-        out.write("\n" + summary(specs, finals, time.time()))
-    failed = [r for r in finals if r is None or r.state == FAILED or r.exit_status() != 0]
+        out.write("\n" + summary(specs, ended, time.time()))
+    failed = [r for r in ended if r is None or r.state == FAILED or r.exit_status() != 0]
     _report(problems)
     return 1 if failed or problems else 0
 

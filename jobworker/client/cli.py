@@ -1,16 +1,18 @@
-"""``jwclient``: schedule jobs on a jobworker daemon and fetch their results and logs.
+"""jwclient: schedule jobs on jobworker daemons and fetch their results and logs.
 
-Imports stay lean until a command runs: ``jwclient status`` is mostly interpreter
-start-up and Twisted import time.
+Imports stay lean: parsing needs argparse alone; a command adds ``ssl``, ``socket`` and
+``msgpack`` (jobworker.client.session), never Twisted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from jobworker import __version__
 from jobworker.wire.record import ISOLATE, STATES
 from jobworker.wire.sizes import parse_duration, parse_size
 
@@ -27,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, as every jwclient error is."""
 
     def error(self, message: str) -> NoReturn:
+        if "required: program" in message:  # argparse's words for `start -x`
+            message = ("no PROGRAM given (to run one whose name starts with '-', put -- "
+                       "before it: jwclient run -- -prog)")
         sys.stderr.write(f"jwclient: {message} (see {self.prog} --help)\n")
         raise SystemExit(USAGE_EXIT)
 
@@ -38,7 +43,8 @@ def _duration(text: str) -> float:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if not 0 < value < 10**8:
-        raise argparse.ArgumentTypeError(f"duration {text!r} out of range")
+        raise argparse.ArgumentTypeError(
+            f"duration {text!r} out of range: more than 0 and less than 10^8 seconds")
     return value
 
 
@@ -53,7 +59,15 @@ def _count(text: str) -> int:
 
 
 def _job_ref(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
+    """A job's id, a unique prefix of 8 or more characters of one, or a pid (all
+    digits); the daemon resolves it among the jobs the caller may see."""
+    return int(text) if text.isdigit() and text.isascii() else text
+
+
+def _lines(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--tail takes a number of lines, got {text!r}")
+    return int(text)
 
 
 def _size(text: str) -> int:
@@ -114,23 +128,37 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    parser = _Parser(prog="jwclient", description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--server", default=env("JWCLIENT_SERVER", "127.0.0.1:8443"),
-                        help="HOST:PORT of the daemon [$JWCLIENT_SERVER, 127.0.0.1:8443]")
-    parser.add_argument("--ca", default=env("JWCLIENT_CA"), help="CA file [$JWCLIENT_CA]")
-    parser.add_argument("--cert", default=env("JWCLIENT_CERT"),
-                        help="client certificate [$JWCLIENT_CERT]")
-    parser.add_argument("--key", default=env("JWCLIENT_KEY"), help="client key [$JWCLIENT_KEY]")
-    parser.add_argument("--pki", default=env("JWCLIENT_PKI"),
-                        help="directory with ca.pem, NAME.pem, NAME.key [$JWCLIENT_PKI]")
-    parser.add_argument("--identity", default=env("JWCLIENT_IDENTITY"),
-                        help="NAME within --pki [$JWCLIENT_IDENTITY]")
+    # Settings default to None here: a flag, then its variable, then the chosen worker's
+    # entry in the configuration file, then the default (jobworker.client.profiles).
+    parser = _Parser(prog="jwclient", description=__doc__.split("\n")[0] if __doc__ else None,
+                     epilog="Settings: a flag, else its variable, else the worker's entry "
+                            "in the configuration file, else the default.")
+    parser.add_argument("--server", help="HOST:PORT of the daemon [$JWCLIENT_SERVER, "
+                                         "127.0.0.1:8443]")
+    parser.add_argument("--ca", help="CA file [$JWCLIENT_CA]")
+    parser.add_argument("--cert", help="client certificate [$JWCLIENT_CERT]")
+    parser.add_argument("--key", help="client key [$JWCLIENT_KEY]")
+    parser.add_argument("--pki", help="directory with ca.pem, NAME.pem, NAME.key "
+                                      "[$JWCLIENT_PKI]")
+    parser.add_argument("--identity", help="NAME within --pki [$JWCLIENT_IDENTITY]")
+    parser.add_argument("--config", metavar="FILE",
+                        help="configuration file naming workers [$JWCLIENT_CONFIG, "
+                             "$XDG_CONFIG_HOME/jobworker/client.toml]")
+    parser.add_argument("--worker", "-w", metavar="NAME",
+                        help="the worker of the configuration file to talk to "
+                             "[$JWCLIENT_WORKER, the file's default]")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--connect-timeout", type=_duration, default=10.0,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"jwclient {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    # --json is taken after the command's name too (never from the program's arguments:
+    # those follow PROGRAM, which ends option parsing); SUPPRESS keeps an earlier one.
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON for scripts")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
     sub.add_parser("whoami", help="print the identity and role the server sees")
 
@@ -160,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     many = p.add_mutually_exclusive_group()
     many.add_argument("--limit", type=_count, default=100, help="at most N jobs (100)")
     many.add_argument("--all", action="store_true", help="every job, page by page")
+    p.add_argument("--wide", action="store_true",
+                   help="never cut a cell to fit the terminal's width")
+    p.add_argument("--all-workers", action="store_true",
+                   help="every worker of the configuration file, at once (a WORKER column)")
 
     p = sub.add_parser("logs", help="write a job's output to stdout, byte-exact")
     p.add_argument("job", type=_job_ref)
@@ -169,16 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stdout to stdout and stderr to stderr")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     p.add_argument("--offset", type=int, default=0, help="start at this byte")
+    p.add_argument("--tail", type=_lines, metavar="N",
+                   help="only the last N lines (then new ones, with -f)")
 
     p = sub.add_parser("forget", help="remove an ended job: its record and its logs",
                        description="Remove one ended job of yours (an admin: anyone's), "
                                    "its record and its log folder.")
     p.add_argument("job", type=_job_ref)
 
-    p = sub.add_parser("wait", help="wait for a job to end; exit with its status",
-                       description="Wait for the job to end and exit with its status: the "
-                                   "exit code, 128+N if killed by signal N, 125 on errors.")
-    p.add_argument("job", type=_job_ref)
+    p = sub.add_parser("wait", help="wait for jobs to end; exit with their status",
+                       description="Wait for every JOB to end and exit with a status: 125 if "
+                                   "any could not start (or jwclient failed), else the first "
+                                   "non-zero status in argument order (the exit code, 128+N "
+                                   "if killed by signal N), else 0.")
+    p.add_argument("job", type=_job_ref, nargs="+")
 
     p = sub.add_parser("run", help="start a job, stream its output, exit with its status",
                        description="Start PROGRAM, stream its stdout and stderr here, and "
@@ -188,37 +224,83 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="start a batch of jobs from a TOML file")
     p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")
     p.add_argument("--wait", action="store_true", help="show progress until all have ended")
+
+    sub.add_parser("workers", help="show the configured workers: reachable? as whom?",
+                   description="Connect to every worker of the configuration file at once "
+                               "and show whether it answers and the identity it sees.")
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
+                       description="Print a completion script: "
+                                   "eval \"$(jwclient completion bash)\" in ~/.bashrc.")
+    p.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
-def _credentials(args: argparse.Namespace) -> tuple[str, str, str]:
-    ca, cert, key = args.ca, args.cert, args.key
-    if args.pki:
-        if not args.identity and not (cert and key):
-            raise UsageError("--pki needs --identity NAME")
-        ca = ca or os.path.join(args.pki, "ca.pem")
-        if args.identity:
-            cert = cert or os.path.join(args.pki, f"{args.identity}.pem")
-            key = key or os.path.join(args.pki, f"{args.identity}.key")
-    missing = [n for n, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if not v]
-    if missing:
-        raise UsageError(f"{', '.join(missing)} required (or --pki DIR --identity NAME)")
-    return ca, cert, key
+def _connection_settings(args: argparse.Namespace, single: bool = True
+                         ) -> tuple[Any, str | None, dict[str, Any]]:
+    """The config of the chosen worker (or of flags and variables alone), the worker's
+    name, and every configured worker's config (for ``workers``, ``--all-workers`` and
+    looking a job up elsewhere); UsageError for what cannot make one."""
+    from jobworker.client import profiles
+    from jobworker.client.endpoint import ClientError, parse_server
+
+    env = os.environ
+    try:
+        loaded = profiles.load(*profiles.config_path(args.config, env))
+        name = profiles.chosen(loaded, args.worker, env)
+    except profiles.ProfileError as e:
+        raise UsageError(str(e)) from None
+    flags = {key: getattr(args, key) for key in profiles.SETTINGS}
+    config, problem = profiles.client_config(
+        profiles.settings(flags, env, loaded.workers.get(name, {}) if name else {}))
+    if config is None and single:
+        raise UsageError(problem)
+    try:
+        if config is not None:
+            parse_server(config.server)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    others: dict[str, Any] = {}
+    for other, entry in loaded.workers.items():
+        # Each worker at its own address: a server flag or variable names one daemon.
+        values = profiles.settings({**flags, "server": None},
+                                   {k: v for k, v in env.items() if k != "JWCLIENT_SERVER"},
+                                   entry)
+        made, problem = profiles.client_config(values)
+        others[other] = made if made is not None else problem
+    return config, name, others
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command had begun: as quiet as during one
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("start", "run") and args.args[:1] == ["--"]:
         args.args = args.args[1:]
+    if args.command == "completion":
+        from jobworker.client import completion  # shtab, for this command alone
+
+        sys.stdout.write(completion.script(parser, args.shell))
+        return 0
+    fleet = args.command == "workers" or getattr(args, "all_workers", False)
     try:
-        creds = _credentials(args)
+        config, name, workers = _connection_settings(args, single=not fleet)
     except UsageError as e:
         sys.stderr.write(f"jwclient: {e}\n")
         return USAGE_EXIT
-    from jobworker.client import commands  # Twisted is imported only from here on
+    if fleet and not workers:
+        sys.stderr.write("jwclient: no workers are configured (see jwclient --help, "
+                         "--config)\n")
+        return USAGE_EXIT
+    from jobworker.client import commands
 
-    return commands.run(args, creds)
+    return commands.run(args, config, workers, name)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +44,9 @@ def ago(then: float | None, now: float) -> str:
 
 
 def runtime(record: JobRecord, now: float) -> str:
+    """How long the job ran (so far); ``-`` for a job that never ran."""
+    if record.state == FAILED or (record.pid is None and record.ended):
+        return "-"
     start = parse_time(record.started_at)
     end = parse_time(record.ended_at) if record.ended_at else now
     if start is None or end is None:
@@ -98,18 +103,38 @@ def limits(lim: dict[str, Any]) -> str:
             f"pids {lim.get('pids') if lim.get('pids') is not None else '-'}")
 
 
-def _command_line(record: JobRecord, width: int | None) -> str:
-    text = " ".join([record.command, *record.args])
-    if width and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
+def command_line(record: JobRecord) -> str:
+    """The job's command as a shell would need it typed: ``sh -c 'echo hi; exit 0'``."""
+    return shlex.join([record.command, *record.args])
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, an ellipsis marking a cut."""
+    if len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + "…"
+
+
+def terminal_width(wide: bool = False) -> int | None:
+    """Columns to fit tables in: $COLUMNS or the terminal's; None off a terminal or with
+    ``--wide`` (cells are then never cut)."""
+    if wide or not os.isatty(1):
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        columns_now = os.get_terminal_size(1).columns
+    except OSError:
+        return None
+    return columns_now or 80  # a terminal that does not say its size
 
 
 def record(r: JobRecord, now: float, tty: bool) -> str:
     rows = [
         ("id", r.id),
         ("state", outcome(r)),
-        ("command", _command_line(r, None)),
+        ("command", command_line(r)),
         ("pid", str(r.pid) if r.pid is not None else "-"),
         ("owner", r.owner),
         ("dir", r.dir),
@@ -130,16 +155,61 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in rows)
 
 
-def table(records: list[JobRecord], now: float, tty: bool) -> str:
-    header = ("ID", "PID", "STATE", "OWNER", "STARTED", "RUNTIME", "COMMAND")
-    rows = [(r.id, str(r.pid) if r.pid is not None else "-", outcome(r), r.owner,
-             ago(parse_time(r.started_at), now), runtime(r, now),
-             _command_line(r, 60 if tty else None)) for r in records]
+#: Least columns a cut cell keeps; the most STATE, OWNER and WORKER take once a table
+#: must be narrowed; a job id's shortest unique-enough prefix (the daemon takes 8+).
+_MIN_CELL = 8
+_CAPS = {"STATE": 20, "OWNER": 12, "WORKER": 12}
+SHORT_ID = 8
+
+
+def table(records: list[JobRecord], now: float, tty: bool, width: int | None = None,
+          workers: list[str] | None = None) -> str:
+    """Aligned columns, newest first; within ``width`` columns when given (ids shortened
+    to a prefix jwclient accepts, long STATE, OWNER and COMMAND cells cut with an
+    ellipsis), whole otherwise.  ``workers``: a WORKER column, one name per record."""
+    header = ["ID", "PID", "STATE", "OWNER", "STARTED", "RUNTIME", "COMMAND"]
+    rows = [[r.id, str(r.pid) if r.pid is not None else "-", outcome(r), r.owner,
+             ago(parse_time(r.started_at), now), runtime(r, now), command_line(r)]
+            for r in records]
+    if workers is not None:
+        header.insert(0, "WORKER")
+        rows = [[w, *row] for w, row in zip(workers, rows, strict=True)]
     if not rows:
         return "no jobs\n" if tty else ""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    if width is not None:
+        widths = _fit(header, widths, width)
+    short_id = header.index("ID")
     lines = []
     for row in [header, *rows]:
-        cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:-1])]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
+        cells = [f"{(cell[:widths[i]] if i == short_id else cut(cell, widths[i])):<{widths[i]}}"
+                 for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, cut(row[-1], widths[-1])]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _fit(header: list[str], widths: list[int], width: int) -> list[int]:
+    """Narrow columns, in this order, until a row fits ``width``: STATE, OWNER and WORKER
+    to their caps, ID to a prefix, COMMAND to 20, STATE further, COMMAND further."""
+    natural, widths = widths, list(widths)
+    last, state, ident = len(widths) - 1, header.index("STATE"), header.index("ID")
+
+    def over() -> int:
+        return sum(widths) + 2 * (len(widths) - 1) - width
+
+    def shrink(i: int, floor: int) -> None:
+        if over() > 0:
+            widths[i] = max(min(widths[i], floor), widths[i] - over())
+
+    for i, name in enumerate(header):
+        if name in _CAPS:
+            shrink(i, max(len(name), _CAPS[name]))
+    if over() > 0:  # an id is whole or a prefix that still names it, never cut between
+        widths[ident] = SHORT_ID
+    shrink(last, 20)
+    shrink(state, _MIN_CELL)
+    shrink(last, _MIN_CELL)
+    for i in (state, last, *range(len(widths))):  # room left: give cut cells some back
+        if over() < 0 and widths[i] < natural[i] and i != ident:
+            widths[i] = min(natural[i], widths[i] - over())
+    return widths

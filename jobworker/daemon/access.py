@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobworker.daemon import jobref
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer
 from jobworker.daemon.call import Call
@@ -24,8 +25,9 @@ class JobAccess:
 
     def visible_job(self, call: Call, ref: str | int) -> Job | StoredJob:
         """The job ``ref`` names, if the caller may act on it; else the same NotFound."""
+        owner = None if self.authz.sees_all(call.who) else call.who.name
         try:
-            job = self.jobs.find(ref)
+            job = jobref.resolve(self.jobs, ref, owner)
         except NotFound:
             raise NotFound(f"no job {ref}") from None
         if self.authz.can_see(call.who, job.owner):  # dispatch has checked the method

@@ -378,6 +378,13 @@ class DurableStore:
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)
 
+    def ids_by_prefix(self, prefix: str, owner: str | None, limit: int) -> list[str]:
+        # Jobs not yet written are in memory only; the table has every other.
+        live = {job_id for job_id, job in self._live.items()
+                if job_id.startswith(prefix) and owner in (None, job.owner)}
+        stored = sql.ids_by_prefix(self._reading(), prefix, owner, limit)
+        return sorted(live.union(stored))[:limit]
+
     def running_jobs(self) -> list[Job]:
         return [job for job in reversed(self._live.values()) if not job.ended]
 

@@ -359,6 +359,10 @@ class JobManager(service.Service):
             return self.get(ref)  # type: ignore[arg-type]
         return self._store.by_pid(pid)  # type: ignore[no-any-return]
 
+    def ids_by_prefix(self, prefix: str, owner: str | None, limit: int = 2) -> list[str]:
+        """Up to ``limit`` ids that start with ``prefix``, of ``owner``'s jobs (None: all)."""
+        return self._store.ids_by_prefix(prefix, owner, limit)
+
     def jobs(self, running_only: bool = False) -> list[Any]:
         """Every job in the table (or every running one), newest first."""
         return self._store.running_jobs() if running_only else self._store.newest_first()

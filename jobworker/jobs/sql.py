@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Each entry takes the schema from version ``i`` to ``i + 1`` (``PRAGMA user_version``).
 #: Append, never edit: a table made by an older daemon is migrated up on open.
@@ -154,6 +154,19 @@ def record_by_pid(conn: sqlite3.Connection, pid: int) -> bytes | None:
     row = conn.execute("SELECT record FROM jobs WHERE pid = ? ORDER BY seq DESC LIMIT 1",
                        (pid,)).fetchone()
     return row[0] if row is not None else None
+
+
+def ids_by_prefix(conn: sqlite3.Connection, prefix: str, owner: str | None,
+                  limit: int) -> list[str]:
+    """Up to ``limit`` ids that start with ``prefix`` (of ``owner``'s jobs, or anyone's):
+    a range scan of the id index, as quick with a million jobs as with ten."""
+    sql_text = "SELECT id FROM jobs WHERE id >= ? AND id < ?"
+    args: list[Any] = [prefix, prefix + "\U0010ffff"]
+    if owner is not None:
+        sql_text += " AND owner = ?"
+        args.append(owner)
+    rows = conn.execute(sql_text + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+    return [row[0] for row in rows]
 
 
 def by_request(conn: sqlite3.Connection, owner: str, request_id: str

@@ -69,6 +69,9 @@ class JobStore(Protocol):
     def by_request(self, owner: str, request_id: str) -> tuple[Any, bytes] | None:
         """``owner``'s job started with this ``request_id``, and the digest of its start."""
 
+    def ids_by_prefix(self, prefix: str, owner: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` ids starting with ``prefix``, of ``owner``'s jobs (None: all)."""
+
     def running_with_pid(self, pid: int) -> Job | None:
         """The running job whose process has this pid, if any."""
 
@@ -158,6 +161,10 @@ class MemoryStore:
 
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)
+
+    def ids_by_prefix(self, prefix: str, owner: str | None, limit: int) -> list[str]:
+        return sorted(job_id for job_id, job in self._by_id.items()
+                      if job_id.startswith(prefix) and owner in (None, job.owner))[:limit]
 
     def by_request(self, owner: str, request_id: str) -> tuple[Job, bytes] | None:
         job = self._requests.get((owner, request_id))

@@ -1,0 +1,258 @@
+"""``jobworker.client.Client``: the synchronous Python API, and what ``jwclient`` runs on.
+
+Methods block until their answer; iterators (``list``, ``logs``, ``follow``) yield as the
+daemon streams; ``start_many`` and ``wait_many`` pipeline many requests on the one
+connection.  Errors are the wire layer's typed exceptions (``NotFound``, ``Forbidden``, …)
+and ``ClientError`` for a daemon that cannot be reached (docs/api.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+from jobworker.client.endpoint import DEFAULT_SERVER, ClientConfig, ClientError
+from jobworker.client.session import Session
+from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.record import JobRecord
+
+#: Requests ``start_many`` and ``wait_many`` keep in flight: the daemon takes 256.
+IN_FLIGHT = 128
+
+JobRef = str | int
+#: The builtin, for annotations inside Client, whose ``list`` method shadows it.
+_list = list
+
+
+def start_params(command: str, args: Sequence[str] = (), **options: Any) -> dict[str, Any]:
+    """The ``start`` request for ``command``: every option that is not None (``env``,
+    ``dir``, ``timeout``, ``request_id``, ``user``, ``isolate``, ``memory``, ``cpu``,
+    ``pids``, and whatever the daemon adds) goes as it is; empty lists are left out."""
+    params: dict[str, Any] = {"command": command, "args": list(args)}
+    for name, value in options.items():
+        if value is not None and value != []:
+            params[name] = value
+    return params
+
+
+def _config(server: str | ClientConfig, pki: str | None, identity: str | None,
+            ca: str | None, cert: str | None, key: str | None) -> ClientConfig:
+    if isinstance(server, ClientConfig):
+        return server
+    if pki is not None and identity is not None:
+        base = ClientConfig.from_pki(server, pki, identity)
+        return ClientConfig(server, ca or base.ca, cert or base.cert, key or base.key)
+    if ca is None or cert is None or key is None:
+        raise ClientError("give pki and identity, or ca, cert and key")
+    return ClientConfig(server, ca, cert, key)
+
+
+class LogStream:
+    """The bytes of one log stream, as an iterator; once it is exhausted, ``offset`` is
+    where a resumed read starts and ``record`` the job's record."""
+
+    def __init__(self, session: Session, params: dict[str, Any]) -> None:
+        self._session = session
+        self._chunks: deque[bytes] = deque()
+        self._rid = session.send("logs", params, self._chunk)
+        self.offset: int = params["offset"]
+        self.record: JobRecord | None = None
+        self._abandoned = False
+
+    def _chunk(self, chunk: Any) -> None:
+        if not isinstance(chunk, bytes):
+            raise ConnectionLost("server sent a log chunk that is not bytes")
+        if not self._abandoned:
+            self._chunks.append(chunk)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while True:
+                while self._chunks:
+                    chunk = self._chunks.popleft()
+                    self.offset += len(chunk)
+                    yield chunk
+                if self._session.done(self._rid):
+                    break
+                self._session.read_frame()
+        except GeneratorExit:
+            # Left before the end: what the stream still sends is dropped, not kept.
+            self._abandoned = True
+            self._chunks.clear()
+            raise
+        final = self._session.take(self._rid)
+        if isinstance(final, dict):
+            self.offset = final.get("offset", self.offset)
+            if isinstance(final.get("record"), dict):
+                self.record = JobRecord.from_wire(final["record"])
+
+
+class Client:
+    """A session with one daemon: ``with Client(server, pki=DIR, identity=NAME) as c:``.
+
+    Connects (TLS 1.3 and hello) when made; raises ``ClientError`` if it cannot.
+    """
+
+    def __init__(self, server: str | ClientConfig = DEFAULT_SERVER, *, pki: str | None = None,
+                 identity: str | None = None, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, timeout: float = 10.0) -> None:
+        self.config = _config(server, pki, identity, ca, cert, key)
+        self.timeout = timeout
+        self.session = Session.open(self.config, timeout)
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The daemon's hello: ``version``, ``server``, ``max_frame``."""
+        return self.session.info
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Any method, by name: its result, or its error raised."""
+        return self.session.call(method, params)
+
+    def whoami(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("whoami")
+        return result
+
+    def start(self, command: str, args: Sequence[str] = (), **options: Any) -> JobRecord:
+        """Start ``command`` (never through a shell); options as ``start_params``.  A job
+        that cannot start is still a record, in state ``failed`` with its ``error``.
+        A retry with the same ``request_id`` returns the same job and runs nothing twice."""
+        return JobRecord.from_wire(self.call("start", start_params(command, args, **options)))
+
+    def stop(self, job: JobRef, grace: float | None = None) -> JobRecord:
+        """SIGTERM to the job's group, SIGKILL after ``grace``; returns once it has ended."""
+        params: dict[str, Any] = {"job": job}
+        if grace is not None:
+            params["grace"] = grace
+        return JobRecord.from_wire(self.call("stop", params))
+
+    def status(self, job: JobRef) -> JobRecord:
+        return JobRecord.from_wire(self.call("status", {"job": job}))
+
+    def wait(self, job: JobRef) -> JobRecord:
+        """The job's final record, once it has ended."""
+        return JobRecord.from_wire(self.call("wait", {"job": job}))
+
+    def forget(self, job: JobRef) -> dict[str, Any]:
+        """Remove an ended job: its record and its logs."""
+        result: dict[str, Any] = self.call("forget", {"job": job})
+        return result
+
+    def list_page(self, *, running: bool = False, **filters: Any
+                  ) -> tuple[_list[JobRecord], str | None]:
+        """One ``list`` reply (``limit``, ``cursor``, ``state``, ``owner``, ``since``,
+        ``until``): its records, newest first, and the cursor of the next page (None:
+        the last)."""
+        records: _list[JobRecord] = []
+        params = {"running": running, **{k: v for k, v in filters.items() if v is not None}}
+        final = self.session.call("list", params, lambda batch: records.extend(
+            JobRecord.from_wire(r) for r in batch))
+        cursor = final.get("next_cursor") if isinstance(final, dict) else None
+        return records, cursor if isinstance(cursor, str) else None
+
+    def list(self, *, running: bool = False, **filters: Any) -> Iterator[JobRecord]:
+        """Every job that matches, newest first, page after page."""
+        cursor = filters.pop("cursor", None)
+        while True:
+            page, cursor = self.list_page(running=running, cursor=cursor, **filters)
+            yield from page
+            if cursor is None:
+                return
+
+    def logs(self, job: JobRef, stream: str = "stdout", offset: int = 0,
+             follow: bool = False) -> LogStream:
+        """A job's log from ``offset``: what it holds now, or (``follow``) everything
+        until the job has ended."""
+        return LogStream(self.session, {"job": job, "stream": stream, "offset": offset,
+                                        "follow": follow})
+
+    def follow(self, job: JobRef, stream: str = "stdout", offset: int = 0) -> LogStream:
+        return self.logs(job, stream, offset, follow=True)
+
+    def logs_to(self, job: JobRef, sinks: dict[str, Callable[[bytes], None]],
+                offset: int = 0, follow: bool = False) -> dict[str, Any]:
+        """Several streams of one job at once (``{"stdout": write, "stderr": write}``),
+        each chunk to its sink as it comes; the last stream's final reply."""
+        rids = []
+        for stream, sink in sinks.items():
+            rids.append(self.session.send(
+                "logs", {"job": job, "stream": stream, "offset": offset, "follow": follow},
+                _bytes_to(sink)))
+        final: Any = None
+        for rid in rids:
+            self.session.wait_for(rid)
+            final = self.session.take(rid)
+        return final if isinstance(final, dict) else {}
+
+    def start_many(self, requests: Iterable[dict[str, Any]]
+                   ) -> _list[JobRecord | JobWorkerError]:
+        """Start many jobs, pipelined: ``requests`` are ``start_params`` maps; the results
+        in the same order, each a record or the error its start met."""
+        return self._many("start", list(requests), None)
+
+    def wait_many(self, jobs: Sequence[JobRef],
+                  on_ended: Callable[[int, JobRecord], None] | None = None,
+                  tick: Callable[[], None] | None = None, interval: float = 0.25
+                  ) -> _list[JobRecord | JobWorkerError]:
+        """Wait for many jobs on one connection; ``on_ended(index, record)`` as each ends
+        (in whatever order), ``tick()`` every ``interval`` seconds meanwhile."""
+        return self._many("wait", [{"job": j} for j in jobs], on_ended, tick, interval)
+
+    def _many(self, method: str, params: _list[dict[str, Any]],
+              on_done: Callable[[int, JobRecord], None] | None,
+              tick: Callable[[], None] | None = None, interval: float = 0.25
+              ) -> _list[JobRecord | JobWorkerError]:
+        results: _list[JobRecord | JobWorkerError | None] = [None] * len(params)
+        flying: dict[int, int] = {}  # request id -> index
+        queued: Iterator[tuple[int, dict[str, Any]]] = iter(enumerate(params))
+        more = True
+        next_tick = time.monotonic() + interval
+        while more or flying:
+            while more and len(flying) < IN_FLIGHT:
+                item = next(queued, None)
+                if item is None:
+                    more = False
+                    break
+                flying[self.session.send(method, item[1])] = item[0]
+            if not flying:
+                break
+            if tick is None:
+                self.session.read_frame()
+            else:
+                self.session.read_frame(max(0.0, next_tick - time.monotonic()))
+                if time.monotonic() >= next_tick:
+                    tick()
+                    next_tick = time.monotonic() + interval
+            for rid in [r for r in flying if self.session.done(r)]:
+                index = flying.pop(rid)
+                try:
+                    record = JobRecord.from_wire(self.session.take(rid))
+                except JobWorkerError as e:
+                    results[index] = e
+                    continue
+                results[index] = record
+                if on_done is not None:
+                    on_done(index, record)
+        return [r if r is not None else ConnectionLost("no reply") for r in results]
+
+
+def _bytes_to(sink: Callable[[bytes], None]) -> Callable[[Any], None]:
+    def on_chunk(chunk: Any) -> None:
+        if not isinstance(chunk, bytes):
+            raise ConnectionLost("server sent a log chunk that is not bytes")
+        sink(chunk)
+
+    return on_chunk

@@ -18,6 +18,7 @@ from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.daemon.limits import DEFAULTS, Limits
 from jobworker.daemon.listener import ConnectionCap, Listener
+from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
 from jobworker.daemon.server import RPCServer
@@ -40,6 +41,7 @@ from jobworker.jobs.sql import TableError
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
+from jobworker.wire.params import SCHEMAS
 from jobworker.wire.sizes import parse_duration, parse_size
 
 
@@ -96,6 +98,9 @@ class Options(usage.Options):
         ["max-cpu", None, None, "Most CPU, in cores, a job may ask for.", float],
         ["default-pids", None, None, "Process limit of a job that asks for none.", int],
         ["max-pids", None, None, "Most processes a job may ask for.", int],
+        ["metrics", None, None,
+         "Twisted endpoint to serve Prometheus metrics on, over plain HTTP at /metrics "
+         "(tcp:9464:interface=127.0.0.1); off by default.  See docs/metrics.md."],
         ["cgroup-root-name", None, None,
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
          "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
@@ -296,6 +301,26 @@ def makeService(config: Options) -> service.MultiService:
     except (ValueError, TypeError, KeyError) as e:
         fail(f"bad --listen {config['listen']!r}: {e}")
 
+    metrics = Metrics()  # counts nothing
+    scrape: service.Service | None = None
+    if config["metrics"] is not None:
+        try:
+            metrics_endpoint = endpoints.serverFromString(reactor, config["metrics"])
+        except (ValueError, TypeError, KeyError) as e:
+            fail(f"bad --metrics {config['metrics']!r}: {e}")
+        # Imported only here: a daemon without --metrics never loads prometheus_client.
+        from jobworker.daemon.prometheus import PrometheusMetrics
+        from jobworker.daemon.scrape import ScrapeEndpoint, metrics_site
+
+        prometheus = PrometheusMetrics(SCHEMAS, reactor.seconds)
+        # Read at each scrape (rpc is made below, before any scrape can come).
+        prometheus.watch(connections=lambda: rpc.authenticated,
+                         handshaking=lambda: rpc.handshaking,
+                         audit_failures=lambda: audit.failures)
+        scrape = ScrapeEndpoint(metrics_endpoint, metrics_site(prometheus.registry),
+                                config["metrics"])
+        metrics = prometheus
+
     limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
                     handshake_timeout=config["handshake-timeout"],
                     idle_timeout=config["idle-timeout"],
@@ -315,11 +340,11 @@ def makeService(config: Options) -> service.MultiService:
         cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
                        reserve=reserve, store=store, cgroups=cgroups,
-                       limits=config["limits"])
+                       limits=config["limits"], observer=metrics)
     runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
-                    runas=runas)
-    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
+                    runas=runas, metrics=metrics)
+    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full, metrics)
 
     top = service.MultiService()
     StateLockService(lock).setServiceParent(top)
@@ -338,5 +363,7 @@ def makeService(config: Options) -> service.MultiService:
         LogCap(reactor, lambda: jobs.jobs(running_only=True), jobs.stop,
                config["max-log-bytes"]).setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
+    if scrape is not None:
+        scrape.setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
     return top

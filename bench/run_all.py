@@ -31,6 +31,7 @@ SCRIPTS = [
     ("cli_wall", 60),
     ("start_latency", 60),
     ("rpc", 60),
+    ("metrics_cost", 60),
     ("throughput", 120),
     ("capture", 90),
     ("follow", 120),

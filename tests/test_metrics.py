@@ -83,14 +83,16 @@ def test_jobs_and_requests_move_the_counters_by_what_happened(metered: Daemon) -
     assert moved(before, after, count, method="other") == 1
     assert moved(before, after, "jobworker_rpc_errors_total", method="other",
                  code="unknown_method") == 1
-    # Every sample's name is ours.
+    # Every sample's name is ours; no *_created timestamps.
     assert all(name.startswith("jobworker_") for name, _ in after)
+    assert not any(name.endswith("_created") for name, _ in after)
 
 
 def test_handshakes_streams_and_closed_connections_are_counted(metered: Daemon,
                                                                test_pki: PKI) -> None:
     """A refused certificate counts a failed handshake; a logs request a stream; a
-    client that drops its socket (no TLS close_notify) a connection ended ``lost``."""
+    client that drops its socket (no TLS close_notify) a connection ended ``lost``, one
+    that shuts TLS down first one ended ``closed``."""
     before = scrape(metered)
     with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
         bad = Conn(metered, identity="expired")
@@ -103,15 +105,20 @@ def test_handshakes_streams_and_closed_connections_are_counted(metered: Daemon,
     while "result" not in (reply := c.read()):
         assert "error" not in reply, reply
     c.close()
+    clean = Conn(metered)
+    clean.hello()
+    clean.sock.unwrap()  # TLS close_notify, then TCP's close
+    clean.close()
 
     def closed() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
         now = scrape(metered)
-        return now if moved(before, now, "jobworker_connections_closed_total",
-                            why="lost") >= 1 else None
+        counted = [moved(before, now, "jobworker_connections_closed_total", why=why)
+                   for why in ("lost", "closed")]
+        return now if counted == [1, 1] else None
 
     after = wait_for(closed, what="the closed connection to be counted")
     assert moved(before, after, "jobworker_tls_handshakes_total", outcome="tls_error") == 1
-    assert moved(before, after, "jobworker_tls_handshakes_total", outcome="ok") == 1
+    assert moved(before, after, "jobworker_tls_handshakes_total", outcome="ok") == 2
     assert moved(before, after, "jobworker_log_streams_total", follow="false") == 1
     assert value(after, "jobworker_log_streams_open", follow="false") == 0
     assert value(after, "jobworker_audit_write_failures_total") == 0

@@ -309,9 +309,14 @@ def makeService(config: Options) -> service.MultiService:
         except (ValueError, TypeError, KeyError) as e:
             fail(f"bad --metrics {config['metrics']!r}: {e}")
         # Imported only here: a daemon without --metrics never loads prometheus_client.
+        from prometheus_client import disable_created_metrics
+
         from jobworker.daemon.prometheus import PrometheusMetrics
         from jobworker.daemon.scrape import ScrapeEndpoint, metrics_site
 
+        # Process-wide, and this is the daemon's process: no *_created series (a
+        # timestamp per counter that doubles the scrape and that nobody graphs).
+        disable_created_metrics()
         prometheus = PrometheusMetrics(SCHEMAS, reactor.seconds)
         # Read at each scrape (rpc is made below, before any scrape can come).
         prometheus.watch(connections=lambda: rpc.authenticated,

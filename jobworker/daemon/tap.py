@@ -12,12 +12,14 @@ import pwd
 
 from twisted.application import service
 from twisted.internet import endpoints
+from twisted.logger import FileLogObserver
 from twisted.python import usage
 
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.daemon.limits import DEFAULTS, Limits
 from jobworker.daemon.listener import ConnectionCap, Listener
+from jobworker.daemon.logformat import ServiceTree, json_observer, twistd_destination
 from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
@@ -101,6 +103,9 @@ class Options(usage.Options):
         ["metrics", None, None,
          "Twisted endpoint to serve Prometheus metrics on, over plain HTTP at /metrics "
          "(tcp:9464:interface=127.0.0.1); off by default.  See docs/metrics.md."],
+        ["log-format", None, "text",
+         "text (twistd's) or json: each line of the daemon's log one JSON object, with "
+         "time, level, event and the event's fields."],
         ["cgroup-root-name", None, None,
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
          "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
@@ -184,6 +189,8 @@ class Options(usage.Options):
         if (not name or name in (".", "..") or "/" in name or "\0" in name
                 or len(name) > 200):
             raise usage.UsageError("--cgroup-root-name must be one plain directory name")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -351,7 +358,7 @@ def makeService(config: Options) -> service.MultiService:
                     runas=runas, metrics=metrics)
     factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full, metrics)
 
-    top = service.MultiService()
+    top = ServiceTree(_log_observer(config))
     StateLockService(lock).setServiceParent(top)
     # Spare log directories and cgroups first, jobs second, listener third: on shutdown
     # the listener stops accepting before running jobs are stopped, and the spares (and
@@ -372,3 +379,13 @@ def makeService(config: Options) -> service.MultiService:
         scrape.setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
     return top
+
+
+def _log_observer(config: Options) -> FileLogObserver | None:
+    """The log observer --log-format asks for, or None for twistd's own (text)."""
+    if config["log-format"] != "json":
+        return None
+    out = twistd_destination(getattr(config, "parent", None))
+    if out is None:
+        fail("--log-format json cannot go to --syslog (syslog has a format of its own)")
+    return json_observer(out)

@@ -75,7 +75,7 @@ async def measure(reactor: Any, a: Bench, b: Bench, url: str, rounds: int, secon
 
 
 def run(quick: bool) -> Result:
-    rounds, seconds = (4, 0.3) if quick else (12, 0.5)
+    rounds, seconds = (2, 0.2) if quick else (12, 0.5)
     result = Result("metrics_cost", harness.how(__doc__))
     say(__doc__)
     say(f"  {rounds} rounds of {seconds:g}s per side")

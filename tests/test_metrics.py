@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import PKI, Daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_cgroups import real
 from test_robustness import Conn
 
 
@@ -132,3 +134,22 @@ def test_only_metrics_is_served(metered: Daemon) -> None:
     assert e.value.code == 404
     scrape(metered)
     assert '"GET /metrics' not in metered.log()
+
+
+@real
+def test_oom_and_time_limit_kills_are_counted(metered: Daemon) -> None:
+    """A job over its memory limit counts an OOM kill; one past its timeout a time-out."""
+    before = scrape(metered)
+    c = Conn(metered)
+    try:
+        c.hello()
+        hog = c.call("start", {"command": sys.executable, "memory": 32 * 1024 * 1024,
+                               "args": ["-c", "x = b'\\x01' * (128 * 1024 * 1024)"]})
+        slow = c.call("start", {"command": "/bin/sleep", "args": ["30"], "timeout": 0.2})
+        assert c.call("wait", {"job": hog["id"]})["oom_killed"] is True
+        assert c.call("wait", {"job": slow["id"]})["timed_out"] is True
+    finally:
+        c.close()
+    after = scrape(metered)
+    assert moved(before, after, "jobworker_jobs_oom_killed_total") == 1
+    assert moved(before, after, "jobworker_jobs_timed_out_total") == 1

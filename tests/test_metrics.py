@@ -3,12 +3,15 @@ end and fail and connections come and go over the wire."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import ssl
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import PKI, Daemon, wait_for
@@ -22,11 +25,15 @@ def metered(test_pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """A daemon with --metrics on a free port (learnt from its log)."""
     d = Daemon(test_pki, tmp_path_factory.mktemp("metrics") / "state",
                "--metrics", "tcp:0:interface=127.0.0.1").start()
-    m = wait_for(lambda: re.search(r"metrics\.listening host=\S+ port=(\d+)", d.log()),
-                 what="the metrics endpoint to listen")
-    d.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"  # type: ignore[attr-defined]
+    d.metrics_url = metrics_url(d)  # type: ignore[attr-defined]
     yield d
     d.stop()
+
+
+def metrics_url(d: Daemon) -> str:
+    m = wait_for(lambda: re.search(r"metrics\.listening host=\S+ port=(\d+)", d.log()),
+                 what="the metrics endpoint to listen")
+    return f"http://127.0.0.1:{m.group(1)}/metrics"
 
 
 def scrape(d: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -153,3 +160,35 @@ def test_oom_and_time_limit_kills_are_counted(metered: Daemon) -> None:
     after = scrape(metered)
     assert moved(before, after, "jobworker_jobs_oom_killed_total") == 1
     assert moved(before, after, "jobworker_jobs_timed_out_total") == 1
+
+
+def test_jobs_adopted_after_a_crash_count_as_running(test_pki: PKI, tmp_path: Path) -> None:
+    """A daemon restarted after SIGKILL adopts its predecessor's job: running 1 though it
+    started none; stopping it makes running 0 and counts it ended ``stopped``."""
+    state = tmp_path / "state"
+    first = Daemon(test_pki, state).start()
+    c = Conn(first)
+    c.hello()
+    job = c.call("start", {"command": "/bin/sleep", "args": ["300"]})
+    c.close()
+    first.signal(signal.SIGKILL)
+    first.proc.wait(10)  # type: ignore[union-attr]
+    second = Daemon(test_pki, state, "--metrics", "tcp:0:interface=127.0.0.1").start()
+    try:
+        second.metrics_url = metrics_url(second)  # type: ignore[attr-defined]
+        adopted = scrape(second)
+        assert value(adopted, "jobworker_jobs_running") == 1
+        assert value(adopted, "jobworker_jobs_started_total") == 0
+        c = Conn(second)
+        c.hello()
+        assert c.call("stop", {"job": job["id"], "grace": 5})["state"] == "stopped"
+        c.close()
+        after = scrape(second)
+        assert value(after, "jobworker_jobs_running") == 0
+        assert value(after, "jobworker_jobs_ended_total", state="stopped") == 1
+    finally:
+        second.stop()
+        try:
+            os.killpg(job["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass

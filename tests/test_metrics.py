@@ -128,6 +128,7 @@ def test_handshakes_streams_and_closed_connections_are_counted(metered: Daemon,
     after = wait_for(closed, what="the closed connection to be counted")
     assert moved(before, after, "jobworker_tls_handshakes_total", outcome="tls_error") == 1
     assert moved(before, after, "jobworker_tls_handshakes_total", outcome="ok") == 2
+    assert moved(before, after, "jobworker_connections_accepted_total") == 3
     assert moved(before, after, "jobworker_log_streams_total", follow="false") == 1
     assert value(after, "jobworker_log_streams_open", follow="false") == 0
     assert value(after, "jobworker_audit_write_failures_total") == 0

@@ -70,4 +70,5 @@ class ConnectionCap(policies.WrappingFactory):
             self.metrics.connection_refused(
                 "handshake_cap" if reason.startswith("handshakes") else "connection_cap")
             return None
+        self.metrics.connection_accepted()
         return super().buildProtocol(addr)

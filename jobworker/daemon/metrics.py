@@ -19,6 +19,9 @@ class Metrics:
         """A request for ``method`` was answered after ``seconds``; ``error``: its error
         code, ``cancelled`` if its connection went first, None if it succeeded."""
 
+    def connection_accepted(self) -> None:
+        """A TCP connection was accepted (its TLS handshake comes next)."""
+
     def connection_refused(self, reason: str) -> None:
         """A connection was refused: ``handshake_cap`` (before TLS) or
         ``connection_cap`` (after its handshake, all authenticated slots taken)."""

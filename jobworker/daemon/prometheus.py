@@ -66,6 +66,9 @@ class PrometheusMetrics(Metrics):
         self._start = Histogram("jobworker_job_start_seconds",
                                 "Time from a job's admission to its process running.",
                                 registry=r, buckets=START_BUCKETS)
+        self._accepted = Counter("jobworker_connections_accepted",
+                                 "TCP connections accepted (each then has its TLS "
+                                 "handshake).", registry=r)
         self._refused = Counter("jobworker_connections_refused",
                                 "Connections refused, by reason.", ["reason"], registry=r)
         self._handshakes = Counter("jobworker_tls_handshakes",
@@ -106,6 +109,9 @@ class PrometheusMetrics(Metrics):
             if counter is None:
                 counter = self._errors[key] = self._rpc_errors.labels(method, error)
             counter.inc()
+
+    def connection_accepted(self) -> None:
+        self._accepted.inc()
 
     def connection_refused(self, reason: str) -> None:
         self._refused.labels(reason).inc()

@@ -145,17 +145,3 @@ def test_every_line_of_a_json_daemons_log_is_an_object(json_daemon: Daemon) -> N
     assert {"jobworker.listening", "connection.open", "connection.closed"} <= names
     assert any("twistd" in one["event"] and "starting up" in one["event"] for one in lines)
 
-
-def test_a_text_daemon_logs_peers_as_host_port_and_each_connection_end(
-        daemon: Daemon) -> None:
-    """Today's text format: ``peer=127.0.0.1:PORT`` (no address repr), and one
-    ``connection.closed`` line when a connection is dropped, saying ``why=lost``."""
-    c = Conn(daemon)
-    port = c.sock.getsockname()[1]
-    c.hello()
-    c.close()
-    wanted = re.compile(rf"connection\.closed identity=alice peer=127\.0\.0\.1:{port} "
-                        r"duration=[\d.]+s requests=1 why=lost")
-    wait_for(lambda: wanted.search(daemon.log()), what="the connection.closed line")
-    assert f"connection.open identity=alice role=user peer=127.0.0.1:{port}" in daemon.log()
-    assert "IPv4Address(" not in daemon.log()

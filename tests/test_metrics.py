@@ -193,3 +193,19 @@ def test_jobs_adopted_after_a_crash_count_as_running(test_pki: PKI, tmp_path: Pa
             os.killpg(job["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_text_daemon_logs_peers_as_host_port_and_each_connection_end(
+        metered: Daemon) -> None:
+    """The text log (of the metrics test daemon, to spare starting another) writes
+    ``peer=127.0.0.1:PORT``, no address repr, and one ``connection.closed`` line when a
+    connection is dropped, saying ``why=lost``."""
+    c = Conn(metered)
+    port = c.sock.getsockname()[1]
+    c.hello()
+    c.close()
+    wanted = re.compile(rf"connection\.closed identity=alice peer=127\.0\.0\.1:{port} "
+                        r"duration=[\d.]+s requests=1 why=lost")
+    wait_for(lambda: wanted.search(metered.log()), what="the connection.closed line")
+    assert f"connection.open identity=alice role=user peer=127.0.0.1:{port}" in metered.log()
+    assert "IPv4Address(" not in metered.log()

@@ -32,6 +32,7 @@ SCRIPTS = [
     ("cli_workers", 60),
     ("start_latency", 60),
     ("rpc", 60),
+    ("metrics_cost", 60),
     ("throughput", 120),
     ("capture", 90),
     ("follow", 120),

@@ -76,6 +76,7 @@ def test_crl_may_be_repeated() -> None:
     (("--pki", "/p", "--frame-timeout", "86401"), "--frame-timeout"),
     (("--pki", "/p", "--grace", "0"), "--grace"),
     (("--pki", "/p", "--listen", "ssl:8443"), "plain endpoint"),
+    (("--pki", "/p", "--log-format", "xml"), "--log-format is text or json"),
 ])
 def test_bad_values_are_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Missing credentials and out-of-range values are refused by postOptions."""
@@ -206,6 +207,18 @@ def test_port_in_use_when_daemonizing(test_pki: PKI, tmp_path: Path) -> None:
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
     wait_for(lambda: not pidfile.exists(), 10, what="the daemon child to remove its pidfile")
     assert f"twistd jobworker: cannot listen on tcp:{port}" in logfile.read_text()
+
+
+def test_metrics_port_in_use(test_pki: PKI, tmp_path: Path) -> None:
+    """A --metrics port taken by another listener stops start-up with one line naming
+    --metrics, as --listen's does."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = twistd(*start_args(test_pki, tmp_path, "--metrics",
+                                    f"tcp:{port}:interface=127.0.0.1"), cwd=tmp_path)
+    assert_one_line_failure(result, "--metrics", str(port), "in use")
 
 
 def test_bad_listen_description(test_pki: PKI, tmp_path: Path) -> None:

@@ -25,13 +25,16 @@ class Connection(Protocol):
 class Call:
     """One request in flight: who asked, and a way to stream chunks back."""
 
-    __slots__ = ("protocol", "id", "method", "who")
+    __slots__ = ("protocol", "id", "method", "who", "began")
 
-    def __init__(self, protocol: Connection, rid: int, method: str, who: Principal) -> None:
+    def __init__(self, protocol: Connection, rid: int, method: str, who: Principal,
+                 began: float = 0.0) -> None:
         self.protocol = protocol
         self.id = rid
         self.method = method
         self.who = who
+        #: When the request arrived (the reactor's clock): its latency is measured from it.
+        self.began = began
 
     @property
     def connected(self) -> bool:

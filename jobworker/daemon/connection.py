@@ -10,17 +10,21 @@ from __future__ import annotations
 from types import CoroutineType
 from typing import Any, Protocol
 
+from OpenSSL import SSL
 from twisted.internet import interfaces
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from jobworker.daemon.address import host_port
 from jobworker.daemon.authz import Authorizer, Policy, Principal
 from jobworker.daemon.call import Call
 from jobworker.daemon.fanout import StreamFanout
 from jobworker.daemon.limits import Limits
+from jobworker.daemon.metrics import Metrics
 from jobworker.rpc.framing import FrameProtocol
 from jobworker.wire import codec
 from jobworker.wire.codec import Encoded
@@ -42,6 +46,7 @@ class Server(Protocol):
 
     reactor: Any
     authz: Authorizer
+    metrics: Metrics
 
     def dispatch(self, call: Call, params: dict[str, Any]) -> Any:
         """Validate, authorize and run one request: its result, or a coroutine."""
@@ -84,11 +89,19 @@ class RPCServerProtocol(FrameProtocol):
         self.connected_and_open = False
         #: Given an authenticated slot after the handshake (see Server.handshake_done).
         self.admitted = False
+        #: For the line logged when the connection ends (``connection.closed``).
+        self.requests = 0
+        self._opened = 0.0
+        self._peer_text = "?"
+        #: Why we ended the connection, when we did (else the reason it was lost says).
+        self._why: str | None = None
 
     # -- connection life cycle ------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected_and_open = True
+        self._opened = self.server.reactor.seconds()
+        self._peer_text = host_port(self.transport.getPeer())
         self._arm(self.limits.handshake_timeout, "handshake")
         self.transport.registerProducer(self.streams, True)
         # Replies and followed log lines are small writes: with Nagle on, one written
@@ -105,24 +118,38 @@ class RPCServerProtocol(FrameProtocol):
             return
         self._cancel_timer()  # the handshake timer
         self.peer = identity_of(cert.to_cryptography())
+        self.server.metrics.handshake_done("ok")
         self.admitted = self.server.handshake_done(self)
         if not self.admitted:  # several handshakes raced for the last slot
             self.log.warn("connection.refused reason=cap identity={identity} peer={addr}",
-                          identity=self.peer.name, addr=str(self.transport.getPeer()))
+                          identity=self.peer.name, addr=self._peer_text)
+            self._why = "refused"
             self.transport.abortConnection()
             return
         self._policy = self.server.authz.policy
         self.who = self.server.authz.principal(self.peer)
         self.log.info("connection.open identity={identity} role={role} peer={addr}",
-                      identity=self.peer.name, role=self.who.role,
-                      addr=str(self.transport.getPeer()))
+                      identity=self.peer.name, role=self.who.role, addr=self._peer_text)
         self._arm_idle()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        why = self._why or _why_lost(reason)
         if self.peer is None:
             # Refused handshakes (bad, expired, revoked certificates) end here: say why.
             self.log.info("connection.handshake_failed peer={addr} reason={reason}",
-                          addr=str(self.transport.getPeer()), reason=reason.getErrorMessage())
+                          addr=self._peer_text, reason=reason.getErrorMessage())
+            self.server.metrics.handshake_done(
+                "timeout" if why == "handshake_timeout"
+                else "tls_error" if why == "tls_error" else "closed")
+        else:
+            duration = self.server.reactor.seconds() - self._opened
+            self.log.info("connection.closed identity={identity} peer={addr} "
+                          "duration={duration}s requests={requests} why={why}",
+                          identity=self.peer.name, addr=self._peer_text,
+                          duration=round(duration, 3), requests=self.requests, why=why,
+                          detail=reason.getErrorMessage())
+            if self.admitted:
+                self.server.metrics.connection_closed(why)
         self.connected_and_open = False
         self._cancel_timer()
         _cancel(self._frame_timer)
@@ -166,6 +193,7 @@ class RPCServerProtocol(FrameProtocol):
         self._timer = None
 
     def _timed_out(self, why: str) -> None:
+        self._why = _TIMEOUTS.get(why, "timeout")
         self._cancel_timer()
         _cancel(self._frame_timer)
         self._frame_timer = None
@@ -200,6 +228,7 @@ class RPCServerProtocol(FrameProtocol):
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.info("request.too_large length={length} limit={limit}",
                       length=length, limit=self.MAX_LENGTH)
+        self._why = "frame_too_large"
         self._send_error(None, FrameTooLarge(
             f"frame of {length} bytes is over the {self.MAX_LENGTH}-byte limit"))
         self._close()
@@ -208,6 +237,7 @@ class RPCServerProtocol(FrameProtocol):
         if self.peer is None or self.who is None:  # pre-handshake data never reaches us
             self.transport.abortConnection()
             return
+        self.requests += 1
         value = None
         try:
             value = codec.decode(string, self.MAX_LENGTH)
@@ -222,6 +252,7 @@ class RPCServerProtocol(FrameProtocol):
         except JobWorkerError as e:
             self._send_error(request_id_of(value), e)
             if isinstance(e, UnsupportedVersion):  # no hello first: docs/protocol.md
+                self._why = "protocol_error"
                 self._close()
                 return
             self._arm_idle()
@@ -236,7 +267,7 @@ class RPCServerProtocol(FrameProtocol):
         if authz.policy is not self._policy:
             self._policy = authz.policy
             self.who = authz.principal(self.peer)
-        call = Call(self, request.id, request.method, self.who)
+        call = Call(self, request.id, request.method, self.who, self.server.reactor.seconds())
         try:
             outcome = self.server.dispatch(call, request.params)
         except Exception:
@@ -255,15 +286,20 @@ class RPCServerProtocol(FrameProtocol):
         its reply is activity of its own for the idle timer."""
         if later:
             self._in_flight.pop(call.id, None)
+        code: str | None = None
         if isinstance(result, Failure):
             if result.check(CancelledError) or not self.connected_and_open:
+                self.server.metrics.request_done(
+                    call.method, self.server.reactor.seconds() - call.began, "cancelled")
                 return None
             error = result.value
             if not isinstance(error, JobWorkerError):
                 self.log.failure("request.bug method={method}", result, method=call.method)
                 error = JobWorkerError("internal error")
+            code = error.code
             self._send_error(call.id, error)
             if isinstance(error, UnsupportedVersion):
+                self._why = "protocol_error"
                 self._close()
         elif self.connected_and_open:
             if call.method == "hello":
@@ -274,7 +310,10 @@ class RPCServerProtocol(FrameProtocol):
                 else:
                     self.send_frame({"id": call.id, "result": result})
             except JobWorkerError as e:
+                code = e.code
                 self._send_error(call.id, e)
+        self.server.metrics.request_done(call.method,
+                                         self.server.reactor.seconds() - call.began, code)
         if later:
             self._arm_idle()
         return None
@@ -287,6 +326,7 @@ class RPCServerProtocol(FrameProtocol):
             return
         self.log.warn("connection.revoked identity={identity} reason={reason}",
                       identity=self.peer.name if self.peer else None, reason=reason)
+        self._why = "revoked"
         pending, self._in_flight = self._in_flight, {}
         for rid in pending:
             self._send_error(rid, Forbidden(reason))
@@ -309,3 +349,21 @@ class RPCServerProtocol(FrameProtocol):
     def _send_error(self, rid: int | None, error: JobWorkerError) -> None:
         if self.connected_and_open:
             self.send_frame({"id": rid, "error": error.to_wire()})
+
+
+#: Our timers' names -> the ``why`` of the connection they end.
+_TIMEOUTS = {"handshake": "handshake_timeout", "idle": "idle_timeout",
+             "partial frame": "frame_timeout"}
+
+
+def _why_lost(reason: Failure) -> str:
+    """Why a connection we did not end ended: ``closed`` (cleanly, TLS shut down),
+    ``lost`` (dropped: a reset, or TCP closed without TLS's close_notify), ``tls_error``
+    or ``error``."""
+    if reason.check(ConnectionDone):
+        return "closed"
+    if reason.check(SSL.Error):
+        return "tls_error"
+    if reason.check(ConnectionLost):
+        return "lost"
+    return "error"

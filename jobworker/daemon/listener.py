@@ -11,6 +11,8 @@ from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 
+from jobworker.daemon.address import host_port
+from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.startup import fail
 
 
@@ -54,14 +56,19 @@ class ConnectionCap(policies.WrappingFactory):
     log = Logger()
     noisy = False
 
-    def __init__(self, wrapped: Any, full: Callable[[], str | None]) -> None:
+    def __init__(self, wrapped: Any, full: Callable[[], str | None],
+                 metrics: Metrics | None = None) -> None:
         super().__init__(wrapped)
         self.full = full
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def buildProtocol(self, addr: Any) -> Any:
         reason = self.full()
         if reason is not None:
             self.log.warn("connection.refused reason=cap {why} peer={addr}",
-                          why=reason, addr=str(addr))
+                          why=reason, addr=host_port(addr))
+            self.metrics.connection_refused(
+                "handshake_cap" if reason.startswith("handshakes") else "connection_cap")
             return None
+        self.metrics.connection_accepted()
         return super().buildProtocol(addr)

@@ -19,6 +19,7 @@ from jobworker.daemon.call import Call
 from jobworker.daemon.follow import LogStream
 from jobworker.daemon.limits import Limits
 from jobworker.daemon.listing import ListStream
+from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.runas import RunAs
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.credentials import Credentials
@@ -43,7 +44,8 @@ class Methods:
 
     def __init__(self, access: JobAccess, limits: Limits,
                  follower: FileWatcher | None, runas: RunAs,
-                 namespaces: NamespaceSupport) -> None:
+                 namespaces: NamespaceSupport, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.runas = runas
         self.namespaces = namespaces
         self.access = access
@@ -220,11 +222,13 @@ class Methods:
             raise Unavailable("this daemon cannot follow logs")
         with self._stream_slot(call):
             self.jobs.reading(job.id, 1)  # retention and forget leave it alone meanwhile
+            self.metrics.stream_opened(p["follow"])
             try:
                 stream = LogStream(call, job, path, p["offset"], p["follow"], self.follower)
                 offset = await stream.start()
             finally:
                 self.jobs.reading(job.id, -1)
+                self.metrics.stream_closed(p["follow"])
         return {"offset": offset, "record": job.wire()}
 
     @contextmanager
@@ -261,9 +265,10 @@ def _count(counts: dict[Any, int], key: Any, change: int) -> None:
 
 
 def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
-          runas: RunAs, namespaces: NamespaceSupport) -> Table:
+          runas: RunAs, namespaces: NamespaceSupport, metrics: Metrics | None = None
+          ) -> Table:
     """The dispatch table: each method's schema and its handler."""
-    m = Methods(access, limits, follower, runas, namespaces)
+    m = Methods(access, limits, follower, runas, namespaces, metrics)
     handlers: dict[str, Handler] = {
         "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,

@@ -18,6 +18,7 @@ from jobworker.daemon.call import Call
 from jobworker.daemon.connection import RPCServerProtocol
 from jobworker.daemon.limits import Limits
 from jobworker.daemon.methods import Table, table
+from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.runas import RunAs
 from jobworker.daemon.watcher import FileWatcher
 from jobworker.jobs.manager import JobManager
@@ -35,8 +36,11 @@ class RPCServer(Factory):
     def __init__(self, reactor: Any, jobs: JobManager, authz: Authorizer,
                  audit: AuditLog | None = None, limits: Limits = Limits(),
                  follower: FileWatcher | None = None, runas: RunAs | None = None,
-                 namespaces: NamespaceSupport | None = None) -> None:
+                 namespaces: NamespaceSupport | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.reactor = reactor
+        #: What connections, requests and streams are counted by (nothing by default).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.jobs = jobs
         self.authz = authz
         self.audit = audit
@@ -53,7 +57,7 @@ class RPCServer(Factory):
         self.namespaces = namespaces if namespaces is not None else NamespaceSupport(
             reactor, root=self.runas.dynamic is not None)
         self.methods: Table = table(self.access, limits, follower, self.runas,
-                                    self.namespaces)
+                                    self.namespaces, self.metrics)
 
     def buildProtocol(self, addr: Any) -> RPCServerProtocol | None:
         proto = RPCServerProtocol(self, self.limits)
@@ -73,6 +77,7 @@ class RPCServer(Factory):
         """``proto`` has authenticated: whether it may take an authenticated slot."""
         self.handshaking -= 1
         if self.authenticated >= self.limits.max_connections:
+            self.metrics.connection_refused("connection_cap")
             return False
         self.authenticated += 1
         return True

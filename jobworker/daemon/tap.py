@@ -12,12 +12,15 @@ import pwd
 
 from twisted.application import service
 from twisted.internet import endpoints
+from twisted.logger import FileLogObserver
 from twisted.python import usage
 
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.daemon.limits import DEFAULTS, Limits
 from jobworker.daemon.listener import ConnectionCap, Listener
+from jobworker.daemon.logformat import ServiceTree, json_observer, twistd_destination
+from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
 from jobworker.daemon.server import RPCServer
@@ -40,6 +43,7 @@ from jobworker.jobs.sql import TableError
 from jobworker.jobs.store import JobStore, MemoryStore
 from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
+from jobworker.wire.params import SCHEMAS
 from jobworker.wire.sizes import parse_duration, parse_size
 
 
@@ -96,6 +100,12 @@ class Options(usage.Options):
         ["max-cpu", None, None, "Most CPU, in cores, a job may ask for.", float],
         ["default-pids", None, None, "Process limit of a job that asks for none.", int],
         ["max-pids", None, None, "Most processes a job may ask for.", int],
+        ["metrics", None, None,
+         "Twisted endpoint to serve Prometheus metrics on, over plain HTTP at /metrics "
+         "(tcp:9464:interface=127.0.0.1); off by default.  See docs/metrics.md."],
+        ["log-format", None, "text",
+         "text (twistd's) or json: each line of the daemon's log one JSON object, with "
+         "time, level, event and the event's fields."],
         ["cgroup-root-name", None, None,
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
          "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
@@ -179,6 +189,8 @@ class Options(usage.Options):
         if (not name or name in (".", "..") or "/" in name or "\0" in name
                 or len(name) > 200):
             raise usage.UsageError("--cgroup-root-name must be one plain directory name")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format is text or json")
         if self["listen"].split(":", 1)[0] == "ssl":
             raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
                                    "jobworker adds TLS itself")
@@ -296,6 +308,31 @@ def makeService(config: Options) -> service.MultiService:
     except (ValueError, TypeError, KeyError) as e:
         fail(f"bad --listen {config['listen']!r}: {e}")
 
+    metrics = Metrics()  # counts nothing
+    scrape: service.Service | None = None
+    if config["metrics"] is not None:
+        try:
+            metrics_endpoint = endpoints.serverFromString(reactor, config["metrics"])
+        except (ValueError, TypeError, KeyError) as e:
+            fail(f"bad --metrics {config['metrics']!r}: {e}")
+        # Imported only here: a daemon without --metrics never loads prometheus_client.
+        from prometheus_client import disable_created_metrics
+
+        from jobworker.daemon.prometheus import PrometheusMetrics
+        from jobworker.daemon.scrape import ScrapeEndpoint, metrics_site
+
+        # Process-wide, and this is the daemon's process: no *_created series (a
+        # timestamp per counter that doubles the scrape and that nobody graphs).
+        disable_created_metrics()
+        prometheus = PrometheusMetrics(SCHEMAS, reactor.seconds)
+        # Read at each scrape (rpc is made below, before any scrape can come).
+        prometheus.watch(connections=lambda: rpc.authenticated,
+                         handshaking=lambda: rpc.handshaking,
+                         audit_failures=lambda: audit.failures)
+        scrape = ScrapeEndpoint(metrics_endpoint, metrics_site(prometheus.registry),
+                                config["metrics"])
+        metrics = prometheus
+
     limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
                     handshake_timeout=config["handshake-timeout"],
                     idle_timeout=config["idle-timeout"],
@@ -315,13 +352,13 @@ def makeService(config: Options) -> service.MultiService:
         cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
                        reserve=reserve, store=store, cgroups=cgroups,
-                       limits=config["limits"])
+                       limits=config["limits"], observer=metrics)
     runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
-                    runas=runas)
-    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full)
+                    runas=runas, metrics=metrics)
+    factory = ConnectionCap(ServerTLSFactory(tls, False, rpc), rpc.full, metrics)
 
-    top = service.MultiService()
+    top = ServiceTree(_log_observer(config))
     StateLockService(lock).setServiceParent(top)
     # Spare log directories and cgroups first, jobs second, listener third: on shutdown
     # the listener stops accepting before running jobs are stopped, and the spares (and
@@ -338,5 +375,17 @@ def makeService(config: Options) -> service.MultiService:
         LogCap(reactor, lambda: jobs.jobs(running_only=True), jobs.stop,
                config["max-log-bytes"]).setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
+    if scrape is not None:
+        scrape.setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
     return top
+
+
+def _log_observer(config: Options) -> FileLogObserver | None:
+    """The log observer --log-format asks for, or None for twistd's own (text)."""
+    if config["log-format"] != "json":
+        return None
+    out = twistd_destination(getattr(config, "parent", None))
+    if out is None:
+        fail("--log-format json cannot go to --syslog (syslog has a format of its own)")
+    return json_observer(out)

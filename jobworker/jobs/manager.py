@@ -21,6 +21,7 @@ from jobworker.jobs.jobcgroup import JobCgroup
 from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.namespaces import effective, helper_command
+from jobworker.jobs.observer import JobObserver, Unobserved
 from jobworker.jobs.process import JobProcessProtocol, spawn
 from jobworker.jobs.procstat import is_running, ticks_now
 from jobworker.jobs.programs import SpawnError, check_directory, resolve_program
@@ -103,8 +104,11 @@ class JobManager(service.Service):
         reserve: DiskReserve | None = None,
         cgroups: JobCgroups | None = None,
         limits: LimitPolicy | None = None,
+        observer: JobObserver | None = None,
     ) -> None:
         self._reactor = reactor
+        #: Told of jobs starting and ending (the daemon's metrics).
+        self.observer: JobObserver = observer if observer is not None else Unobserved()
         self._log_store = log_store
         self._spare_logs = spare_logs
         self.grace = grace
@@ -178,6 +182,7 @@ class JobManager(service.Service):
             job.attach_cgroup(cgroup)
         self._held.add(job)
         self._store.adopt(job)
+        self.observer.job_adopted(job)
         self.log.info("{event} job={job_id} pid={pid} owner={owner} cgroup={cgroup}",
                       event="job.adopted", job_id=job.id, pid=job.pid, owner=job.owner,
                       cgroup=cgroup is not None)
@@ -275,6 +280,8 @@ class JobManager(service.Service):
         finally:
             os.close(out)
             os.close(err)
+        if job.pid is not None:  # spawned, though it may have ended already
+            self.observer.job_started(job)
         if not job.ended:
             self._store.running(job)
 
@@ -523,6 +530,10 @@ class JobManager(service.Service):
 
     def _job_ended(self, job: Job) -> None:
         self._store.ended(job)
+        # A job with a cgroup is reported twice: once ended, once more with its final
+        # usage (its cgroup released then): the observer hears of the end once.
+        if job.cgroup is not None or job.usage is None:
+            self.observer.job_ended(job)
         if self._cgroups is not None and job.cgroup is None and not job.adopted:
             # Ended without taking the cgroup made for its id (it failed to start).
             self._cgroups.unused(job.id)

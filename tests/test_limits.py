@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -30,6 +31,7 @@ from twisted.python import usage
 from jobworker.client.api import connect
 from jobworker.daemon.tap import Options
 from jobworker.jobs import jobcgroup
+from jobworker.jobs.blockdev import BlockDevices
 from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
@@ -66,6 +68,10 @@ def test_policy_applies_defaults_and_refuses_above_the_maximum_naming_it() -> No
     with pytest.raises(errors.BadRequest, match="'pids' is above .* maximum of 100"):
         policy.resolve(pids=101)
     assert not LimitPolicy().resolve()
+    io = LimitPolicy(JobLimits(io_write=MiB), JobLimits(io_read=10 * MiB))
+    assert io.resolve(io_read=MiB) == JobLimits(io_read=MiB, io_write=MiB)
+    with pytest.raises(errors.BadRequest, match="'io_read' is above .* 10485760 bytes per second"):
+        io.resolve(io_read=11 * MiB)
     with pytest.raises(ValueError):
         LimitPolicy(JobLimits(pids=10), JobLimits(pids=5))
 
@@ -75,10 +81,13 @@ def test_daemon_limit_options() -> None:
     or limits with --no-cgroups are usage errors."""
     opts = Options()
     opts.parseOptions(["--pki", "/p", "--default-memory", "256M", "--max-memory", "1G",
-                       "--max-cpu", "2", "--default-pids", "64"])
-    assert opts["limits"] == LimitPolicy(JobLimits(256 * MiB, None, 64),
-                                         JobLimits(1 << 30, 2.0, None))
+                       "--max-cpu", "2", "--default-pids", "64", "--default-io-read", "10M",
+                       "--max-io-read", "1G", "--max-io-write", "512K"])
+    assert opts["limits"] == LimitPolicy(JobLimits(256 * MiB, None, 64, 10 * MiB, None),
+                                         JobLimits(1 << 30, 2.0, None, 1 << 30, 512 << 10))
     for argv in (["--default-memory", "2G", "--max-memory", "1G"], ["--max-memory", "lots"],
+                 ["--default-io-write", "2M", "--max-io-write", "1M"], ["--max-io-read", "0"],
+                 ["--no-cgroups", "--default-io-read", "1M"],
                  ["--max-pids", "0"], ["--max-cpu", "0"], ["--no-cgroups", "--max-pids", "5"]):
         with pytest.raises(usage.UsageError):
             Options().parseOptions(["--pki", "/p", *argv])
@@ -132,6 +141,61 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
     files.close()
 
 
+def test_io_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
+    """v1: one "MAJ:MIN bytes" rule per disk in blkio.throttle.read_bps_device and
+    write_bps_device, lifted ("MAJ:MIN 0") when the cgroup is recycled for the next job;
+    v2: io.max "MAJ:MIN rbps=... wbps=..." ("max" for the one not limited)."""
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    if tree.version == "v1":
+        blkio = next(p for p in driver.paths(JOB) if "/blkio/" in p)
+        files.set_io(["254:0"], MiB, 2 * MiB)
+        assert read(f"{blkio}/blkio.throttle.read_bps_device") == f"254:0 {MiB}"
+        assert read(f"{blkio}/blkio.throttle.write_bps_device") == f"254:0 {2 * MiB}"
+        files.recycle("fresh")
+        blkio = next(p for p in driver.paths("fresh") if "/blkio/" in p)
+        for name in ("read", "write"):
+            assert read(f"{blkio}/blkio.throttle.{name}_bps_device") == "254:0 0"
+    else:
+        [path] = driver.paths(JOB)
+        files.set_io(["254:0"], MiB, None)
+        assert read(f"{path}/io.max") == f"254:0 rbps={MiB} wbps=max"
+        files.set_io(["8:16"], None, 3 * MiB)
+        assert read(f"{path}/io.max") == f"8:16 rbps=max wbps={3 * MiB}"
+    files.close()
+
+
+def test_a_partition_is_throttled_through_its_whole_disk(tmp_path: Path) -> None:
+    """The kernel's throttles take whole disks only (a partition is ENODEV): a partition's
+    sysfs entry resolves to its disk's MAJ:MIN, a disk to itself, anonymous devices and
+    unknown ones to None."""
+    disk = tmp_path / "devices/pci0/block/sda"
+    (disk / "sda1").mkdir(parents=True)
+    (disk / "dev").write_text("8:0\n")
+    (disk / "sda1" / "partition").write_text("1\n")
+    (tmp_path / "dev/block").mkdir(parents=True)
+    os.symlink(disk, tmp_path / "dev/block/8:0")
+    os.symlink(disk / "sda1", tmp_path / "dev/block/8:1")
+    devices = BlockDevices(str(tmp_path))
+    assert devices.whole_disk(8, 1) == "8:0" and devices.whole_disk(8, 0) == "8:0"
+    assert devices.whole_disk(0, 45) is None and devices.whole_disk(8, 2) is None
+
+
+def test_the_state_directorys_disk_is_a_whole_disk_and_tmpfs_none(tmp_path: Path) -> None:
+    """On this host: the disk holding a test directory is one /sys/block lists (a whole
+    disk, not a partition); /dev/shm (tmpfs) is on no block device."""
+    devices = BlockDevices()
+    disk = devices.disk_of(str(tmp_path))
+    if disk is None:
+        pytest.skip(f"{tmp_path} is on no block device here")
+    names = {Path(f"/sys/block/{n}/dev").read_text().strip(): n for n in os.listdir("/sys/block")}
+    assert disk in names, (disk, names)
+    assert devices.disks_of([str(tmp_path), str(tmp_path), "/dev/shm"]) == [disk]
+
+
 # -- the manager and the job (fake reactor) -------------------------------------------------
 
 
@@ -155,7 +219,23 @@ def test_limits_are_set_before_the_spawn_and_recorded(preactor: ProcessReactor,
     job = manager.start("alice", "sleep", ["60"], memory=100 * MiB, cpu=0.5)
     files = cgroups.files[job.id]
     assert files.log[:3] == [f"limits:{100 * MiB},0.5,64", "enter", "leave"]
-    assert job.record().limits == {"memory": 100 * MiB, "cpu": 0.5, "pids": 64}
+    assert job.record().limits == {"memory": 100 * MiB, "cpu": 0.5, "pids": 64,
+                                   "io_read": None, "io_write": None}
+
+
+def test_io_limits_apply_to_the_disks_of_the_job_dir_and_the_logs(
+        preactor: ProcessReactor, tmp_path: Path) -> None:
+    """An io limit is set on the disks of the job's directory and of the state directory
+    (each once), after the other limits and before the spawn; the record names them."""
+    cgroups = FakeCgroups(preactor)
+    manager = manager_with(preactor, tmp_path, cgroups, LimitPolicy(JobLimits(io_write=MiB)))
+    job = manager.start("alice", "sleep", ["60"], dir=str(tmp_path), io_read=2 * MiB)
+    disks = BlockDevices().disks_of([str(tmp_path), str(tmp_path / "logs")])
+    files = cgroups.files[job.id]
+    assert files.log[:4] == ["limits:None,None,None", f"io:{','.join(disks)},{2 * MiB},{MiB}",
+                             "enter", "leave"]
+    assert job.record().limits == {"memory": None, "cpu": None, "pids": None,
+                                   "io_read": 2 * MiB, "io_write": MiB, "io_devices": disks}
 
 
 def test_above_the_maximum_is_refused_and_without_cgroups_limits_fail(
@@ -230,7 +310,8 @@ async def test_a_fork_loop_under_pids_20_is_contained_and_stopped(make_daemon: A
             "    except OSError:\n"
             "        pass\n")
     rec = await client.start(PY, ["-c", loop], pids=20)
-    assert rec.limits == {"memory": None, "cpu": None, "pids": 20}
+    assert rec.limits == {"memory": None, "cpu": None, "pids": 20, "io_read": None,
+                          "io_write": None}
     pids_root = next(r for r in d.cgroup_roots() if "/sys/fs/cgroup/pids/" in r)
     events = f"{pids_root}/{rec.id}/pids.events"
     await until(lambda: int(read(events).split()[1]) > 0, 10, "forks refused at the limit")
@@ -263,15 +344,60 @@ async def test_a_busy_loop_under_cpu_0_2_uses_a_fifth_of_a_core(make_daemon: Any
     assert 0.1 <= cores <= 0.3, cores
 
 
+def dd_rate(rec: Any) -> tuple[int, float]:
+    """Bytes dd copied and its own rate of them, bytes per second, from the job's stderr."""
+    text = Path(rec.log_dir, "stderr.log").read_text()
+    found = re.search(r"^(\d+) bytes .* copied, ([\d.]+) s", text, re.MULTILINE)
+    assert found, text
+    return int(found[1]), int(found[1]) / float(found[2])
+
+
+@real
+@pytest_twisted.ensureDeferred
+async def test_direct_io_is_throttled_to_the_io_limits_and_counted(make_daemon: Any,
+                                                                   tmp_path: Path) -> None:
+    """Under --io-read 1M a job reading 2 MiB with O_DIRECT, and under --io-write 1M one
+    writing 2 MiB with O_DIRECT, each go at about 1 MiB/s by dd's own clock (unlimited:
+    far faster); usage counts the bytes read and written; limits names the disk; above
+    --max-io-read is refused, naming the maximum."""
+    d = make_daemon("--grace", "0.2", "--max-io-read", "10M")
+    data = tmp_path / "data"
+    with open(data, "wb") as f:
+        f.write(os.urandom(2 * MiB))
+        os.fsync(f.fileno())  # no dirty pages for the direct read to write back first
+    client = await connect(real_reactor, d.config())
+    reader = await client.start("dd", [f"if={data}", "of=/dev/null", "bs=64k", "iflag=direct"],
+                                dir=str(tmp_path), io_read=MiB)
+    writer = await client.start("dd", ["if=/dev/zero", f"of={tmp_path / 'out'}", "bs=64k",
+                                       "count=32", "oflag=direct"],
+                                dir=str(tmp_path), io_write=MiB)
+    with pytest.raises(errors.BadRequest, match="maximum of 10485760 bytes per second"):
+        await client.start("true", io_read=20 * MiB)
+    read_rec = await client.record("wait", reader.id)
+    write_rec = await client.record("wait", writer.id)
+    client.close()
+    disk = BlockDevices().disk_of(str(tmp_path))
+    assert read_rec.limits["io_read"] == MiB and read_rec.limits["io_devices"] == [disk]
+    # No io_read asked for: the maximum applies.
+    assert write_rec.limits["io_write"] == MiB and write_rec.limits["io_read"] == 10 * MiB
+    for rec, counted in ((read_rec, "io_read_bytes"), (write_rec, "io_write_bytes")):
+        assert rec.exit_code == 0, rec
+        copied, rate = dd_rate(rec)
+        assert copied == 2 * MiB and 0.3 * MiB <= rate <= 1.25 * MiB, (rec.command, rate)
+        assert rec.usage[counted] >= 2 * MiB, rec.usage
+
+
 @real
 def test_a_start_above_the_daemons_maximum_is_refused(make_daemon: Any) -> None:
-    """jwclient start --memory above --max-memory: bad_request naming the maximum."""
+    """jwclient start --memory above --max-memory: bad_request naming the maximum;
+    --io-write 1.5M is sent as bytes per second."""
     d = make_daemon("--max-memory", "64M")
     result = d.jwclient("start", "--memory", "1G", "--", "true")
     assert result.returncode != 0
     assert b"maximum of 67108864 bytes" in result.stderr, result.stderr
-    ok = d.jwclient("--json", "start", "--", "true", check=True)
+    ok = d.jwclient("--json", "start", "--io-write", "1.5M", "--", "true", check=True)
     assert json.loads(ok.stdout)["limits"]["memory"] == 64 * MiB
+    assert json.loads(ok.stdout)["limits"]["io_write"] == 3 * MiB // 2
 
 
 def test_the_default_cgroup_subtree_is_named_after_the_state_directory() -> None:

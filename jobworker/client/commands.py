@@ -107,7 +107,9 @@ async def _start(client: Client, args: argparse.Namespace,
                               user=getattr(args, "user", None),
                               isolate=getattr(args, "isolate", None),
                               memory=getattr(args, "memory", None),
-                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None))
+                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None),
+                              io_read=getattr(args, "io_read", None),
+                              io_write=getattr(args, "io_write", None))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.

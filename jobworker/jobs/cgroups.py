@@ -16,7 +16,7 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,8 @@ CONTROLLERS_V1 = ("memory", "cpuacct", "blkio", "freezer")
 #: alone costs ~0.5 ms of wall time (median, this host).
 ON_DEMAND_V1 = ("cpu", "pids")
 CPU_V1 = "cpu"
+#: The v1 throttle files of a read and a write limit ("MAJ:MIN bytes" per line; 0 lifts).
+THROTTLE_V1 = ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device")
 #: The CFS period a CPU limit is a quota of (the kernel's default, 100 ms).
 CPU_PERIOD_US = 100_000
 #: The v2 controllers enabled for jobs when the daemon's cgroup offers them.
@@ -83,6 +85,11 @@ class CgroupFiles(Protocol):
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         """Limit the job, before it starts: bytes of memory (then the kernel's OOM killer
         acts in the cgroup), cores of CPU time, number of processes (forks fail)."""
+
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        """Limit the job's reads and writes on each block device (``MAJ:MIN`` of a whole
+        disk) to so many bytes per second, before it starts.  v1 throttles reads and direct
+        writes only: buffered writes reach the disk from the kernel's flusher threads."""
 
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this cgroup for want of memory."""
@@ -231,6 +238,7 @@ class V1Files:
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
         self._extra = extra or {}
         self._extra_fd: dict[str, int] = {}  # joined: controller -> the job's tasks there
+        self._throttled: set[str] = set()  # devices with a blkio throttle (lifted on recycle)
 
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         d = self._dirs
@@ -248,6 +256,17 @@ class V1Files:
             quota = max(1000, int(cpu * CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_quota_us"), str(quota))
+
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        if read is None and write is None:
+            return
+        _need(self._dirs, "blkio")
+        for file, value in zip(THROTTLE_V1, (read, write), strict=True):
+            if value is not None:
+                for device in devices:
+                    # One rule per write; ENODEV for a partition or a device that is gone.
+                    _write(os.path.join(self._dirs["blkio"], file), f"{device} {value}")
+                    self._throttled.add(device)
 
     def _join(self, controller: str) -> None:
         """Give the job a cgroup in an on-demand hierarchy (before it is spawned)."""
@@ -320,6 +339,10 @@ class V1Files:
         if "cpuacct" in d:
             _write(os.path.join(d["cpuacct"], "cpuacct.usage"), "0")
         if "blkio" in d:
+            for device in self._throttled:
+                for file in THROTTLE_V1:
+                    _write(os.path.join(d["blkio"], file), f"{device} 0")
+            self._throttled = set()
             _write(os.path.join(d["blkio"], "blkio.reset_stats"), "1")
         renamed: dict[str, str] = {}
         for old in dict.fromkeys(d.values()):
@@ -576,6 +599,16 @@ class V2Files:
         if pids is not None:
             _write(os.path.join(self._dir, "pids.max"), str(pids))
 
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        if read is None and write is None:
+            return
+        if not os.path.exists(os.path.join(self._dir, "io.max")):
+            raise OSError(errno.ENOTSUP, "no io controller delegated for this limit")
+        rbps = "max" if read is None else str(read)
+        wbps = "max" if write is None else str(write)
+        for device in devices:
+            _write(os.path.join(self._dir, "io.max"), f"{device} rbps={rbps} wbps={wbps}")
+
     def oom_kills(self) -> int:
         try:
             text = _read(os.path.join(self._dir, "memory.events"))
@@ -746,4 +779,4 @@ def _unescape(field: str) -> str:
 
 
 __all__ = ["CONTROLLERS_V1", "CONTROLLERS_V2", "CPU_V1", "ON_DEMAND_V1", "CgroupDriver", "CgroupFiles", "Detected",
-           "Kill", "Mkdir", "Rmdir", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]
+           "Kill", "Mkdir", "Rmdir", "THROTTLE_V1", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]

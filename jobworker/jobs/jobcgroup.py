@@ -5,7 +5,7 @@ read what the job used; policy (when to do which) stays in the Job."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.base import DelayedCall
@@ -61,6 +61,10 @@ class JobCgroup:
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         """Before the spawn: OSError if the kernel refuses one (or lacks its controller)."""
         self._files.set_limits(memory, cpu, pids)
+
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        """Before the spawn: bytes per second on each disk; OSError as for set_limits."""
+        self._files.set_io(devices, read, write)
 
     def oom_kills(self) -> int:
         try:

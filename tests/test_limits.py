@@ -117,7 +117,7 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         assert read(f"{by['memory']}/memory.limit_in_bytes") == str(100 * MiB)
         assert read(f"{by['pids']}/pids.max") == "20"
         assert read(f"{by['cpu']}/cpu.cfs_quota_us") == "25000"
-        assert read(f"{by['cpu']}/cpu.cfs_period_us") == "100000"
+        assert read(f"{by['cpu']}/cpu.cfs_period_us").strip() == "100000"  # as made
         files.enter()
         files.leave()
         for c in ("cpu", "pids"):
@@ -126,11 +126,18 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         Path(by["memory"], "memory.oom_control").write_text(
             "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
         assert files.oom_kills() == 2
-        files.recycle("fresh")  # limits off again, the cpu cgroup gone
+        files.recycle("fresh")  # limits off again, the cpu and pids cgroups kept unjoined
         fresh = {p.split("/sys/fs/cgroup/")[1].split("/")[0]: p for p in driver.paths("fresh")}
         assert read(f"{fresh['memory']}/memory.limit_in_bytes").strip() == "9223372036854771712"
-        for c in ("cpu", "pids"):  # joined for those limits only: gone with them
-            assert not os.path.exists(fresh[c]) and not os.path.exists(by[c])
+        assert read(f"{fresh['pids']}/pids.max") == "max"
+        assert read(f"{fresh['cpu']}/cpu.cfs_quota_us") == "-1"
+        for c in ("cpu", "pids"):  # renamed with the rest, not left behind
+            assert not os.path.exists(by[c])
+        written = [read(f"{fresh[c]}/tasks") for c in ("cpu", "pids", "memory")]
+        files.enter()  # a job without those limits does not join them (the fake's tasks
+        # files keep what was written: the cpu and pids ones hold the first job's entry)
+        assert [read(f"{fresh[c]}/tasks") for c in ("cpu", "pids")] == written[:2]
+        assert read(f"{fresh['memory']}/tasks") != written[2]
     else:
         [path] = driver.paths(JOB)
         assert read(f"{path}/memory.max") == str(100 * MiB)
@@ -138,6 +145,28 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         assert read(f"{path}/pids.max") == "20"
         Path(path, "memory.events").write_text("oom 3\noom_kill 1\n")
         assert files.oom_kills() == 1
+    files.close()
+
+
+def test_a_recycled_v1_cgroup_keeps_its_cpu_and_pids_cgroups_for_the_next_limited_job(
+        tmp_path: Path) -> None:
+    """A job with cpu and pids limits leaves those cgroups, limits lifted, renamed with
+    the rest when its cgroup is recycled: the next job with such limits joins them as they
+    are (no mkdir on the start path), and its limits land there."""
+    driver = FakeCgroupTree(str(tmp_path), "v1").detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    for name, (cpu, pids) in ((JOB, (0.25, 20)), ("fresh", (2.0, 5))):
+        by = {p.split("/sys/fs/cgroup/")[1].split("/")[0]: p for p in driver.paths(name)}
+        if name == "fresh":
+            files.recycle(name)
+            assert read(f"{by['pids']}/pids.max") == "max"  # kept, lifted
+            assert read(f"{by['cpu']}/cpu.cfs_quota_us") == "-1"
+        files.set_limits(None, cpu, pids)
+        assert read(f"{by['pids']}/pids.max") == str(pids)
+        assert read(f"{by['cpu']}/cpu.cfs_quota_us") == str(int(cpu * 100_000))
     files.close()
 
 

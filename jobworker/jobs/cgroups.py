@@ -238,6 +238,9 @@ class V1Files:
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
         self._extra = extra or {}
         self._extra_fd: dict[str, int] = {}  # joined: controller -> the job's tasks there
+        # Kept from an earlier job that had such a limit, unjoined (see ``recycle``):
+        # controller -> (directory, its tasks).
+        self._spare: dict[str, tuple[str, int]] = {}
         self._throttled: set[str] = set()  # devices with a blkio throttle (lifted on recycle)
 
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
@@ -253,8 +256,8 @@ class V1Files:
             _write(os.path.join(self._dirs["pids"], "pids.max"), str(pids))
         if cpu is not None:
             self._join(CPU_V1)
+            # A quota of the period every cgroup starts with (CPU_PERIOD_US), never changed.
             quota = max(1000, int(cpu * CPU_PERIOD_US))
-            _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_quota_us"), str(quota))
 
     def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
@@ -274,20 +277,31 @@ class V1Files:
             return  # co-mounted with one every job has, or joined already
         if controller not in self._extra:
             raise OSError(errno.ENOTSUP, f"no {controller} controller mounted for this limit")
+        ready = self._spare.pop(controller, None)
+        path, fd = ready if ready is not None else self._make_extra(controller)
+        self._extra_fd[controller] = fd
+        self._dirs = {**self._dirs, controller: path}
+
+    def _make_extra(self, controller: str) -> tuple[str, int]:
         path = os.path.join(self._extra[controller][0], self.name)
         try:
             self._fs[0](path)
         except FileExistsError:
             pass
-        self._extra_fd[controller] = os.open(os.path.join(path, "tasks"),
-                                             os.O_WRONLY | os.O_CLOEXEC)
-        self._dirs = {**self._dirs, controller: path}
+        return path, os.open(os.path.join(path, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
 
     def _leave_extra(self) -> None:
-        """Recycling: the next job may want no such limit, so those cgroups go."""
+        """Recycling: the next job may want no such limit, so those cgroups are left, their
+        limits lifted, and kept to be renamed with the others: a later job with such a
+        limit then joins one without a mkdir and an open on the reactor thread (a workload
+        of limited jobs soon has them in every recycled cgroup; others never make them)."""
         for controller, fd in self._extra_fd.items():
-            os.close(fd)
-            self._fs[1](self._dirs.pop(controller))
+            path = self._dirs.pop(controller)
+            if controller == "pids":
+                _write(os.path.join(path, "pids.max"), "max")
+            elif controller == CPU_V1:
+                _write(os.path.join(path, "cpu.cfs_quota_us"), "-1")
+            self._spare[controller] = (path, fd)
         self._extra_fd = {}
 
     def oom_kills(self) -> int:
@@ -352,6 +366,10 @@ class V1Files:
                 # leaves both names: the pool then removes both.
                 os.rename(old, new)
             renamed[old] = new
+        for controller, (old, fd) in list(self._spare.items()):
+            new = os.path.join(os.path.dirname(old), name)
+            os.rename(old, new)
+            self._spare[controller] = (new, fd)
         self._dirs = {c: renamed[p] for c, p in d.items()}
         self._task_fd = {renamed[p]: fd for p, fd in self._task_fd.items()}
         unique = list(dict.fromkeys(self._dirs.values()))
@@ -437,6 +455,9 @@ class V1Files:
         for fd in self._extra_fd.values():
             os.close(fd)
         self._extra_fd = {}
+        for _, fd in self._spare.values():
+            os.close(fd)
+        self._spare = {}
 
 
 class V1Driver:

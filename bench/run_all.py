@@ -32,6 +32,7 @@ SCRIPTS = [
     ("start_latency", 60),
     ("rpc", 60),
     ("throughput", 120),
+    ("cgroups", 90),
     ("capture", 90),
     ("follow", 120),
     ("memory", 120),

@@ -298,6 +298,7 @@ class FakeCgroupFiles:
         self.inside = False
         self.limits: tuple[int | None, float | None, int | None] | None = None
         self.ooms = 0  # processes the kernel's OOM killer ended here
+        self.oom_fd: int | None = None
         self.io: tuple[list[str], int | None, int | None] | None = None
 
     def enter(self) -> None:
@@ -349,6 +350,10 @@ class FakeCgroupFiles:
 
     def oom_kills(self) -> int:
         return self.ooms
+
+    def oom_eventfd(self) -> int | None:
+        """``oom_fd`` if a test set one (an eventfd it signals), else None (polling)."""
+        return self.oom_fd
 
     def close(self) -> None:
         self.closed = True

@@ -303,6 +303,42 @@ def test_an_oom_kill_ends_the_rest_of_the_job_and_is_recorded(
     assert record.state == EXITED and record.signal == "SIGKILL" and record.oom_killed
 
 
+def test_after_oom_poll_an_oom_is_seen_on_the_kernels_notification(
+        preactor: ProcessReactor, tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    """A limited job still running at OOM_POLL gets its cgroup's OOM eventfd watched on the
+    reactor instead of more polls: a notification whose kill is counted ends the job at
+    once (no time passes); one that comes before its kill is counted is looked at again
+    OOM_SETTLE later; either way the eventfd is then unwatched and closed."""
+    cgroups = FakeCgroups(preactor)
+    manager = manager_with(preactor, tmp_path, cgroups, LimitPolicy())
+    jobs = [manager.start("alice", "sleep", ["60"], memory=100 * MiB) for _ in range(2)]
+    fds = []
+    for job in jobs:
+        files = cgroups.files[job.id]
+        files.procs = [job.pid, 4001]  # type: ignore[list-item]
+        files.oom_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fds.append(files.oom_fd)
+    preactor.advance(jobcgroup.OOM_POLL)
+    readers = {r.fileno(): r for r in preactor.getReaders()}
+    assert set(fds) <= set(readers) and not any(j.oom_killed for j in jobs)
+    first, second = (cgroups.files[j.id] for j in jobs)
+    first.ooms = 1  # counted by the time the notification is read
+    os.eventfd_write(fds[0], 1)
+    readers[fds[0]].doRead()
+    assert jobs[0].oom_killed and first.log[-3:] == ["freeze", "kill:FROZEN", "thaw"]
+    os.eventfd_write(fds[1], 1)
+    readers[fds[1]].doRead()  # the kill not counted yet
+    assert not jobs[1].oom_killed
+    second.ooms = 1
+    preactor.advance(jobcgroup.OOM_SETTLE[1])
+    assert jobs[1].oom_killed
+    assert [e["via"] for e in named(events, "cgroup.oom_seen")] == ["event", "event"]
+    assert not set(fds) & {r.fileno() for r in preactor.getReaders()}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+
+
 # -- real jobs under real limits -------------------------------------------------------------
 
 
@@ -321,6 +357,26 @@ def test_300_mb_under_a_100m_limit_is_oom_killed(make_daemon: Any) -> None:
     assert rec["oom_killed"] is True and rec["signal"] == "SIGKILL", rec
     assert rec["limits"]["memory"] == 100 * MiB
     assert 0 < rec["usage"]["memory_peak"] <= 100 * MiB + MiB
+
+
+@real
+@pytest_twisted.ensureDeferred
+async def test_a_later_oom_is_seen_through_the_cgroups_eventfd(make_daemon: Any) -> None:
+    """A job that runs past OOM_POLL, then allocates 300 MiB under a 100M limit beside a
+    sleeping sibling: the kernel's v1 OOM notification (an eventfd) tells the daemon, which
+    ends the sibling too; the record says oom_killed."""
+    d = make_daemon("--grace", "0.2")
+    client = await connect(real_reactor, d.config())
+    script = ("import subprocess, time\n"
+              "subprocess.Popen(['sleep', '60'])\n"
+              "time.sleep(0.6)\n"
+              "x = b'\\x01' * (300 * 1024 * 1024)\n")
+    rec = await client.start(PY, ["-c", script], memory=100 * MiB)
+    ended = await client.record("wait", rec.id)
+    client.close()
+    assert ended.oom_killed and ended.signal == "SIGKILL", ended
+    await until(lambda: f"cgroup={rec.id} via=event" in d.log(), 10, "the oom event logged")
+    assert not job_procs(d, rec.id)
 
 
 @real

@@ -94,6 +94,11 @@ class CgroupFiles(Protocol):
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this cgroup for want of memory."""
 
+    def oom_eventfd(self) -> int | None:
+        """A new non-blocking eventfd the kernel signals when this cgroup runs out of memory
+        (just before its OOM killer picks a process), for the caller to watch and close;
+        None where this cgroup cannot (then poll ``oom_kills``)."""
+
     def close(self) -> None:
         """Close the descriptors held open."""
 
@@ -303,6 +308,27 @@ class V1Files:
                 _write(os.path.join(path, "cpu.cfs_quota_us"), "-1")
             self._spare[controller] = (path, fd)
         self._extra_fd = {}
+
+    def oom_eventfd(self) -> int | None:
+        # cgroup v1's notification API (Documentation/admin-guide/cgroup-v1/memory.rst,
+        # "OOM Control"): "<eventfd> <fd of memory.oom_control>" into cgroup.event_control.
+        # The kernel keeps its own references; the event goes when the eventfd is closed
+        # or the cgroup removed.
+        if "memory" not in self._dirs:
+            return None
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ofd = os.open(os.path.join(self._dirs["memory"], "memory.oom_control"),
+                          os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(os.path.join(self._dirs["memory"], "cgroup.event_control"),
+                       f"{efd} {ofd}")
+            finally:
+                os.close(ofd)
+        except OSError:
+            os.close(efd)
+            return None
+        return efd
 
     def oom_kills(self) -> int:
         if "memory" not in self._dirs:
@@ -640,6 +666,9 @@ class V2Files:
             if key == "oom_kill":
                 return int(value)
         return 0
+
+    def oom_eventfd(self) -> int | None:
+        return None  # memory.events is polled (inotify would tell at once: not done yet)
 
     def close(self) -> None:
         if self._procs >= 0:

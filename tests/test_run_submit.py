@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, Daemon
 
-from jobworker.client import batch
+from jobworker.client import batch, render
 from jobworker.wire.record import JobRecord
 
 # Last resort; every wait below has its own deadline.
@@ -398,6 +398,14 @@ def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
 
 
 # -- human output of list and status ---------------------------------------------------------
+
+
+def test_status_names_each_limit_io_included() -> None:
+    """status's limits line: sizes in binary units, io per second, '-' for unlimited."""
+    limits = {"memory": 512 << 20, "cpu": 0.5, "pids": 64, "io_read": 10 << 20,
+              "io_write": None, "io_devices": ["254:0"]}
+    assert render.limits(limits) == ("memory 512.0 MiB, cpu 0.5, pids 64, "
+                                     "io read 10.0 MiB/s, write -")
 
 
 def test_list_is_an_aligned_table_with_relative_times_and_durations(daemon: Daemon) -> None:

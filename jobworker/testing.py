@@ -351,7 +351,7 @@ class FakeCgroupFiles:
     def oom_kills(self) -> int:
         return self.ooms
 
-    def oom_eventfd(self) -> int | None:
+    def oom_notifier(self) -> int | None:
         """``oom_fd`` if a test set one (an eventfd it signals), else None (polling)."""
         return self.oom_fd
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
@@ -168,6 +169,28 @@ def test_a_recycled_v1_cgroup_keeps_its_cpu_and_pids_cgroups_for_the_next_limite
         assert read(f"{by['pids']}/pids.max") == str(pids)
         assert read(f"{by['cpu']}/cpu.cfs_quota_us") == str(int(cpu * 100_000))
     files.close()
+
+
+def test_v2_oom_notifier_is_inotify_on_memory_events(tmp_path: Path) -> None:
+    """v2 (fake tree, as this host is v1): the descriptor watched for OOMs becomes readable
+    when memory.events changes, and is drained by a read."""
+    driver = FakeCgroupTree(str(tmp_path), "v2").detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    fd = files.oom_notifier()
+    assert fd is not None
+    try:
+        assert select.select([fd], [], [], 0)[0] == []
+        Path(driver.paths(JOB)[0], "memory.events").write_text("oom 1\noom_kill 1\n")
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        os.read(fd, 4096)
+        assert select.select([fd], [], [], 0)[0] == []
+        assert files.oom_kills() == 1
+    finally:
+        os.close(fd)
+        files.close()
 
 
 def test_io_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:

@@ -12,6 +12,7 @@ or removed, except that the spawning thread writes itself back into ``<own>``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -94,10 +95,12 @@ class CgroupFiles(Protocol):
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this cgroup for want of memory."""
 
-    def oom_eventfd(self) -> int | None:
-        """A new non-blocking eventfd the kernel signals when this cgroup runs out of memory
-        (just before its OOM killer picks a process), for the caller to watch and close;
-        None where this cgroup cannot (then poll ``oom_kills``)."""
+    def oom_notifier(self) -> int | None:
+        """A new non-blocking descriptor that becomes readable when this cgroup runs out of
+        memory (v1: an eventfd, signalled just before the OOM killer picks a process; v2:
+        inotify on ``memory.events``, which also changes for other memory events), for the
+        caller to watch, drain and close; None where it cannot be had (then poll
+        ``oom_kills``)."""
 
     def close(self) -> None:
         """Close the descriptors held open."""
@@ -161,6 +164,24 @@ def _write(path: str, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_IN_MODIFY = 0x2
+
+
+def _inotify(path: str) -> int:
+    """A non-blocking inotify descriptor watching ``path`` for changes (the standard
+    library has no inotify)."""
+    fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, os.strerror(e), path)
+    return fd
 
 
 def _pids_in(path: str) -> list[int]:
@@ -309,7 +330,7 @@ class V1Files:
             self._spare[controller] = (path, fd)
         self._extra_fd = {}
 
-    def oom_eventfd(self) -> int | None:
+    def oom_notifier(self) -> int | None:
         # cgroup v1's notification API (Documentation/admin-guide/cgroup-v1/memory.rst,
         # "OOM Control"): "<eventfd> <fd of memory.oom_control>" into cgroup.event_control.
         # The kernel keeps its own references; the event goes when the eventfd is closed
@@ -667,8 +688,12 @@ class V2Files:
                 return int(value)
         return 0
 
-    def oom_eventfd(self) -> int | None:
-        return None  # memory.events is polled (inotify would tell at once: not done yet)
+    def oom_notifier(self) -> int | None:
+        # "A value change in this file generates a file modified event" (cgroup-v2.rst).
+        try:
+            return _inotify(os.path.join(self._dir, "memory.events"))
+        except OSError:
+            return None
 
     def close(self) -> None:
         if self._procs >= 0:

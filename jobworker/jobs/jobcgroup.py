@@ -28,9 +28,9 @@ KILL_AGAIN = 0.5
 #: A running job's usage is read from the kernel at most this often (status, list).
 USAGE_TTL = 1.0
 #: A job with a memory limit is checked for OOM kills this long after its start; if it
-#: still runs, the kernel's OOM notification (v1: an eventfd) is watched from then on, or
-#: where there is none (v2) the check repeats this often.  Jobs that end sooner cost no
-#: registration.
+#: still runs, the kernel's OOM notification (v1: an eventfd; v2: inotify on
+#: memory.events) is watched from then on, or where there is none the check repeats this
+#: often.  Jobs that end sooner cost no registration.
 OOM_POLL = 0.25
 #: After an OOM notification (which comes just before the kill): when to look for the kill.
 OOM_SETTLE = (0.0, 0.002, 0.01, 0.05, 0.25)
@@ -84,7 +84,8 @@ class JobCgroup:
     def watch_oom(self, on_oom: Callable[[], None]) -> None:
         """Call ``on_oom`` once, when the kernel first kills a process here for want of
         memory: checked OOM_POLL seconds after the start, then on the kernel's notification
-        (v1), else every OOM_POLL seconds, until the cgroup is released."""
+        (v1's eventfd, v2's memory.events), else every OOM_POLL seconds, until the cgroup is
+        released."""
         self._on_oom = on_oom
         self._oom_call = self._reactor.callLater(OOM_POLL, self._poll_oom)
 
@@ -93,16 +94,16 @@ class JobCgroup:
         if self._released or self._found_oom("poll"):
             return
         if self._oom_reader is None:
-            fd = self._oom_eventfd()
+            fd = self._oom_notifier()
             if fd is not None:
                 self._oom_reader = _EventReader(fd, self._oom_event)
                 self._reactor.addReader(self._oom_reader)
                 return
         self._oom_call = self._reactor.callLater(OOM_POLL, self._poll_oom)
 
-    def _oom_eventfd(self) -> int | None:
+    def _oom_notifier(self) -> int | None:
         try:
-            return self._files.oom_eventfd()
+            return self._files.oom_notifier()
         except OSError:
             return None
 
@@ -271,7 +272,8 @@ class JobCgroup:
 
 @implementer(IReadDescriptor)
 class _EventReader:
-    """An eventfd on the reactor: each time it is readable, drain it and call ``on_event``."""
+    """An eventfd or inotify descriptor on the reactor: each time it is readable, drain it
+    and call ``on_event``."""
 
     def __init__(self, fd: int, on_event: Callable[[], None]) -> None:
         self.fd = fd
@@ -282,7 +284,7 @@ class _EventReader:
 
     def doRead(self) -> None:
         try:
-            os.eventfd_read(self.fd)
+            os.read(self.fd, 4096)  # an eventfd's counter, or inotify's events
         except BlockingIOError:
             return
         self._on_event()

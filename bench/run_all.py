@@ -34,6 +34,7 @@ SCRIPTS = [
     ("rpc", 60),
     ("metrics_cost", 60),
     ("throughput", 120),
+    ("cgroups", 90),
     ("capture", 90),
     ("follow", 120),
     ("memory", 120),

@@ -298,6 +298,8 @@ class FakeCgroupFiles:
         self.inside = False
         self.limits: tuple[int | None, float | None, int | None] | None = None
         self.ooms = 0  # processes the kernel's OOM killer ended here
+        self.oom_fd: int | None = None
+        self.io: tuple[list[str], int | None, int | None] | None = None
 
     def enter(self) -> None:
         self.log.append("enter")
@@ -342,8 +344,16 @@ class FakeCgroupFiles:
         self.log.append(f"limits:{memory},{cpu},{pids}")
         self.limits = (memory, cpu, pids)
 
+    def set_io(self, devices: Any, read: int | None, write: int | None) -> None:
+        self.log.append(f"io:{','.join(devices)},{read},{write}")
+        self.io = (list(devices), read, write)
+
     def oom_kills(self) -> int:
         return self.ooms
+
+    def oom_notifier(self) -> int | None:
+        """``oom_fd`` if a test set one (an eventfd it signals), else None (polling)."""
+        return self.oom_fd
 
     def close(self) -> None:
         self.closed = True
@@ -399,13 +409,14 @@ _V1_FILES = {
     "pids": {"pids.max": "max\n"},
     "cpu": {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"},
     "cpuacct": {"cpuacct.usage": "0\n"},
-    "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n", "blkio.reset_stats": ""},
+    "blkio": {"blkio.throttle.io_service_bytes": "Total 0\n", "blkio.reset_stats": "",
+              "blkio.throttle.read_bps_device": "", "blkio.throttle.write_bps_device": ""},
     "freezer": {"freezer.state": "THAWED\n"},
 }
 _V2_FILES = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.subtree_control": "",
              "cgroup.controllers": "", "cpu.stat": "usage_usec 0\n", "memory.peak": "0\n",
              "io.stat": "", "memory.max": "max\n", "cpu.max": "max 100000\n",
-             "pids.max": "max\n", "memory.events": "oom 0\noom_kill 0\n"}
+             "pids.max": "max\n", "memory.events": "oom 0\noom_kill 0\n", "io.max": ""}
 
 
 class FakeCgroupTree:

@@ -106,6 +106,8 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "memory": (st.sampled_from([64 << 20, 1 << 30]), st.one_of(ints, but(int))),
             "cpu": (st.sampled_from([0.5, 1.0, 2]), st.one_of(floats, ints, but(int, float))),
             "pids": (st.sampled_from([16, 64]), st.one_of(ints, but(int))),
+            "io_read": (st.sampled_from([1 << 20, 100 << 20]), st.one_of(ints, but(int))),
+            "io_write": (st.sampled_from([1 << 20, 100 << 20]), st.one_of(ints, but(int))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import sys
 import time
@@ -30,6 +32,7 @@ from twisted.python import usage
 from jobworker.client.api import connect
 from jobworker.daemon.tap import Options
 from jobworker.jobs import jobcgroup
+from jobworker.jobs.blockdev import BlockDevices
 from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
@@ -66,6 +69,10 @@ def test_policy_applies_defaults_and_refuses_above_the_maximum_naming_it() -> No
     with pytest.raises(errors.BadRequest, match="'pids' is above .* maximum of 100"):
         policy.resolve(pids=101)
     assert not LimitPolicy().resolve()
+    io = LimitPolicy(JobLimits(io_write=MiB), JobLimits(io_read=10 * MiB))
+    assert io.resolve(io_read=MiB) == JobLimits(io_read=MiB, io_write=MiB)
+    with pytest.raises(errors.BadRequest, match="'io_read' is above .* 10485760 bytes per second"):
+        io.resolve(io_read=11 * MiB)
     with pytest.raises(ValueError):
         LimitPolicy(JobLimits(pids=10), JobLimits(pids=5))
 
@@ -75,10 +82,13 @@ def test_daemon_limit_options() -> None:
     or limits with --no-cgroups are usage errors."""
     opts = Options()
     opts.parseOptions(["--pki", "/p", "--default-memory", "256M", "--max-memory", "1G",
-                       "--max-cpu", "2", "--default-pids", "64"])
-    assert opts["limits"] == LimitPolicy(JobLimits(256 * MiB, None, 64),
-                                         JobLimits(1 << 30, 2.0, None))
+                       "--max-cpu", "2", "--default-pids", "64", "--default-io-read", "10M",
+                       "--max-io-read", "1G", "--max-io-write", "512K"])
+    assert opts["limits"] == LimitPolicy(JobLimits(256 * MiB, None, 64, 10 * MiB, None),
+                                         JobLimits(1 << 30, 2.0, None, 1 << 30, 512 << 10))
     for argv in (["--default-memory", "2G", "--max-memory", "1G"], ["--max-memory", "lots"],
+                 ["--default-io-write", "2M", "--max-io-write", "1M"], ["--max-io-read", "0"],
+                 ["--no-cgroups", "--default-io-read", "1M"],
                  ["--max-pids", "0"], ["--max-cpu", "0"], ["--no-cgroups", "--max-pids", "5"]):
         with pytest.raises(usage.UsageError):
             Options().parseOptions(["--pki", "/p", *argv])
@@ -108,7 +118,7 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         assert read(f"{by['memory']}/memory.limit_in_bytes") == str(100 * MiB)
         assert read(f"{by['pids']}/pids.max") == "20"
         assert read(f"{by['cpu']}/cpu.cfs_quota_us") == "25000"
-        assert read(f"{by['cpu']}/cpu.cfs_period_us") == "100000"
+        assert read(f"{by['cpu']}/cpu.cfs_period_us").strip() == "100000"  # as made
         files.enter()
         files.leave()
         for c in ("cpu", "pids"):
@@ -117,11 +127,18 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         Path(by["memory"], "memory.oom_control").write_text(
             "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
         assert files.oom_kills() == 2
-        files.recycle("fresh")  # limits off again, the cpu cgroup gone
+        files.recycle("fresh")  # limits off again, the cpu and pids cgroups kept unjoined
         fresh = {p.split("/sys/fs/cgroup/")[1].split("/")[0]: p for p in driver.paths("fresh")}
         assert read(f"{fresh['memory']}/memory.limit_in_bytes").strip() == "9223372036854771712"
-        for c in ("cpu", "pids"):  # joined for those limits only: gone with them
-            assert not os.path.exists(fresh[c]) and not os.path.exists(by[c])
+        assert read(f"{fresh['pids']}/pids.max") == "max"
+        assert read(f"{fresh['cpu']}/cpu.cfs_quota_us") == "-1"
+        for c in ("cpu", "pids"):  # renamed with the rest, not left behind
+            assert not os.path.exists(by[c])
+        written = [read(f"{fresh[c]}/tasks") for c in ("cpu", "pids", "memory")]
+        files.enter()  # a job without those limits does not join them (the fake's tasks
+        # files keep what was written: the cpu and pids ones hold the first job's entry)
+        assert [read(f"{fresh[c]}/tasks") for c in ("cpu", "pids")] == written[:2]
+        assert read(f"{fresh['memory']}/tasks") != written[2]
     else:
         [path] = driver.paths(JOB)
         assert read(f"{path}/memory.max") == str(100 * MiB)
@@ -130,6 +147,105 @@ def test_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
         Path(path, "memory.events").write_text("oom 3\noom_kill 1\n")
         assert files.oom_kills() == 1
     files.close()
+
+
+def test_a_recycled_v1_cgroup_keeps_its_cpu_and_pids_cgroups_for_the_next_limited_job(
+        tmp_path: Path) -> None:
+    """A job with cpu and pids limits leaves those cgroups, limits lifted, renamed with
+    the rest when its cgroup is recycled: the next job with such limits joins them as they
+    are (no mkdir on the start path), and its limits land there."""
+    driver = FakeCgroupTree(str(tmp_path), "v1").detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    for name, (cpu, pids) in ((JOB, (0.25, 20)), ("fresh", (2.0, 5))):
+        by = {p.split("/sys/fs/cgroup/")[1].split("/")[0]: p for p in driver.paths(name)}
+        if name == "fresh":
+            files.recycle(name)
+            assert read(f"{by['pids']}/pids.max") == "max"  # kept, lifted
+            assert read(f"{by['cpu']}/cpu.cfs_quota_us") == "-1"
+        files.set_limits(None, cpu, pids)
+        assert read(f"{by['pids']}/pids.max") == str(pids)
+        assert read(f"{by['cpu']}/cpu.cfs_quota_us") == str(int(cpu * 100_000))
+    files.close()
+
+
+def test_v2_oom_notifier_is_inotify_on_memory_events(tmp_path: Path) -> None:
+    """v2 (fake tree, as this host is v1): the descriptor watched for OOMs becomes readable
+    when memory.events changes, and is drained by a read."""
+    driver = FakeCgroupTree(str(tmp_path), "v2").detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    fd = files.oom_notifier()
+    assert fd is not None
+    try:
+        assert select.select([fd], [], [], 0)[0] == []
+        Path(driver.paths(JOB)[0], "memory.events").write_text("oom 1\noom_kill 1\n")
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        os.read(fd, 4096)
+        assert select.select([fd], [], [], 0)[0] == []
+        assert files.oom_kills() == 1
+    finally:
+        os.close(fd)
+        files.close()
+
+
+def test_io_limits_are_written_to_the_versions_files(tree: FakeCgroupTree) -> None:
+    """v1: one "MAJ:MIN bytes" rule per disk in blkio.throttle.read_bps_device and
+    write_bps_device, lifted ("MAJ:MIN 0") when the cgroup is recycled for the next job;
+    v2: io.max "MAJ:MIN rbps=... wbps=..." ("max" for the one not limited)."""
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    if tree.version == "v1":
+        blkio = next(p for p in driver.paths(JOB) if "/blkio/" in p)
+        files.set_io(["254:0"], MiB, 2 * MiB)
+        assert read(f"{blkio}/blkio.throttle.read_bps_device") == f"254:0 {MiB}"
+        assert read(f"{blkio}/blkio.throttle.write_bps_device") == f"254:0 {2 * MiB}"
+        files.recycle("fresh")
+        blkio = next(p for p in driver.paths("fresh") if "/blkio/" in p)
+        for name in ("read", "write"):
+            assert read(f"{blkio}/blkio.throttle.{name}_bps_device") == "254:0 0"
+    else:
+        [path] = driver.paths(JOB)
+        files.set_io(["254:0"], MiB, None)
+        assert read(f"{path}/io.max") == f"254:0 rbps={MiB} wbps=max"
+        files.set_io(["8:16"], None, 3 * MiB)
+        assert read(f"{path}/io.max") == f"8:16 rbps=max wbps={3 * MiB}"
+    files.close()
+
+
+def test_a_partition_is_throttled_through_its_whole_disk(tmp_path: Path) -> None:
+    """The kernel's throttles take whole disks only (a partition is ENODEV): a partition's
+    sysfs entry resolves to its disk's MAJ:MIN, a disk to itself, anonymous devices and
+    unknown ones to None."""
+    disk = tmp_path / "devices/pci0/block/sda"
+    (disk / "sda1").mkdir(parents=True)
+    (disk / "dev").write_text("8:0\n")
+    (disk / "sda1" / "partition").write_text("1\n")
+    (tmp_path / "dev/block").mkdir(parents=True)
+    os.symlink(disk, tmp_path / "dev/block/8:0")
+    os.symlink(disk / "sda1", tmp_path / "dev/block/8:1")
+    devices = BlockDevices(str(tmp_path))
+    assert devices.whole_disk(8, 1) == "8:0" and devices.whole_disk(8, 0) == "8:0"
+    assert devices.whole_disk(0, 45) is None and devices.whole_disk(8, 2) is None
+
+
+def test_the_state_directorys_disk_is_a_whole_disk_and_tmpfs_none(tmp_path: Path) -> None:
+    """On this host: the disk holding a test directory is one /sys/block lists (a whole
+    disk, not a partition); /dev/shm (tmpfs) is on no block device."""
+    devices = BlockDevices()
+    disk = devices.disk_of(str(tmp_path))
+    if disk is None:
+        pytest.skip(f"{tmp_path} is on no block device here")
+    names = {Path(f"/sys/block/{n}/dev").read_text().strip(): n for n in os.listdir("/sys/block")}
+    assert disk in names, (disk, names)
+    assert devices.disks_of([str(tmp_path), str(tmp_path), "/dev/shm"]) == [disk]
 
 
 # -- the manager and the job (fake reactor) -------------------------------------------------
@@ -155,7 +271,23 @@ def test_limits_are_set_before_the_spawn_and_recorded(preactor: ProcessReactor,
     job = manager.start("alice", "sleep", ["60"], memory=100 * MiB, cpu=0.5)
     files = cgroups.files[job.id]
     assert files.log[:3] == [f"limits:{100 * MiB},0.5,64", "enter", "leave"]
-    assert job.record().limits == {"memory": 100 * MiB, "cpu": 0.5, "pids": 64}
+    assert job.record().limits == {"memory": 100 * MiB, "cpu": 0.5, "pids": 64,
+                                   "io_read": None, "io_write": None}
+
+
+def test_io_limits_apply_to_the_disks_of_the_job_dir_and_the_logs(
+        preactor: ProcessReactor, tmp_path: Path) -> None:
+    """An io limit is set on the disks of the job's directory and of the state directory
+    (each once), after the other limits and before the spawn; the record names them."""
+    cgroups = FakeCgroups(preactor)
+    manager = manager_with(preactor, tmp_path, cgroups, LimitPolicy(JobLimits(io_write=MiB)))
+    job = manager.start("alice", "sleep", ["60"], dir=str(tmp_path), io_read=2 * MiB)
+    disks = BlockDevices().disks_of([str(tmp_path), str(tmp_path / "logs")])
+    files = cgroups.files[job.id]
+    assert files.log[:4] == ["limits:None,None,None", f"io:{','.join(disks)},{2 * MiB},{MiB}",
+                             "enter", "leave"]
+    assert job.record().limits == {"memory": None, "cpu": None, "pids": None,
+                                   "io_read": 2 * MiB, "io_write": MiB, "io_devices": disks}
 
 
 def test_above_the_maximum_is_refused_and_without_cgroups_limits_fail(
@@ -194,6 +326,42 @@ def test_an_oom_kill_ends_the_rest_of_the_job_and_is_recorded(
     assert record.state == EXITED and record.signal == "SIGKILL" and record.oom_killed
 
 
+def test_after_oom_poll_an_oom_is_seen_on_the_kernels_notification(
+        preactor: ProcessReactor, tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    """A limited job still running at OOM_POLL gets its cgroup's OOM eventfd watched on the
+    reactor instead of more polls: a notification whose kill is counted ends the job at
+    once (no time passes); one that comes before its kill is counted is looked at again
+    OOM_SETTLE later; either way the eventfd is then unwatched and closed."""
+    cgroups = FakeCgroups(preactor)
+    manager = manager_with(preactor, tmp_path, cgroups, LimitPolicy())
+    jobs = [manager.start("alice", "sleep", ["60"], memory=100 * MiB) for _ in range(2)]
+    fds = []
+    for job in jobs:
+        files = cgroups.files[job.id]
+        files.procs = [job.pid, 4001]  # type: ignore[list-item]
+        files.oom_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fds.append(files.oom_fd)
+    preactor.advance(jobcgroup.OOM_POLL)
+    readers = {r.fileno(): r for r in preactor.getReaders()}
+    assert set(fds) <= set(readers) and not any(j.oom_killed for j in jobs)
+    first, second = (cgroups.files[j.id] for j in jobs)
+    first.ooms = 1  # counted by the time the notification is read
+    os.eventfd_write(fds[0], 1)
+    readers[fds[0]].doRead()
+    assert jobs[0].oom_killed and first.log[-3:] == ["freeze", "kill:FROZEN", "thaw"]
+    os.eventfd_write(fds[1], 1)
+    readers[fds[1]].doRead()  # the kill not counted yet
+    assert not jobs[1].oom_killed
+    second.ooms = 1
+    preactor.advance(jobcgroup.OOM_SETTLE[1])
+    assert jobs[1].oom_killed
+    assert [e["via"] for e in named(events, "cgroup.oom_seen")] == ["event", "event"]
+    assert not set(fds) & {r.fileno() for r in preactor.getReaders()}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+
+
 # -- real jobs under real limits -------------------------------------------------------------
 
 
@@ -216,6 +384,26 @@ def test_300_mb_under_a_100m_limit_is_oom_killed(make_daemon: Any) -> None:
 
 @real
 @pytest_twisted.ensureDeferred
+async def test_a_later_oom_is_seen_through_the_cgroups_eventfd(make_daemon: Any) -> None:
+    """A job that runs past OOM_POLL, then allocates 300 MiB under a 100M limit beside a
+    sleeping sibling: the kernel's v1 OOM notification (an eventfd) tells the daemon, which
+    ends the sibling too; the record says oom_killed."""
+    d = make_daemon("--grace", "0.2")
+    client = await connect(real_reactor, d.config())
+    script = ("import subprocess, time\n"
+              "subprocess.Popen(['sleep', '60'])\n"
+              "time.sleep(0.6)\n"
+              "x = b'\\x01' * (300 * 1024 * 1024)\n")
+    rec = await client.start(PY, ["-c", script], memory=100 * MiB)
+    ended = await client.record("wait", rec.id)
+    client.close()
+    assert ended.oom_killed and ended.signal == "SIGKILL", ended
+    await until(lambda: f"cgroup={rec.id} via=event" in d.log(), 10, "the oom event logged")
+    assert not job_procs(d, rec.id)
+
+
+@real
+@pytest_twisted.ensureDeferred
 async def test_a_fork_loop_under_pids_20_is_contained_and_stopped(make_daemon: Any) -> None:
     """Under --pids 20 a fork loop never has more than 20 processes (forks fail past it,
     pids.events counts them) and a stop still leaves none."""
@@ -230,7 +418,8 @@ async def test_a_fork_loop_under_pids_20_is_contained_and_stopped(make_daemon: A
             "    except OSError:\n"
             "        pass\n")
     rec = await client.start(PY, ["-c", loop], pids=20)
-    assert rec.limits == {"memory": None, "cpu": None, "pids": 20}
+    assert rec.limits == {"memory": None, "cpu": None, "pids": 20, "io_read": None,
+                          "io_write": None}
     pids_root = next(r for r in d.cgroup_roots() if "/sys/fs/cgroup/pids/" in r)
     events = f"{pids_root}/{rec.id}/pids.events"
     await until(lambda: int(read(events).split()[1]) > 0, 10, "forks refused at the limit")
@@ -263,15 +452,60 @@ async def test_a_busy_loop_under_cpu_0_2_uses_a_fifth_of_a_core(make_daemon: Any
     assert 0.1 <= cores <= 0.3, cores
 
 
+def dd_rate(rec: Any) -> tuple[int, float]:
+    """Bytes dd copied and its own rate of them, bytes per second, from the job's stderr."""
+    text = Path(rec.log_dir, "stderr.log").read_text()
+    found = re.search(r"^(\d+) bytes .* copied, ([\d.]+) s", text, re.MULTILINE)
+    assert found, text
+    return int(found[1]), int(found[1]) / float(found[2])
+
+
+@real
+@pytest_twisted.ensureDeferred
+async def test_direct_io_is_throttled_to_the_io_limits_and_counted(make_daemon: Any,
+                                                                   tmp_path: Path) -> None:
+    """Under --io-read 1M a job reading 2 MiB with O_DIRECT, and under --io-write 1M one
+    writing 2 MiB with O_DIRECT, each go at about 1 MiB/s by dd's own clock (unlimited:
+    far faster); usage counts the bytes read and written; limits names the disk; above
+    --max-io-read is refused, naming the maximum."""
+    d = make_daemon("--grace", "0.2", "--max-io-read", "10M")
+    data = tmp_path / "data"
+    with open(data, "wb") as f:
+        f.write(os.urandom(2 * MiB))
+        os.fsync(f.fileno())  # no dirty pages for the direct read to write back first
+    client = await connect(real_reactor, d.config())
+    reader = await client.start("dd", [f"if={data}", "of=/dev/null", "bs=64k", "iflag=direct"],
+                                dir=str(tmp_path), io_read=MiB)
+    writer = await client.start("dd", ["if=/dev/zero", f"of={tmp_path / 'out'}", "bs=64k",
+                                       "count=32", "oflag=direct"],
+                                dir=str(tmp_path), io_write=MiB)
+    with pytest.raises(errors.BadRequest, match="maximum of 10485760 bytes per second"):
+        await client.start("true", io_read=20 * MiB)
+    read_rec = await client.record("wait", reader.id)
+    write_rec = await client.record("wait", writer.id)
+    client.close()
+    disk = BlockDevices().disk_of(str(tmp_path))
+    assert read_rec.limits["io_read"] == MiB and read_rec.limits["io_devices"] == [disk]
+    # No io_read asked for: the maximum applies.
+    assert write_rec.limits["io_write"] == MiB and write_rec.limits["io_read"] == 10 * MiB
+    for rec, counted in ((read_rec, "io_read_bytes"), (write_rec, "io_write_bytes")):
+        assert rec.exit_code == 0, rec
+        copied, rate = dd_rate(rec)
+        assert copied == 2 * MiB and 0.3 * MiB <= rate <= 1.25 * MiB, (rec.command, rate)
+        assert rec.usage[counted] >= 2 * MiB, rec.usage
+
+
 @real
 def test_a_start_above_the_daemons_maximum_is_refused(make_daemon: Any) -> None:
-    """jwclient start --memory above --max-memory: bad_request naming the maximum."""
+    """jwclient start --memory above --max-memory: bad_request naming the maximum;
+    --io-write 1.5M is sent as bytes per second."""
     d = make_daemon("--max-memory", "64M")
     result = d.jwclient("start", "--memory", "1G", "--", "true")
     assert result.returncode != 0
     assert b"maximum of 67108864 bytes" in result.stderr, result.stderr
-    ok = d.jwclient("--json", "start", "--", "true", check=True)
+    ok = d.jwclient("--json", "start", "--io-write", "1.5M", "--", "true", check=True)
     assert json.loads(ok.stdout)["limits"]["memory"] == 64 * MiB
+    assert json.loads(ok.stdout)["limits"]["io_write"] == 3 * MiB // 2
 
 
 def test_the_default_cgroup_subtree_is_named_after_the_state_directory() -> None:

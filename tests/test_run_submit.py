@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, Daemon
 
-from jobworker.client import batch
+from jobworker.client import batch, render
 from jobworker.wire.record import JobRecord
 
 # Last resort; every wait below has its own deadline.
@@ -332,7 +332,62 @@ BAD_BATCHES = [
     ('[[job]]\ncommand = "true"\nenv = { N = 3 }\n', "'env' must be a table of strings"),
     ('[[job]]\ncommand = "true"\nargs = "x"\n', "'args' must be a list of strings"),
     ('[[job]]\ncommand = "true"\ntimeout = -1\n', "'timeout' must be a positive number"),
+    ('[[job]]\ncommand = "true"\nmemory = "lots"\n',
+     "job 1: 'memory' must be a size such as 512M or 1G, or a number of bytes, not 'lots'"),
 ]
+
+#: Bad values of the keys a start's options have, and what the error says of each.
+BAD_VALUES = [
+    ("memory = 0", "'memory' must be a size"), ("memory = true", "'memory' must be a size"),
+    ('io_read = "5Q"', "'io_read' must be bytes per second"),
+    ("io_write = -1", "'io_write' must be bytes per second"),
+    ('cpu = "half"', "'cpu' must be a positive number"), ("cpu = 0", "'cpu' must be"),
+    ("pids = 1", "'pids' must be a whole number of processes, at least 2"),
+    ("pids = 2.5", "'pids' must be a whole"), ('user = ""', "'user' must be a non-empty"),
+    ('isolate = "pid"', "'isolate' must be a list"), ('isolate = ["pid", "pid"]', "distinct"),
+    ('isolate = ["ipc"]', "names of pid, net, mount"),
+]
+
+
+def test_bad_limit_user_and_isolate_values_are_named(tmp_path: Path) -> None:
+    """Each bad value of memory, cpu, pids, io_read, io_write, user or isolate is refused
+    by the loader with the job and what the value must be (the real jwclient reaches this
+    loader: see BAD_BATCHES)."""
+    for i, (line, says) in enumerate(BAD_VALUES):
+        path = write_batch(tmp_path / f"v{i}.toml", f'[[job]]\ncommand = "true"\n{line}\n')
+        with pytest.raises(batch.BatchError, match=re.escape(says)):
+            batch.load(path)
+
+
+def test_submit_passes_limits_user_and_isolate_to_each_job(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """A batch file's memory, cpu, pids, io_read, io_write (sizes or numbers), user and
+    isolate reach the daemon: the records say the limits, uid and namespaces applied."""
+    path = write_batch(tmp_path / "limits.toml", """
+[[job]]
+name = "limited"
+command = "true"
+memory = "64M"
+cpu = 0.5
+pids = 16
+io_read = "10M"
+io_write = 1048576
+user = "root"
+isolate = ["mount"]
+
+[[job]]
+name = "plain"
+command = "true"
+""")
+    result = daemon.jwclient("--json", "submit", "--wait", path, check=True, timeout=WAIT)
+    limited, plain = json.loads(result.stdout)
+    assert (limited["state"], limited["exit_code"]) == ("exited", 0), limited
+    MiB = 1 << 20
+    assert {k: limited["limits"][k] for k in ("memory", "cpu", "pids", "io_read",
+                                              "io_write")} == {
+        "memory": 64 * MiB, "cpu": 0.5, "pids": 16, "io_read": 10 * MiB, "io_write": MiB}
+    assert limited["uid"] == 0 and limited["isolate"] == ["mount"]
+    assert plain["limits"] is None and plain["isolate"] is None
 
 
 def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
@@ -350,6 +405,14 @@ def test_a_bad_batch_file_is_refused_with_one_line_and_nothing_started(
 
 
 # -- human output of list and status ---------------------------------------------------------
+
+
+def test_status_names_each_limit_io_included() -> None:
+    """status's limits line: sizes in binary units, io per second, '-' for unlimited."""
+    limits = {"memory": 512 << 20, "cpu": 0.5, "pids": 64, "io_read": 10 << 20,
+              "io_write": None, "io_devices": ["254:0"]}
+    assert render.limits(limits) == ("memory 512.0 MiB, cpu 0.5, pids 64, "
+                                     "io read 10.0 MiB/s, write -")
 
 
 def test_list_is_an_aligned_table_with_relative_times_and_durations(daemon: Daemon) -> None:

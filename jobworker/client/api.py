@@ -48,11 +48,13 @@ class Client:
                     timeout: float | None = None, request_id: str | None = None,
                     user: str | None = None, isolate: list[str] | None = None,
                     memory: int | None = None, cpu: float | None = None,
-                    pids: int | None = None) -> JobRecord:
+                    pids: int | None = None, io_read: int | None = None,
+                    io_write: int | None = None) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
         new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
-        ``cpu`` (cores), ``pids``: limits (docs/isolation.md)."""
+        ``cpu`` (cores), ``pids``, ``io_read`` and ``io_write`` (bytes per second): limits
+        (docs/isolation.md)."""
         params: dict[str, Any] = {"command": command, "args": args or []}
         if request_id is not None:
             params["request_id"] = request_id
@@ -66,7 +68,8 @@ class Client:
             params["dir"] = dir
         if timeout is not None:
             params["timeout"] = timeout
-        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids)):
+        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
+                            ("io_read", io_read), ("io_write", io_write)):
             if value is not None:
                 params[name] = value
         return JobRecord.from_wire(await self.call("start", params))

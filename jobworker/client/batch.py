@@ -1,7 +1,9 @@
 """``jwclient submit``: a batch of jobs from a TOML file, started over one connection.
 
 The file is an array of ``[[job]]`` tables: ``command`` and optional ``args`` (list),
-``env`` (table), ``dir``, ``name`` and ``timeout`` (seconds).
+``env`` (table), ``dir``, ``name``, ``timeout`` (seconds), ``user``, ``isolate`` (list of
+namespaces) and the limits ``memory``, ``cpu``, ``pids``, ``io_read``, ``io_write`` (as
+``jwclient start``'s options: sizes as ``512M`` or bytes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import IO, Any
 from jobworker.client import render
 from jobworker.client.sync import Client, start_params
 from jobworker.wire.errors import JobWorkerError
-from jobworker.wire.record import FAILED, JobRecord
+from jobworker.wire.record import FAILED, ISOLATE, JobRecord
+from jobworker.wire.sizes import parse_size
 
 MAX_JOBS = 10000
 #: Seconds between redraws of the progress lines on a terminal.
@@ -34,6 +37,10 @@ class JobSpec:
     env: list[str] = field(default_factory=list)
     dir: str | None = None
     timeout: float | None = None
+    user: str | None = None
+    isolate: list[str] = field(default_factory=list)
+    #: The limits asked for, as ``Client.start`` takes them (memory=..., io_read=...).
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 def load(path: str) -> list[JobSpec]:
@@ -58,7 +65,8 @@ def _spec(path: str, index: int, job: Any) -> JobSpec:
     where = f"{path}: job {index}"
     if not isinstance(job, dict):
         raise BatchError(f"{where}: must be a table")
-    unknown = set(job) - {"name", "command", "args", "env", "dir", "timeout"}
+    unknown = set(job) - {"name", "command", "args", "env", "dir", "timeout", "user",
+                          "isolate", *LIMITS}
     if unknown:
         raise BatchError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     command = job.get("command")
@@ -79,8 +87,44 @@ def _spec(path: str, index: int, job: Any) -> JobSpec:
     name = job.get("name", f"job{index}")
     if not isinstance(name, str):
         raise BatchError(f"{where}: 'name' must be a string")
+    user = job.get("user")
+    if user is not None and (not isinstance(user, str) or not user):
+        raise BatchError(f"{where}: 'user' must be a non-empty string")
+    isolate = job.get("isolate", [])
+    if (not isinstance(isolate, list) or not all(n in ISOLATE for n in isolate)
+            or len(set(isolate)) != len(isolate)):
+        raise BatchError(f"{where}: 'isolate' must be a list of distinct names of "
+                         f"{', '.join(ISOLATE)}")
+    limits = {key: _limit(where, key, job[key]) for key in LIMITS if key in job}
     return JobSpec(name, command, list(args), [f"{k}={v}" for k, v in env.items()],
-                   directory, float(timeout) if timeout is not None else None)
+                   directory, float(timeout) if timeout is not None else None, user,
+                   list(isolate), limits)
+
+
+#: The limit keys, each with what its value must be.
+LIMITS = {"memory": "a size such as 512M or 1G, or a number of bytes",
+          "cpu": "a positive number of cores (0.5)",
+          "pids": "a whole number of processes, at least 2",
+          "io_read": "bytes per second: a size such as 10M, or a number",
+          "io_write": "bytes per second: a size such as 10M, or a number"}
+
+
+def _limit(where: str, key: str, value: Any) -> int | float:
+    """A limit's value as the start request carries it; BatchError saying what it must be."""
+    if key == "cpu":
+        if type(value) in (int, float) and 0 < value < float("inf"):
+            return float(value)
+    elif key == "pids":
+        if type(value) is int and value >= 2:
+            return int(value)
+    elif type(value) is int and value > 0:
+        return int(value)
+    elif isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError:
+            pass
+    raise BatchError(f"{where}: '{key}' must be {LIMITS[key]}, not {value!r}")
 
 
 class Progress:
@@ -127,7 +171,8 @@ def run(client: Client, specs: list[JobSpec], *, wait: bool, as_json: bool,
     """Start every job pipelined on ``client``'s one connection; with ``wait``, wait for
     them all the same way, showing progress."""
     results = client.start_many(
-        start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout)
+        start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout,
+                     user=s.user, isolate=s.isolate, **s.limits)
         for s in specs)
     records: list[JobRecord | None] = []
     problems: list[str] = []

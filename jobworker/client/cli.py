@@ -123,6 +123,12 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
                    "1024); past it the kernel kills the job's processes (oom_killed)")
     p.add_argument("--cpu", type=_cores, help="CPU limit in cores (0.5: half of one CPU)")
     p.add_argument("--pids", type=_pids, help="most processes at once (then forks fail)")
+    p.add_argument("--io-read", type=_size, metavar="BYTES/S",
+                   help="read limit in bytes per second (10M) on the disks of the job's "
+                        "directory and the daemon's state")
+    p.add_argument("--io-write", type=_size, metavar="BYTES/S",
+                   help="write limit in bytes per second (10M); on cgroup v1 direct writes "
+                        "only, not buffered writeback")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 

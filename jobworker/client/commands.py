@@ -151,7 +151,8 @@ def whoami(client: Client, args: argparse.Namespace) -> int:
 
 
 #: The ``start`` options jwclient takes, by their argparse dest and wire name alike.
-START_OPTIONS = ("env", "dir", "timeout", "user", "isolate", "memory", "cpu", "pids")
+START_OPTIONS = ("env", "dir", "timeout", "user", "isolate", "memory", "cpu", "pids",
+                 "io_read", "io_write")
 
 
 def start_request(args: argparse.Namespace, request_id: str | None = None) -> dict[str, Any]:

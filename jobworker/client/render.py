@@ -96,11 +96,15 @@ def usage(u: dict[str, Any]) -> str:
 
 
 def limits(lim: dict[str, Any]) -> str:
-    """``memory 512.0 MiB, cpu 0.5, pids 64`` (``-``: unlimited)."""
+    """``memory 512.0 MiB, cpu 0.5, pids 64, io read 10.0 MiB/s, write -`` (``-``:
+    unlimited)."""
     memory = lim.get("memory")
+    io = [f"{size(lim[k])}/s" if lim.get(k) is not None else "-"
+          for k in ("io_read", "io_write")]
     return (f"memory {size(memory) if memory is not None else '-'}, "
             f"cpu {lim.get('cpu') if lim.get('cpu') is not None else '-'}, "
-            f"pids {lim.get('pids') if lim.get('pids') is not None else '-'}")
+            f"pids {lim.get('pids') if lim.get('pids') is not None else '-'}, "
+            f"io read {io[0]}, write {io[1]}")
 
 
 def command_line(record: JobRecord) -> str:

@@ -113,7 +113,8 @@ class Methods:
         job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
                               dir=workdir, timeout=p["timeout"], job_id=job_id,
                               request=request, isolate=p["isolate"], memory=p["memory"],
-                              cpu=p["cpu"], pids=p["pids"])
+                              cpu=p["cpu"], pids=p["pids"], io_read=p["io_read"],
+                              io_write=p["io_write"])
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)

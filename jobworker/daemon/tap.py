@@ -106,6 +106,14 @@ class Options(usage.Options):
         ["log-format", None, "text",
          "text (twistd's) or json: each line of the daemon's log one JSON object, with "
          "time, level, event and the event's fields."],
+        ["default-io-read", None, None,
+         "Read limit, bytes per second, of a job that asks for none (10M): on the disks of "
+         "its working directory and of the state directory."],
+        ["max-io-read", None, None, "Most bytes per second of reads a job may ask for."],
+        ["default-io-write", None, None,
+         "Write limit, bytes per second, of a job that asks for none (10M; on cgroup v1 "
+         "direct writes only: buffered writeback is not throttled)."],
+        ["max-io-write", None, None, "Most bytes per second of writes a job may ask for."],
         ["cgroup-root-name", None, None,
          "Name of the subtree, beneath the daemon's own cgroup in each hierarchy, that "
          "holds the job cgroups (<own>/<name>/<job id>); one per daemon.  Default: "
@@ -164,20 +172,22 @@ class Options(usage.Options):
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError("--store is sqlite or memory")
         for which in ("default", "max"):
-            key = f"{which}-memory"
-            if self[key] is not None:
-                try:
-                    self[key] = parse_size(self[key])
-                except ValueError as e:
-                    raise usage.UsageError(f"--{key}: {e}") from None
+            for key in (f"{which}-memory", f"{which}-io-read", f"{which}-io-write"):
+                if self[key] is not None:
+                    try:
+                        self[key] = parse_size(self[key])
+                    except ValueError as e:
+                        raise usage.UsageError(f"--{key}: {e}") from None
             if self[f"{which}-cpu"] is not None and not 0.01 <= self[f"{which}-cpu"] <= 4096:
                 raise usage.UsageError(f"--{which}-cpu must be from 0.01 to 4096 cores")
             if self[f"{which}-pids"] is not None and self[f"{which}-pids"] < 2:
                 raise usage.UsageError(f"--{which}-pids must be at least 2")
         try:
             self["limits"] = LimitPolicy(
-                JobLimits(self["default-memory"], self["default-cpu"], self["default-pids"]),
-                JobLimits(self["max-memory"], self["max-cpu"], self["max-pids"]))
+                JobLimits(self["default-memory"], self["default-cpu"], self["default-pids"],
+                          self["default-io-read"], self["default-io-write"]),
+                JobLimits(self["max-memory"], self["max-cpu"], self["max-pids"],
+                          self["max-io-read"], self["max-io-write"]))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         if self["limits"].defaults or self["limits"].maxima:

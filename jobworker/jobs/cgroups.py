@@ -12,11 +12,12 @@ or removed, except that the spawning thread writes itself back into ``<own>``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +30,8 @@ CONTROLLERS_V1 = ("memory", "cpuacct", "blkio", "freezer")
 #: alone costs ~0.5 ms of wall time (median, this host).
 ON_DEMAND_V1 = ("cpu", "pids")
 CPU_V1 = "cpu"
+#: The v1 throttle files of a read and a write limit ("MAJ:MIN bytes" per line; 0 lifts).
+THROTTLE_V1 = ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device")
 #: The CFS period a CPU limit is a quota of (the kernel's default, 100 ms).
 CPU_PERIOD_US = 100_000
 #: The v2 controllers enabled for jobs when the daemon's cgroup offers them.
@@ -84,8 +87,20 @@ class CgroupFiles(Protocol):
         """Limit the job, before it starts: bytes of memory (then the kernel's OOM killer
         acts in the cgroup), cores of CPU time, number of processes (forks fail)."""
 
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        """Limit the job's reads and writes on each block device (``MAJ:MIN`` of a whole
+        disk) to so many bytes per second, before it starts.  v1 throttles reads and direct
+        writes only: buffered writes reach the disk from the kernel's flusher threads."""
+
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this cgroup for want of memory."""
+
+    def oom_notifier(self) -> int | None:
+        """A new non-blocking descriptor that becomes readable when this cgroup runs out of
+        memory (v1: an eventfd, signalled just before the OOM killer picks a process; v2:
+        inotify on ``memory.events``, which also changes for other memory events), for the
+        caller to watch, drain and close; None where it cannot be had (then poll
+        ``oom_kills``)."""
 
     def close(self) -> None:
         """Close the descriptors held open."""
@@ -149,6 +164,24 @@ def _write(path: str, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_IN_MODIFY = 0x2
+
+
+def _inotify(path: str) -> int:
+    """A non-blocking inotify descriptor watching ``path`` for changes (the standard
+    library has no inotify)."""
+    fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, os.strerror(e), path)
+    return fd
 
 
 def _pids_in(path: str) -> list[int]:
@@ -231,6 +264,10 @@ class V1Files:
         self._procs = os.path.join(dirs.get("freezer", unique[0]), "cgroup.procs")
         self._extra = extra or {}
         self._extra_fd: dict[str, int] = {}  # joined: controller -> the job's tasks there
+        # Kept from an earlier job that had such a limit, unjoined (see ``recycle``):
+        # controller -> (directory, its tasks).
+        self._spare: dict[str, tuple[str, int]] = {}
+        self._throttled: set[str] = set()  # devices with a blkio throttle (lifted on recycle)
 
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         d = self._dirs
@@ -245,9 +282,20 @@ class V1Files:
             _write(os.path.join(self._dirs["pids"], "pids.max"), str(pids))
         if cpu is not None:
             self._join(CPU_V1)
+            # A quota of the period every cgroup starts with (CPU_PERIOD_US), never changed.
             quota = max(1000, int(cpu * CPU_PERIOD_US))
-            _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
             _write(os.path.join(self._dirs[CPU_V1], "cpu.cfs_quota_us"), str(quota))
+
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        if read is None and write is None:
+            return
+        _need(self._dirs, "blkio")
+        for file, value in zip(THROTTLE_V1, (read, write), strict=True):
+            if value is not None:
+                for device in devices:
+                    # One rule per write; ENODEV for a partition or a device that is gone.
+                    _write(os.path.join(self._dirs["blkio"], file), f"{device} {value}")
+                    self._throttled.add(device)
 
     def _join(self, controller: str) -> None:
         """Give the job a cgroup in an on-demand hierarchy (before it is spawned)."""
@@ -255,21 +303,53 @@ class V1Files:
             return  # co-mounted with one every job has, or joined already
         if controller not in self._extra:
             raise OSError(errno.ENOTSUP, f"no {controller} controller mounted for this limit")
+        ready = self._spare.pop(controller, None)
+        path, fd = ready if ready is not None else self._make_extra(controller)
+        self._extra_fd[controller] = fd
+        self._dirs = {**self._dirs, controller: path}
+
+    def _make_extra(self, controller: str) -> tuple[str, int]:
         path = os.path.join(self._extra[controller][0], self.name)
         try:
             self._fs[0](path)
         except FileExistsError:
             pass
-        self._extra_fd[controller] = os.open(os.path.join(path, "tasks"),
-                                             os.O_WRONLY | os.O_CLOEXEC)
-        self._dirs = {**self._dirs, controller: path}
+        return path, os.open(os.path.join(path, "tasks"), os.O_WRONLY | os.O_CLOEXEC)
 
     def _leave_extra(self) -> None:
-        """Recycling: the next job may want no such limit, so those cgroups go."""
+        """Recycling: the next job may want no such limit, so those cgroups are left, their
+        limits lifted, and kept to be renamed with the others: a later job with such a
+        limit then joins one without a mkdir and an open on the reactor thread (a workload
+        of limited jobs soon has them in every recycled cgroup; others never make them)."""
         for controller, fd in self._extra_fd.items():
-            os.close(fd)
-            self._fs[1](self._dirs.pop(controller))
+            path = self._dirs.pop(controller)
+            if controller == "pids":
+                _write(os.path.join(path, "pids.max"), "max")
+            elif controller == CPU_V1:
+                _write(os.path.join(path, "cpu.cfs_quota_us"), "-1")
+            self._spare[controller] = (path, fd)
         self._extra_fd = {}
+
+    def oom_notifier(self) -> int | None:
+        # cgroup v1's notification API (Documentation/admin-guide/cgroup-v1/memory.rst,
+        # "OOM Control"): "<eventfd> <fd of memory.oom_control>" into cgroup.event_control.
+        # The kernel keeps its own references; the event goes when the eventfd is closed
+        # or the cgroup removed.
+        if "memory" not in self._dirs:
+            return None
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ofd = os.open(os.path.join(self._dirs["memory"], "memory.oom_control"),
+                          os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(os.path.join(self._dirs["memory"], "cgroup.event_control"),
+                       f"{efd} {ofd}")
+            finally:
+                os.close(ofd)
+        except OSError:
+            os.close(efd)
+            return None
+        return efd
 
     def oom_kills(self) -> int:
         if "memory" not in self._dirs:
@@ -320,6 +400,10 @@ class V1Files:
         if "cpuacct" in d:
             _write(os.path.join(d["cpuacct"], "cpuacct.usage"), "0")
         if "blkio" in d:
+            for device in self._throttled:
+                for file in THROTTLE_V1:
+                    _write(os.path.join(d["blkio"], file), f"{device} 0")
+            self._throttled = set()
             _write(os.path.join(d["blkio"], "blkio.reset_stats"), "1")
         renamed: dict[str, str] = {}
         for old in dict.fromkeys(d.values()):
@@ -329,6 +413,10 @@ class V1Files:
                 # leaves both names: the pool then removes both.
                 os.rename(old, new)
             renamed[old] = new
+        for controller, (old, fd) in list(self._spare.items()):
+            new = os.path.join(os.path.dirname(old), name)
+            os.rename(old, new)
+            self._spare[controller] = (new, fd)
         self._dirs = {c: renamed[p] for c, p in d.items()}
         self._task_fd = {renamed[p]: fd for p, fd in self._task_fd.items()}
         unique = list(dict.fromkeys(self._dirs.values()))
@@ -414,6 +502,9 @@ class V1Files:
         for fd in self._extra_fd.values():
             os.close(fd)
         self._extra_fd = {}
+        for _, fd in self._spare.values():
+            os.close(fd)
+        self._spare = {}
 
 
 class V1Driver:
@@ -576,6 +667,16 @@ class V2Files:
         if pids is not None:
             _write(os.path.join(self._dir, "pids.max"), str(pids))
 
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        if read is None and write is None:
+            return
+        if not os.path.exists(os.path.join(self._dir, "io.max")):
+            raise OSError(errno.ENOTSUP, "no io controller delegated for this limit")
+        rbps = "max" if read is None else str(read)
+        wbps = "max" if write is None else str(write)
+        for device in devices:
+            _write(os.path.join(self._dir, "io.max"), f"{device} rbps={rbps} wbps={wbps}")
+
     def oom_kills(self) -> int:
         try:
             text = _read(os.path.join(self._dir, "memory.events"))
@@ -586,6 +687,13 @@ class V2Files:
             if key == "oom_kill":
                 return int(value)
         return 0
+
+    def oom_notifier(self) -> int | None:
+        # "A value change in this file generates a file modified event" (cgroup-v2.rst).
+        try:
+            return _inotify(os.path.join(self._dir, "memory.events"))
+        except OSError:
+            return None
 
     def close(self) -> None:
         if self._procs >= 0:
@@ -746,4 +854,4 @@ def _unescape(field: str) -> str:
 
 
 __all__ = ["CONTROLLERS_V1", "CONTROLLERS_V2", "CPU_V1", "ON_DEMAND_V1", "CgroupDriver", "CgroupFiles", "Detected",
-           "Kill", "Mkdir", "Rmdir", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]
+           "Kill", "Mkdir", "Rmdir", "THROTTLE_V1", "V1Driver", "V1Files", "V2Driver", "V2Files", "detect"]

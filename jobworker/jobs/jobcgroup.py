@@ -5,12 +5,14 @@ read what the job used; policy (when to do which) stays in the Job."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from jobworker.jobs.cgroups import CgroupFiles, Kill
 
@@ -25,8 +27,13 @@ FREEZE_WAIT = 0.5
 KILL_AGAIN = 0.5
 #: A running job's usage is read from the kernel at most this often (status, list).
 USAGE_TTL = 1.0
-#: How often a job with a memory limit is checked for OOM kills while it runs.
+#: A job with a memory limit is checked for OOM kills this long after its start; if it
+#: still runs, the kernel's OOM notification (v1: an eventfd; v2: inotify on
+#: memory.events) is watched from then on, or where there is none the check repeats this
+#: often.  Jobs that end sooner cost no registration.
 OOM_POLL = 0.25
+#: After an OOM notification (which comes just before the kill): when to look for the kill.
+OOM_SETTLE = (0.0, 0.002, 0.01, 0.05, 0.25)
 
 ZERO_USAGE: dict[str, Any] = {"cpu_seconds": 0.0, "memory_peak": 0, "io_read_bytes": 0,
                               "io_write_bytes": 0}
@@ -55,12 +62,18 @@ class JobCgroup:
         self._empty_waiters: list[Deferred[None]] = []
         self._released = False
         self._oom_call: DelayedCall | None = None
+        self._on_oom: Callable[[], None] | None = None
+        self._oom_reader: _EventReader | None = None
 
     # -- limits ----------------------------------------------------------------------------
 
     def set_limits(self, memory: int | None, cpu: float | None, pids: int | None) -> None:
         """Before the spawn: OSError if the kernel refuses one (or lacks its controller)."""
         self._files.set_limits(memory, cpu, pids)
+
+    def set_io(self, devices: Sequence[str], read: int | None, write: int | None) -> None:
+        """Before the spawn: bytes per second on each disk; OSError as for set_limits."""
+        self._files.set_io(devices, read, write)
 
     def oom_kills(self) -> int:
         try:
@@ -70,17 +83,61 @@ class JobCgroup:
 
     def watch_oom(self, on_oom: Callable[[], None]) -> None:
         """Call ``on_oom`` once, when the kernel first kills a process here for want of
-        memory (checked every OOM_POLL seconds until the cgroup is released)."""
-        def check() -> None:
-            self._oom_call = None
-            if self._released:
-                return
-            if self.oom_kills():
-                on_oom()
-                return
-            self._oom_call = self._reactor.callLater(OOM_POLL, check)
+        memory: checked OOM_POLL seconds after the start, then on the kernel's notification
+        (v1's eventfd, v2's memory.events), else every OOM_POLL seconds, until the cgroup is
+        released."""
+        self._on_oom = on_oom
+        self._oom_call = self._reactor.callLater(OOM_POLL, self._poll_oom)
 
-        self._oom_call = self._reactor.callLater(OOM_POLL, check)
+    def _poll_oom(self) -> None:
+        self._oom_call = None
+        if self._released or self._found_oom("poll"):
+            return
+        if self._oom_reader is None:
+            fd = self._oom_notifier()
+            if fd is not None:
+                self._oom_reader = _EventReader(fd, self._oom_event)
+                self._reactor.addReader(self._oom_reader)
+                return
+        self._oom_call = self._reactor.callLater(OOM_POLL, self._poll_oom)
+
+    def _oom_notifier(self) -> int | None:
+        try:
+            return self._files.oom_notifier()
+        except OSError:
+            return None
+
+    def _oom_event(self) -> None:
+        """The notification: the kill follows it; look for it at once and a few times
+        after (OOM_SETTLE), then wait for the next notification."""
+        if self._oom_call is not None and self._oom_call.active():
+            self._oom_call.cancel()
+        self._settle(0)
+
+    def _settle(self, step: int) -> None:
+        self._oom_call = None
+        if self._released or self._found_oom("event"):
+            return
+        if step + 1 < len(OOM_SETTLE):
+            self._oom_call = self._reactor.callLater(OOM_SETTLE[step + 1], self._settle,
+                                                     step + 1)
+
+    def _found_oom(self, via: str) -> bool:
+        if not self.oom_kills():
+            return False
+        on_oom, self._on_oom = self._on_oom, None
+        self._stop_oom_reader()
+        self.log.info("{event} cgroup={name} via={via}", event="cgroup.oom_seen",
+                      name=self.name, via=via)
+        if on_oom is not None:
+            on_oom()
+        return True
+
+    def _stop_oom_reader(self) -> None:
+        reader, self._oom_reader = self._oom_reader, None
+        if reader is not None:
+            self._reactor.removeReader(reader)
+            os.close(reader.fd)
 
     # -- spawning (reactor thread, around posix_spawn) -------------------------------------
 
@@ -200,6 +257,7 @@ class JobCgroup:
             if call is not None and call.active():
                 call.cancel()
         self._poll_call = self._freeze_call = self._oom_call = None
+        self._stop_oom_reader()
 
         def final(usage: dict[str, Any] | None) -> dict[str, Any]:
             if usage is not None:
@@ -212,6 +270,33 @@ class JobCgroup:
         return f"<JobCgroup {self.name}>"
 
 
-__all__ = ["FIRST_POLL", "FREEZE_WAIT", "KILL_AGAIN", "MAX_POLL", "OOM_POLL", "USAGE_TTL",
+@implementer(IReadDescriptor)
+class _EventReader:
+    """An eventfd or inotify descriptor on the reactor: each time it is readable, drain it
+    and call ``on_event``."""
+
+    def __init__(self, fd: int, on_event: Callable[[], None]) -> None:
+        self.fd = fd
+        self._on_event = on_event
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        try:
+            os.read(self.fd, 4096)  # an eventfd's counter, or inotify's events
+        except BlockingIOError:
+            return
+        self._on_event()
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "cgroup-oom"
+
+
+__all__ = ["FIRST_POLL", "FREEZE_WAIT", "KILL_AGAIN", "MAX_POLL", "OOM_POLL", "OOM_SETTLE",
+           "USAGE_TTL",
            "ZERO_USAGE",
            "JobCgroup"]

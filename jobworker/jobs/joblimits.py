@@ -9,17 +9,26 @@ from typing import Any
 from jobworker.wire.errors import BadRequest
 
 #: The limits, in the order records and messages name them.
-NAMES = ("memory", "cpu", "pids")
+NAMES = ("memory", "cpu", "pids", "io_read", "io_write")
+#: Those counted in bytes (a refusal names the maximum in bytes).
+_BYTES = ("memory", "io_read", "io_write")
 
 
 @dataclass(frozen=True)
 class JobLimits:
-    """memory in bytes, cpu in cores (0.5: half of one CPU's time), pids in processes;
-    None: unlimited."""
+    """memory in bytes, cpu in cores (0.5: half of one CPU's time), pids in processes,
+    io_read and io_write in bytes per second; None: unlimited."""
 
     memory: int | None = None
     cpu: float | None = None
     pids: int | None = None
+    io_read: int | None = None
+    io_write: int | None = None
+
+    @property
+    def io(self) -> bool:
+        """Whether the job's disk bandwidth is limited."""
+        return self.io_read is not None or self.io_write is not None
 
     def __bool__(self) -> bool:
         return any(getattr(self, n) is not None for n in NAMES)
@@ -30,7 +39,8 @@ class JobLimits:
 
 @dataclass(frozen=True)
 class LimitPolicy:
-    """``--default-memory``/``--max-memory`` and the same for cpu and pids."""
+    """``--default-memory``/``--max-memory`` and the same for cpu, pids, io-read and
+    io-write."""
 
     defaults: JobLimits = JobLimits()
     maxima: JobLimits = JobLimits()
@@ -42,16 +52,19 @@ class LimitPolicy:
                 raise ValueError(f"the default {n} limit is above the maximum")
 
     def resolve(self, memory: int | None = None, cpu: float | None = None,
-                pids: int | None = None) -> JobLimits:
+                pids: int | None = None, io_read: int | None = None,
+                io_write: int | None = None) -> JobLimits:
         """The limits for a start that asked for these; L{BadRequest} naming the maximum
         for a request above it."""
-        asked = {"memory": memory, "cpu": cpu, "pids": pids}
+        asked = {"memory": memory, "cpu": cpu, "pids": pids, "io_read": io_read,
+                 "io_write": io_write}
         chosen: dict[str, Any] = {}
         for n in NAMES:
             value, most = asked[n], getattr(self.maxima, n)
             if value is not None and most is not None and value > most:
                 raise BadRequest(f"'{n}' is above this daemon's maximum of {most}"
-                                 f"{' bytes' if n == 'memory' else ''}")
+                                 f"{' bytes' if n in _BYTES else ''}"
+                                 f"{' per second' if n.startswith('io_') else ''}")
             if value is None:
                 value = getattr(self.defaults, n)
                 if value is None:

@@ -14,10 +14,12 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from jobworker.jobs.blockdev import BlockDevices
 from jobworker.jobs.credentials import Credentials, CredentialsError, acting_as
 from jobworker.jobs.environment import daemon_base_env, job_environment
 from jobworker.jobs.job import Job
 from jobworker.jobs.jobcgroup import JobCgroup
+from jobworker.jobs.joblimits import NAMES as LIMIT_NAMES
 from jobworker.jobs.joblimits import JobLimits, LimitPolicy
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.namespaces import effective, helper_command
@@ -105,6 +107,7 @@ class JobManager(service.Service):
         cgroups: JobCgroups | None = None,
         limits: LimitPolicy | None = None,
         observer: JobObserver | None = None,
+        devices: BlockDevices | None = None,
     ) -> None:
         self._reactor = reactor
         #: Told of jobs starting and ending (the daemon's metrics).
@@ -119,6 +122,7 @@ class JobManager(service.Service):
         self._reserve = reserve
         self._cgroups = cgroups
         self._limits = limits if limits is not None else LimitPolicy()
+        self._devices = devices if devices is not None else BlockDevices()
         self._shutting_down = False
         # Every job some timer or caller still holds: at shutdown, the ones with a KILL
         # sweep pending are waited for (the store may have let ended ones go).
@@ -219,6 +223,8 @@ class JobManager(service.Service):
         memory: int | None = None,
         cpu: float | None = None,
         pids: int | None = None,
+        io_read: int | None = None,
+        io_write: int | None = None,
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -227,7 +233,7 @@ class JobManager(service.Service):
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
         it asked (see ``by_request``)."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
-                         memory, cpu, pids)
+                         memory, cpu, pids, io_read, io_write)
         self.launch(job, env)
         return job
 
@@ -244,6 +250,8 @@ class JobManager(service.Service):
         memory: int | None = None,
         cpu: float | None = None,
         pids: int | None = None,
+        io_read: int | None = None,
+        io_write: int | None = None,
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
@@ -252,7 +260,7 @@ class JobManager(service.Service):
         retried start finds its job instead of running the program again."""
         self.check_admission()
         # Above a maximum: refused (BadRequest naming it), not a failed job.
-        limits = self._limits.resolve(memory, cpu, pids)
+        limits = self._limits.resolve(memory, cpu, pids, io_read, io_write)
         job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
                             request)
         job.isolate = list(effective(isolate)) or None
@@ -476,9 +484,15 @@ class JobManager(service.Service):
             if cgroup is None:
                 job.fail("resource limits need cgroups, which this daemon runs without")
                 return None
-            limits = JobLimits(**job.limits)
+            limits = JobLimits(**{n: job.limits.get(n) for n in LIMIT_NAMES})
             try:
                 cgroup.set_limits(limits.memory, limits.cpu, limits.pids)
+                if limits.io:
+                    # The disks of its working directory and of its logs (the state
+                    # directory): none for a file system on no block device.
+                    devices = self._devices.disks_of([job.dir, self._log_store.root])
+                    cgroup.set_io(devices, limits.io_read, limits.io_write)
+                    job.limits = {**job.limits, "io_devices": devices}
             except OSError as e:
                 job.fail(f"cannot set the job's limits: {e.strerror or e}")
                 return None

@@ -32,6 +32,8 @@ START_MEMORY = integer(1 << 20, 1 << 50)
 START_CPU = number(0.01, 4096.0)
 #: At least 2: the daemon's spawning thread is in the job's cgroup while it forks.
 START_PIDS = integer(2, 1 << 22)
+#: Bytes per second read or written on the disks of the job's directory and its logs.
+START_IO = integer(1 << 10, 1 << 50)
 
 _JOB = {"job": job_ref()}
 
@@ -53,6 +55,8 @@ SCHEMAS: dict[str, Schema] = {
         "memory": (START_MEMORY, None),
         "cpu": (START_CPU, None),
         "pids": (START_PIDS, None),
+        "io_read": (START_IO, None),
+        "io_write": (START_IO, None),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),

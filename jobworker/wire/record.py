@@ -46,8 +46,9 @@ class JobRecord:
     # io_write_bytes (None where the host cannot count one); live while the job runs, final
     # once its last process has gone.  None: the job had no cgroup (docs/isolation.md).
     usage: dict[str, Any] | None = None
-    # The limits the job runs under: memory (bytes), cpu (cores), pids (processes), each
-    # None when unlimited; None: no limits at all.
+    # The limits the job runs under: memory (bytes), cpu (cores), pids (processes),
+    # io_read and io_write (bytes per second), each None when unlimited, and with an io
+    # limit io_devices (the disks throttled, "MAJ:MIN"); None: no limits at all.
     limits: dict[str, Any] | None = None
     # The kernel killed a process of the job for want of memory (under its memory limit);
     # the daemon then ended the rest of the job.

@@ -52,6 +52,13 @@ class Listener(service.Service):
             self._port.stopListening()
             fail(f"{where}: not a TCP port, which is all jwclient can reach")
 
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[host]:port`` for IPv6) of the bound port, as jwclient's
+        ``--server`` takes it."""
+        host = self._port.getHost()
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self.listen()

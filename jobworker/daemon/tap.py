@@ -25,6 +25,7 @@ from jobworker.daemon.limits import DEFAULTS, Limits
 from jobworker.daemon.listener import ConnectionCap, Listener
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
+from jobworker.daemon.sdnotify import Notifier, Readiness
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
@@ -421,4 +422,7 @@ def makeService(config: Options) -> service.MultiService:
     listener.listen()  # here, before twistd daemonizes: a port in use is one line
     listener.setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
+    # Last: started last (READY=1 once all else runs), stopped first (STOPPING=1 at once).
+    Readiness(reactor, Notifier.from_environ(os.environ),
+              f"listening on {listener.address}").setServiceParent(top)
     return top

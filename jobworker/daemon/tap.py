@@ -89,8 +89,8 @@ def _number(name: str, kind: Callable[[str], Any] | None) -> Callable[[str], Any
         try:
             return kind(text)
         except ValueError:
-            # Not a ValueError: twistd would wrap that in "Parameter type enforcement
-            # failed" without the option's name.
+            # A UsageError, not a ValueError: twistd would wrap a ValueError in
+            # "Parameter type enforcement failed: ..." without the option's name.
             raise usage.UsageError(f"--{name} must be {what}, not {text!r}") from None
 
     return coerce

@@ -263,15 +263,6 @@ def test_twistd_options_stay_twistds(tmp_path: Path) -> None:
     assert "--no-such-twistd-option" in result.stdout + result.stderr
 
 
-def test_version(tmp_path: Path) -> None:
-    """``twistd jobworker --version`` prints jobworker's version and exits 0."""
-    import jobworker
-
-    result = twistd("--version", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == f"jobworker {jobworker.__version__}\n"
-
-
 def test_the_documented_connection_limits_are_the_defaults() -> None:
     """docs/protocol.md states each connection limit's default: the one in Limits, which
     the options and the connection protocol both use."""

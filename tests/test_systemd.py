@@ -91,11 +91,9 @@ def test_exec_start_notifies_ready_once_listening_and_stopping_on_sigterm(
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, cwd=tmp_path,
                                 start_new_session=True)
-    cgroups: list[str] = []
     try:
         ready = fake_systemd.receive(timeout=30)
         assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid), ready
-        cgroups = cgroup_dirs(proc.pid, cgroup_name)  # to clean up if it must be KILLed
         assert ready["STATUS"].startswith("listening on 127.0.0.1:"), ready
         port = int(ready["STATUS"].rsplit(":", 1)[1])
         conn = Conn(types.SimpleNamespace(pki=test_pki, port=port))  # type: ignore[arg-type]
@@ -115,7 +113,8 @@ def test_exec_start_notifies_ready_once_listening_and_stopping_on_sigterm(
         # twistd ends by re-raising SIGTERM, which systemd counts as a clean stop.
         assert proc.wait(30) == -signal.SIGTERM
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # failed: KILL it, and remove the cgroups it leaves
+            cgroups = cgroup_dirs(proc.pid, cgroup_name)  # while /proc knows it
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
             for root in cgroups:

@@ -203,7 +203,7 @@ def test_a_second_daemon_on_the_same_state_directory_exits_at_once(
              "tcp:0:interface=127.0.0.1"], capture_output=True, timeout=30)
         assert second.returncode == 1
         lines = second.stderr.decode().strip().splitlines()
-        assert lines == [f"twistd jobworker: another jobworker daemon (pid {d.pid}) is "
+        assert lines == [f"twistd jobworker: --state-dir: another jobworker daemon (pid {d.pid}) is "
                          f"using {state}"], second.stderr
         job = start_json(d, "echo", "still mine")  # the first one is untouched
         wait_for(lambda: status(d, job["id"])["state"] == "exited", what="job to end")

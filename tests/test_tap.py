@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PKI, wait_for
+from conftest import BIN, PKI
 from twisted.python import usage
 
 from jobworker.daemon.tap import Options
@@ -77,11 +77,24 @@ def test_crl_may_be_repeated() -> None:
     (("--pki", "/p", "--grace", "0"), "--grace"),
     (("--pki", "/p", "--listen", "ssl:8443"), "plain endpoint"),
     (("--pki", "/p", "--log-format", "xml"), "--log-format is text or json"),
+    (("--pki", "/p", "--listen", "unix:/run/jw.sock"), "TCP only"),
+    (("--pki", "/p", "--listen", "tcp:notaport"), "port must be a number"),
+    (("--pki", "/p", "--listen", "tcp:port=65536"), "port must be a number"),
+    (("--pki", "/p", "--listen", "tcp:interface=127.0.0.1"), "no port"),
+    (("--pki", "/p", "--max-frame", "lots"), "--max-frame must be a whole number"),
+    (("--pki", "/p", "--grace", "soon"), "--grace must be a number"),
 ])
 def test_bad_values_are_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Missing credentials and out-of-range values are refused by postOptions."""
     with pytest.raises(usage.UsageError, match=message):
         parse(*argv)
+
+
+def test_listen_ports_that_parse_are_accepted() -> None:
+    """Port 0, a port= field and tcp6's escaped interface pass the --listen check."""
+    for listen in ("tcp:0:interface=127.0.0.1", "tcp:port=8443",
+                   "tcp6:8443:interface=\\:\\:1"):
+        assert parse("--pki", "/p", "--listen", listen)["listen"] == listen
 
 
 @pytest.mark.parametrize("argv", [("--pki", "/p", "--max-frame", "lots"),
@@ -107,9 +120,17 @@ def start_args(p: PKI, tmp_path: Path, *extra: str) -> list[str]:
             "--listen", "tcp:0:interface=127.0.0.1", *extra]
 
 
+def twistd_daemonizing(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """twistd without --nodaemon, its pidfile and log in ``cwd``."""
+    return subprocess.run([str(BIN / "twistd"), f"--pidfile={cwd / 'jw.pid'}",
+                           f"--logfile={cwd / 'jw.log'}", "jobworker", *args],
+                          capture_output=True, text=True, timeout=30, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+
+
 def assert_one_line_failure(result: subprocess.CompletedProcess[str], *needles: str) -> str:
     output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    assert result.returncode == 1, output
     assert "Traceback" not in output, output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -179,34 +200,52 @@ def test_server_certificate_without_server_auth(test_pki: PKI, tmp_path: Path) -
     assert_one_line_failure(result, "serverAuth")
 
 
-def test_port_in_use(test_pki: PKI, tmp_path: Path) -> None:
-    """Another listener on the port: one line on stderr, not a daemon that runs without listening."""
+@pytest.mark.parametrize("daemonize", [False, True], ids=["nodaemon", "daemonize"])
+def test_port_in_use(test_pki: PKI, tmp_path: Path, daemonize: bool) -> None:
+    """Another listener on the port: one line naming --listen, exit status 1, with -n and
+    daemonizing alike (the port is bound in makeService, before twistd forks), and no
+    pidfile or log left behind."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = twistd("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
-                        "--listen", f"tcp:{port}:interface=127.0.0.1", cwd=tmp_path)
-    assert_one_line_failure(result, "cannot listen", str(port), "in use")
+        args = ("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
+                "--listen", f"tcp:{port}:interface=127.0.0.1")
+        result = (twistd_daemonizing if daemonize else twistd)(*args, cwd=tmp_path)
+    line = assert_one_line_failure(result, f"--listen tcp:{port}", "cannot listen",
+                                   "Address already in use")
+    assert line == (f"twistd jobworker: --listen tcp:{port}:interface=127.0.0.1: cannot "
+                    f"listen on 127.0.0.1:{port}: Address already in use")
+    assert result.stdout == ""
+    assert not (tmp_path / "jw.pid").exists() and not (tmp_path / "jw.log").exists()
 
 
-def test_port_in_use_when_daemonizing(test_pki: PKI, tmp_path: Path) -> None:
-    """Without --nodaemon, a failed listen makes twistd exit 1 at once and remove its pidfile
-    (it used to wait forever for the daemon to report that it had started)."""
-    pidfile, logfile = tmp_path / "jw.pid", tmp_path / "jw.log"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [str(BIN / "twistd"), f"--pidfile={pidfile}", f"--logfile={logfile}", "jobworker",
-             "--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
-             "--listen", f"tcp:{port}:interface=127.0.0.1"],
-            capture_output=True, text=True, timeout=30, cwd=tmp_path, stdin=subprocess.DEVNULL)
-    assert result.returncode == 1, result.stderr
-    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
-    wait_for(lambda: not pidfile.exists(), 10, what="the daemon child to remove its pidfile")
-    assert f"twistd jobworker: cannot listen on tcp:{port}" in logfile.read_text()
+@pytest.mark.parametrize("args, needles, daemonize", [
+    pytest.param((), ("--ca, --cert, --key required (or --pki DIR)",), False, id="no-pki"),
+    pytest.param(("--max-frame", "lots"), ("--max-frame must be a whole number, not 'lots'",),
+                 False, id="not-a-number"),
+    pytest.param(("--max-frame", "lots"), ("--max-frame must be a whole number, not 'lots'",),
+                 True, id="not-a-number-daemonizing"),
+    pytest.param(("--frame-timeout", "0"), ("--frame-timeout must be between",), False,
+                 id="out-of-range"),
+    pytest.param(("--no-such-option",), ("--no-such-option",), False, id="unknown-option"),
+    pytest.param(("--listen", "tcp:notaport"),
+                 ("--listen tcp:notaport: the port must be a number",), False, id="notaport"),
+    pytest.param(("--listen", "unix:/tmp/jw.sock"), ("--listen unix:/tmp/jw.sock", "TCP only"),
+                 False, id="unix"),
+    pytest.param(("--listen", "nosuch:1"), ("--listen nosuch:1", "Unknown endpoint type"),
+                 False, id="unknown-endpoint"),
+])
+def test_bad_options_are_one_line(test_pki: PKI, tmp_path: Path, args: tuple[str, ...],
+                                  needles: tuple[str, ...], daemonize: bool) -> None:
+    """A bad jobworker option is one line naming it and exit status 1, with -n and
+    daemonizing alike: no usage dump, no repr, no second copy."""
+    if args:
+        args = ("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"), *args)
+    result = (twistd_daemonizing if daemonize else twistd)(*args, cwd=tmp_path)
+    assert_one_line_failure(result, *needles)
+    assert "Usage:" not in result.stdout + result.stderr
+    assert not (tmp_path / "jw.pid").exists()
 
 
 def test_metrics_port_in_use(test_pki: PKI, tmp_path: Path) -> None:
@@ -221,19 +260,21 @@ def test_metrics_port_in_use(test_pki: PKI, tmp_path: Path) -> None:
     assert_one_line_failure(result, "--metrics", str(port), "in use")
 
 
-def test_bad_listen_description(test_pki: PKI, tmp_path: Path) -> None:
-    """An endpoint description Twisted cannot parse is one line naming it."""
-    result = twistd("--pki", str(test_pki.dir), "--state-dir", str(tmp_path / "state"),
-                    "--listen", "tcp:notaport", cwd=tmp_path)
-    assert_one_line_failure(result, "tcp:notaport")
+
+def test_missing_policy_is_one_line(test_pki: PKI, tmp_path: Path) -> None:
+    """A --policy file that does not exist is one line naming --policy and the file."""
+    missing = str(tmp_path / "no-policy.toml")
+    result = twistd(*start_args(test_pki, tmp_path, "--policy", missing), cwd=tmp_path)
+    assert_one_line_failure(result, "--policy", missing, "No such file")
 
 
-def test_usage_errors_exit_non_zero_without_traceback(test_pki: PKI, tmp_path: Path) -> None:
-    """An out-of-range option stops twistd with its message and no traceback."""
-    result = twistd(*start_args(test_pki, tmp_path, "--frame-timeout", "0"), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "--frame-timeout must be between" in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr + result.stdout
+def test_twistd_options_stay_twistds(tmp_path: Path) -> None:
+    """A bad option of twistd itself is reported by twistd, as twistd reports it."""
+    result = subprocess.run([str(BIN / "twistd"), "--no-such-twistd-option", "jobworker"],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "twistd jobworker:" not in result.stdout + result.stderr
+    assert "--no-such-twistd-option" in result.stdout + result.stderr
 
 
 def test_the_documented_connection_limits_are_the_defaults() -> None:

@@ -7,17 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 
+from jobworker import __version__
 from jobworker.daemon.address import host_port
 from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.startup import fail
 
 
 class Listener(service.Service):
-    """Listens on the endpoint and logs where; failing to listen fails startup."""
+    """Listens on the endpoint and logs where.  ``listen`` is called from ``makeService``,
+    so a port that cannot be had stops start-up with one line before twistd daemonizes."""
 
     log = Logger()
 
@@ -27,19 +31,42 @@ class Listener(service.Service):
         self._description = description
         self._port: Any = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def listen(self) -> None:
+        """Bind and listen now, or fail start-up naming ``--listen`` and the reason."""
+        if self._port is not None:
+            return
         outcome: list[Any] = []
         self._endpoint.listen(self._factory).addBoth(outcome.append)
+        where = f"--listen {self._description}"
         if not outcome:  # an endpoint that listens asynchronously
-            fail(f"cannot listen on {self._description}: endpoint did not listen at once")
+            fail(f"{where}: the endpoint did not listen at once")
         if isinstance(outcome[0], Failure):
-            fail(f"cannot listen on {self._description}: {outcome[0].getErrorMessage()}")
+            error = outcome[0].value
+            reason = getattr(getattr(error, "socketError", None), "strerror", None)
+            if isinstance(error, CannotListenError) and reason:
+                fail(f"{where}: cannot listen on {error.interface or '*'}:{error.port}: "
+                     f"{reason}")
+            fail(f"{where}: cannot listen: {outcome[0].getErrorMessage()}")
         self._port = outcome[0]
         host = self._port.getHost()
-        self.log.info("jobworker.listening host={host} port={port}",
-                      host=getattr(host, "host", None) or getattr(host, "name", None),
-                      port=getattr(host, "port", None))
+        if not isinstance(host, IPv4Address | IPv6Address) or host.type != "TCP":
+            # jwclient's --server is HOST:PORT over TCP: nothing else could reach us.
+            self._port.stopListening()
+            fail(f"{where}: not a TCP port, which is all jwclient can reach")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[host]:port`` for IPv6) of the bound port, as jwclient's
+        ``--server`` takes it."""
+        host = self._port.getHost()
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listen()
+        host = self._port.getHost()
+        self.log.info("jobworker.listening host={host} port={port} version={version}",
+                      host=host.host, port=host.port, version=__version__)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -50,6 +50,13 @@ class ScrapeEndpoint(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        self.listen()
+
+    def listen(self) -> None:
+        """Bind and listen now (``makeService`` calls it before twistd daemonizes), or
+        fail start-up naming ``--metrics`` and the reason."""
+        if self._port is not None:
+            return
         outcome: list[Any] = []
         self._endpoint.listen(self._site).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):

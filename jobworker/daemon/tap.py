@@ -9,12 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.logger import FileLogObserver
 from twisted.python import usage
 
+from jobworker import __version__
 from jobworker.daemon.audit import AuditLog
 from jobworker.daemon.authz import Authorizer, Policy, PolicyError
 from jobworker.daemon.limits import DEFAULTS, Limits
@@ -23,6 +28,7 @@ from jobworker.daemon.logformat import ServiceTree, json_observer, twistd_destin
 from jobworker.daemon.metrics import Metrics
 from jobworker.daemon.reload import ReloadOnHangup
 from jobworker.daemon.runas import DynamicUids, RunAs, parse_range
+from jobworker.daemon.sdnotify import Notifier, Readiness
 from jobworker.daemon.server import RPCServer
 from jobworker.daemon.startup import fail
 from jobworker.daemon.statelock import StateLock, StateLocked, StateLockService
@@ -45,6 +51,53 @@ from jobworker.rpc.tls import ServerTLS, TLSConfigError
 from jobworker.rpc.transport import ServerTLSFactory
 from jobworker.wire.params import SCHEMAS
 from jobworker.wire.sizes import parse_duration, parse_size
+
+
+def check_listen(description: str) -> None:
+    """Refuse, with the reason, a ``--listen`` that no client could use or whose port is
+    not a port (Twisted's own message is Python's ``invalid literal for int()``)."""
+    kind = description.split(":", 1)[0]
+    if kind == "ssl":
+        raise usage.UsageError(f"--listen {description}: takes a plain endpoint (tcp:, "
+                               "tcp6:); jobworker adds TLS itself")
+    if kind == "unix":
+        raise usage.UsageError(f"--listen {description}: jwclient reaches the daemon over "
+                               "TCP only (--server HOST:PORT), so no client could connect "
+                               "to a unix socket; use tcp:PORT or tcp6:PORT")
+    if kind in ("tcp", "tcp6"):
+        # Fields are split on colons a backslash does not escape (tcp6's interface=\:\:1).
+        fields = re.split(r"(?<!\\):", description)[1:]
+        named = dict(f.split("=", 1) for f in fields if "=" in f)
+        positional = [f for f in fields if "=" not in f]
+        port = named.get("port", positional[0] if positional else None)
+        if port is None:
+            raise usage.UsageError(f"--listen {description}: no port (e.g. {kind}:8443)")
+        if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+            raise usage.UsageError(f"--listen {description}: the port must be a number "
+                                   f"from 0 to 65535, not {port!r}")
+
+
+def _named_numbers(rows: Sequence[Any]) -> list[Any]:
+    """Option rows whose int or float coercer names its option when the value does not
+    parse (twistd's own message does not)."""
+    return [[*row[:4], _number(row[0], row[4])] if len(row) > 4 else row for row in rows]
+
+
+def _number(name: str, kind: Callable[[str], Any] | None) -> Callable[[str], Any] | None:
+    """``kind`` (int or float) as an option's coercer whose error names the option."""
+    if kind not in (int, float):
+        return kind
+    what = "a whole number" if kind is int else "a number"
+
+    def coerce(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            # A UsageError, not a ValueError: twistd would wrap a ValueError in
+            # "Parameter type enforcement failed: ..." without the option's name.
+            raise usage.UsageError(f"--{name} must be {what}, not {text!r}") from None
+
+    return coerce
 
 
 class Options(usage.Options):
@@ -127,9 +180,27 @@ class Options(usage.Options):
                              "group only, and no usage is counted)."],
     ]
 
+    optParameters = _named_numbers(optParameters)
+
     def __init__(self) -> None:
         super().__init__()
         self["crl"] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Under twistd (which sets ``parent``), a bad option is one line and exit status
+        1: twistd itself would print the whole usage text above it.  Parsed alone (as the
+        tests do), a ``UsageError`` as usual."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            fail(str(e))
+
+    def opt_version(self) -> NoReturn:
+        """Print jobworker's version and exit."""
+        print(f"jobworker {__version__}")
+        sys.exit(0)
 
     def opt_crl(self, path: str) -> None:
         """PEM file of CRLs (one per issuing CA); may be given more than once."""
@@ -201,9 +272,7 @@ class Options(usage.Options):
             raise usage.UsageError("--cgroup-root-name must be one plain directory name")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format is text or json")
-        if self["listen"].split(":", 1)[0] == "ssl":
-            raise usage.UsageError("--listen takes a plain endpoint (tcp:, unix:); "
-                                   "jobworker adds TLS itself")
+        check_listen(self["listen"])
 
 
 def _seconds(option: str, text: str) -> float:
@@ -225,7 +294,7 @@ class _JobManager(JobManager):
         try:
             super().startService()
         except TableError as e:
-            fail(f"cannot use the job table: {e}")
+            fail(f"--state-dir: cannot use the job table: {e}")
 
 
 def _target_user(config: Options) -> tuple[int, int] | None:
@@ -264,8 +333,18 @@ def _dynamic_uids(config: Options, state_dir: str) -> DynamicUids | None:
     try:
         dynamic.load()
     except (OSError, ValueError) as e:
-        fail(f"cannot read the dynamic uid table: {e}")
+        fail(f"--state-dir: cannot read the dynamic uid table: {e}")
     return dynamic
+
+
+def _tls_option(config: Options, message: str) -> str:
+    """The option that named the file a TLS error is about."""
+    for name in ("key", "cert", "ca"):  # the key first: a mismatch names key and cert
+        if config[name] in message:
+            return f"--{name}"
+    return "--crl"
+
+
 def default_cgroup_root_name(state_dir: str) -> str:
     """``jobworker-`` and 8 hex digits of the state directory's absolute path."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()
@@ -278,21 +357,21 @@ def makeService(config: Options) -> service.MultiService:
     try:
         tls = ServerTLS(config["ca"], config["cert"], config["key"], config["crl"])
     except TLSConfigError as e:
-        fail(str(e))
+        fail(f"{_tls_option(config, str(e))}: {e}")
     tls.check_crl_dates()
     try:
         policy = Policy.load(config["policy"]) if config["policy"] else Policy()
     except PolicyError as e:
-        fail(str(e))
+        fail(f"--policy: {e}")
     state_dir = os.path.abspath(config["state-dir"])
     lock = StateLock(state_dir)
     try:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         lock.acquire()  # before anything in it is touched
     except StateLocked as e:
-        fail(str(e))
+        fail(f"--state-dir: {e}")
     except OSError as e:
-        fail(f"cannot use state directory {state_dir}: {e.strerror}")
+        fail(f"--state-dir: cannot use state directory {state_dir}: {e.strerror}")
     store: JobStore = MemoryStore()
     if config["store"] == "sqlite":
         durable = DurableStore(reactor, os.path.join(state_dir, "jobs.db"),
@@ -300,23 +379,25 @@ def makeService(config: Options) -> service.MultiService:
         try:
             durable.check()
         except TableError as e:
-            fail(f"cannot use the job table: {e}")
+            fail(f"--state-dir: cannot use the job table: {e}")
         store = durable
     try:
         audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
         logs = LogStore(os.path.join(state_dir, "logs"))
     except OSError as e:
-        fail(f"cannot use state directory {state_dir}: {e.strerror}")
+        fail(f"--state-dir: cannot use state directory {state_dir}: {e.strerror}")
     owner = _target_user(config)
     if owner is not None:
         try:
             _hand_over(state_dir, owner)
         except OSError as e:
-            fail(f"cannot hand {state_dir} to uid {owner[0]}: {e.strerror}")
+            fail(f"--state-dir: cannot hand {state_dir} to uid {owner[0]}: {e.strerror}")
     try:
         endpoint = endpoints.serverFromString(reactor, config["listen"])
+    except IndexError:  # systemd:...:index=N beyond the sockets systemd passed
+        fail(f"--listen {config['listen']}: no such socket passed by systemd")
     except (ValueError, TypeError, KeyError) as e:
-        fail(f"bad --listen {config['listen']!r}: {e}")
+        fail(f"--listen {config['listen']}: {e}")
 
     metrics = Metrics()  # counts nothing
     scrape: service.Service | None = None
@@ -324,7 +405,7 @@ def makeService(config: Options) -> service.MultiService:
         try:
             metrics_endpoint = endpoints.serverFromString(reactor, config["metrics"])
         except (ValueError, TypeError, KeyError) as e:
-            fail(f"bad --metrics {config['metrics']!r}: {e}")
+            fail(f"--metrics {config['metrics']}: {e}")
         # Imported only here: a daemon without --metrics never loads prometheus_client.
         from prometheus_client import disable_created_metrics
 
@@ -341,6 +422,7 @@ def makeService(config: Options) -> service.MultiService:
                          audit_failures=lambda: audit.failures)
         scrape = ScrapeEndpoint(metrics_endpoint, metrics_site(prometheus.registry),
                                 config["metrics"])
+        scrape.listen()  # here, before twistd daemonizes, as --listen's port
         metrics = prometheus
 
     limits = Limits(max_frame=config["max-frame"], max_connections=config["max-connections"],
@@ -384,10 +466,15 @@ def makeService(config: Options) -> service.MultiService:
     if config["max-log-bytes"] is not None:
         LogCap(reactor, lambda: jobs.jobs(running_only=True), jobs.stop,
                config["max-log-bytes"]).setServiceParent(top)
-    Listener(endpoint, factory, config["listen"]).setServiceParent(top)
+    listener = Listener(endpoint, factory, config["listen"])
+    listener.listen()  # here, before twistd daemonizes: a port in use is one line
+    listener.setServiceParent(top)
     if scrape is not None:
         scrape.setServiceParent(top)
     ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
+    # Last: started last (READY=1 once all else runs), stopped first (STOPPING=1 at once).
+    Readiness(reactor, Notifier.from_environ(os.environ),
+              f"listening on {listener.address}").setServiceParent(top)
     return top
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from jobworker import __version__
 from jobworker.pki.certs import (
     CA_CERT,
     CA_KEY,
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Create the certificates jobworker uses for mutual TLS.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser(

@@ -144,10 +144,15 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     """``twistd jobworker --help`` exits 0 and documents every option."""
     result = twistd("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for option in ("--listen", "--pki", "--ca", "--cert", "--key", "--crl", "--state-dir",
-                   "--max-frame", "--max-connections", "--handshake-timeout",
-                   "--idle-timeout", "--frame-timeout", "--grace", "--policy"):
-        assert f"{option}=" in result.stdout, option
+    from jobworker.daemon.tap import Options
+
+    parameters = [row[0] for row in Options.optParameters]
+    flags = [row[0] for row in Options.optFlags]
+    assert {"listen", "pki", "state-dir", "policy", "metrics", "log-format"} <= set(parameters)
+    for name in parameters:
+        assert f"--{name}=" in result.stdout, name
+    for name in flags:
+        assert f"--{name}" in result.stdout, name
 
 
 def test_twistd_lists_the_jobworker_plugin(tmp_path: Path) -> None:

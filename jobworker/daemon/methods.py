@@ -30,7 +30,7 @@ from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import BadRequest, Unavailable
 from jobworker.wire.hello import check_version, hello_result
 from jobworker.wire.params import SCHEMAS, start_digest
-from jobworker.wire.record import FAILED, RUNNING, JobRecord
+from jobworker.wire.record import FAILED, QUEUED, RUNNING, JobRecord
 from jobworker.wire.schema import Schema
 
 #: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
@@ -111,7 +111,14 @@ class Methods:
         job = self.jobs.admit(owner=call.who.name, command=p["command"], args=p["args"],
                               dir=workdir, timeout=p["timeout"], job_id=job_id,
                               request=request, isolate=p["isolate"], memory=p["memory"],
-                              cpu=p["cpu"], pids=p["pids"])
+                              cpu=p["cpu"], pids=p["pids"], queue=p["queue"],
+                              priority=p["priority"], role=call.who.role, env=p["env"],
+                              creds=creds)
+        if job.state == QUEUED:
+            # The manager launches it when a slot frees; the reply (after the commit the
+            # server awaits) is its queued record.
+            self._audit(call, "start", job.id, "queued", queue=job.queue)
+            return job.wire()
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)
@@ -215,9 +222,13 @@ class Methods:
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.access.visible_job(call, p["job"])
-        path = JobLogs(job.log_dir).path(p["stream"])
         if self.follower is None and p["follow"]:
             raise Unavailable("this daemon cannot follow logs")
+        if job.state == QUEUED and p["follow"]:
+            await job.when_started()  # its log folder is made when it starts
+        if job.log_dir is None:  # queued (not followed), or cancelled: no output yet
+            return {"offset": p["offset"], "record": job.wire()}
+        path = JobLogs(job.log_dir).path(p["stream"])
         with self._stream_slot(call):
             self.jobs.reading(job.id, 1)  # retention and forget leave it alone meanwhile
             try:

@@ -81,6 +81,9 @@ class Options(usage.Options):
         ["retention", None, None,
          "Remove ended jobs (record and logs) this long after they ended (30d, 12h)."],
         ["max-history", None, None, "Keep at most this many ended jobs.", int],
+        ["max-running", None, None,
+         "Run at most N jobs at once; later starts wait, queued, for a slot (default: no "
+         "limit).  The policy's [queue.NAME] tables limit each queue too.", int],
         ["max-log-bytes", None, None,
          "Stop a job whose stdout and stderr together pass this size (1G, 512M)."],
         ["dynamic-uids", None, "61184-65519",
@@ -142,6 +145,8 @@ class Options(usage.Options):
             self["retention"] = _seconds("--retention", self["retention"])
         if self["max-history"] is not None and self["max-history"] < 0:
             raise usage.UsageError("--max-history must be 0 or more")
+        if self["max-running"] is not None and not 1 <= self["max-running"] <= 2**31:
+            raise usage.UsageError("--max-running must be at least 1")
         if self["max-log-bytes"] is not None:
             try:
                 self["max-log-bytes"] = parse_size(self["max-log-bytes"])
@@ -315,7 +320,8 @@ def makeService(config: Options) -> service.MultiService:
         cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
                        reserve=reserve, store=store, cgroups=cgroups,
-                       limits=config["limits"])
+                       limits=config["limits"], max_running=config["max-running"],
+                       queue_policy=lambda: authz.policy.queues)
     runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
                     runas=runas)
@@ -338,5 +344,6 @@ def makeService(config: Options) -> service.MultiService:
         LogCap(reactor, lambda: jobs.jobs(running_only=True), jobs.stop,
                config["max-log-bytes"]).setServiceParent(top)
     Listener(endpoint, factory, config["listen"]).setServiceParent(top)
-    ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc,
+                   reloaded=jobs.scheduler.reloaded).setServiceParent(top)
     return top

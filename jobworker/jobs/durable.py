@@ -33,7 +33,7 @@ from jobworker.jobs.store import ListQuery, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire.codec import Encoded, decode
 from jobworker.wire.errors import NotFound
-from jobworker.wire.record import RUNNING
+from jobworker.wire.record import QUEUED, RUNNING
 
 #: Runs ``f(*args)`` in the writer thread; the Deferred fires on the reactor thread.
 Runner = Callable[..., "Deferred[Any]"]
@@ -69,7 +69,7 @@ def _write(conn: sqlite3.Connection, rows: list[sql.Row], reserve: str | None) -
 
 
 def _expire(conn: sqlite3.Connection, before: float | None, keep: int | None,
-            spared: frozenset[str], batch: int) -> list[tuple[str, str]]:
+            spared: frozenset[str], batch: int) -> list[tuple[str, str | None]]:
     """In the writer thread: delete up to ``batch`` ended jobs that ended before
     ``before`` or lie past the newest ``keep``, but none in ``spared``; (id, log_dir) of
     each one deleted."""
@@ -101,6 +101,7 @@ def row_of(job: Job) -> sql.Row:
         request[0] if request is not None else None,
         request[1] if request is not None else None,
         bytes(job.packed()),
+        job.launch_spec,
     )
 
 
@@ -208,6 +209,19 @@ class DurableStore:
             self._requests[job.owner, job.request[0]] = job
         self._changed(job)
 
+    def queued(self) -> list[tuple[bytes, bytes | None]]:
+        """At start-up: the jobs the table says are queued, oldest first (record, launch)."""
+        return sql.queued(self._reading())
+
+    def requeue(self, job: Job) -> None:
+        """A queued job of an earlier daemon, rebuilt (already in the table)."""
+        self._live[job.id] = job
+
+    def changed(self, job: Job) -> None:
+        """``job`` left the queue: committed before its program runs, so no restart can
+        run it a second time (one found running without a pid is looked for by its id)."""
+        self._changed(job)
+
     def adopt(self, job: Job) -> None:
         """A running job of an earlier daemon, taken over (already in the table)."""
         self._live[job.id] = job
@@ -313,7 +327,7 @@ class DurableStore:
         return 0.0
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         """Delete ended jobs past ``--retention`` (ended before ``before``) or
         ``--max-history`` (past the newest ``keep``), except ``spared``; fires with the
         (id, log_dir) of each, at most ``batch``."""
@@ -379,7 +393,8 @@ class DurableStore:
         return self._running_by_pid.get(pid)
 
     def running_jobs(self) -> list[Job]:
-        return [job for job in reversed(self._live.values()) if not job.ended]
+        return [job for job in reversed(self._live.values())
+                if not job.ended and job.state != QUEUED]
 
     def newest_first(self) -> list[Any]:
         rows = sql.page(self._reading(), before=None, limit=-1)  # -1: no limit
@@ -396,7 +411,7 @@ class DurableStore:
         rows = rows[:query.limit]
         records: list[Encoded] = []
         for _seq, job_id, state, packed in rows:
-            live = self._live.get(job_id) if state == RUNNING else None
+            live = self._live.get(job_id) if state in (RUNNING, QUEUED) else None
             records.append(live.packed() if live is not None else Encoded(packed))
         return Page(records, rows[-1][0] if more and rows else None)
 

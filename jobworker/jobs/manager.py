@@ -28,13 +28,15 @@ from jobworker.jobs.recovery import sort_out, watch_adopted
 from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.retention import remove_log_dirs
 from jobworker.jobs.rlimits import raise_nofile_limit
+from jobworker.jobs.scheduler import QueuePolicy, Scheduler
 from jobworker.jobs.sql import Unfinished
 from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire import errors
-from jobworker.wire.codec import decode
+from jobworker.wire.codec import decode, encode
 from jobworker.wire.params import START_ARGS, START_TIMEOUT
-from jobworker.wire.record import JobRecord
+from jobworker.wire.record import DEFAULT_QUEUE, QUEUED, RUNNING, JobRecord
+from jobworker.wire.timestamps import iso8601
 
 
 class SpareLogDirs(Protocol):
@@ -103,6 +105,8 @@ class JobManager(service.Service):
         reserve: DiskReserve | None = None,
         cgroups: JobCgroups | None = None,
         limits: LimitPolicy | None = None,
+        max_running: int | None = None,
+        queue_policy: Callable[[], QueuePolicy] | None = None,
     ) -> None:
         self._reactor = reactor
         self._log_store = log_store
@@ -122,6 +126,9 @@ class JobManager(service.Service):
         self._own_ids = (os.geteuid(), os.getegid())
         # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
         self._readers: dict[str, int] = {}
+        #: Which admitted job runs when: ``--max-running``, the policy's queues and quotas.
+        self.scheduler = Scheduler(self._dequeued, max_running,
+                                   queue_policy if queue_policy is not None else QueuePolicy)
 
     # -- service -------------------------------------------------------------------------
 
@@ -137,7 +144,9 @@ class JobManager(service.Service):
         """Reconcile the jobs an earlier daemon left running with the machine: record the
         gone ones ``lost``, adopt the others."""
         unfinished = self._store.open()
+        self._requeue()
         if not unfinished:
+            self.scheduler.pump()
             return
         lost, alive = sort_out(unfinished, self._reactor.seconds())
         adopted = [job for job in (self._adopt(u) for u in alive) if job is not None]
@@ -150,6 +159,34 @@ class JobManager(service.Service):
             self._store.record_lost(lost)
         self.log.info("{event} lost={lost} adopted={adopted}", event="jobs.recovered",
                       lost=len(lost), adopted=len(adopted))
+        self.scheduler.pump()  # the slots adopted jobs left free
+
+    def _requeue(self) -> None:
+        """Put the jobs an earlier daemon left queued back in their queues, in order."""
+        count = 0
+        for packed, launch in self._store.queued():
+            record = decode(packed)
+            job = Job(
+                self._reactor, id=record["id"], owner=record["owner"],
+                command=record["command"], args=list(record["args"]), dir=record["dir"],
+                log_dir=None, started=self._reactor.seconds(),
+                timeout=record.get("timeout"), timeout_grace=self.grace,
+                signal_group=self._signal_group, on_ended=self._job_ended,
+            )
+            job.state = QUEUED
+            job.queued_at = record.get("queued_at")
+            job.queue = record.get("queue") or DEFAULT_QUEUE
+            job.priority = record.get("priority") or 0
+            job.isolate = record.get("isolate")
+            job.limits = record.get("limits")
+            job.launch_spec = launch
+            job.role = _unpack_launch(launch)[2] if launch is not None else None
+            self._held.add(job)
+            self._store.requeue(job)
+            self.scheduler.requeue(job)
+            count += 1
+        if count:
+            self.log.info("{event} queued={queued}", event="jobs.requeued", queued=count)
 
     def _adopt(self, u: Unfinished) -> Job | None:
         """Take over a running job of an earlier daemon, or None if it ended meanwhile."""
@@ -176,8 +213,12 @@ class JobManager(service.Service):
         cgroup = self._cgroups.adopt(job.id) if self._cgroups is not None else None
         if cgroup is not None:
             job.attach_cgroup(cgroup)
+        job.queue = record.get("queue") or DEFAULT_QUEUE
+        job.priority = record.get("priority") or 0
+        job.queued_at = record.get("queued_at")
         self._held.add(job)
         self._store.adopt(job)
+        self.scheduler.adopt(job)
         self.log.info("{event} job={job_id} pid={pid} owner={owner} cgroup={cgroup}",
                       event="job.adopted", job_id=job.id, pid=job.pid, owner=job.owner,
                       cgroup=cgroup is not None)
@@ -187,6 +228,7 @@ class JobManager(service.Service):
         """Stop every running job (TERM, then KILL after the grace) and fire once all have
         ended and no KILL sweep is left pending."""
         self._shutting_down = True
+        self.scheduler.freeze()  # queued jobs stay queued, in the table, for the next daemon
         super().stopService()
         return Deferred.fromCoroutine(self._stop_all())
 
@@ -220,10 +262,11 @@ class JobManager(service.Service):
         state ``failed`` with its error, never an exception (the record is the answer);
         only a daemon that takes no new job (shutting down, short of disk) raises
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
-        it asked (see ``by_request``)."""
+        it asked (see ``by_request``).  A job the scheduler holds back is ``queued``."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
-                         memory, cpu, pids)
-        self.launch(job, env)
+                         memory, cpu, pids, env=env)
+        if job.state != QUEUED:
+            self.launch(job, env)
         return job
 
     def admit(
@@ -239,13 +282,25 @@ class JobManager(service.Service):
         memory: int | None = None,
         cpu: float | None = None,
         pids: int | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        role: str | None = None,
+        env: list[str] | None = None,
+        creds: Credentials | None = None,
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
         before ``launch``: then a crash can never leave a process the table has not
         heard of (a restarted daemon finds it by its job id, see ``recovery``), and a
-        retried start finds its job instead of running the program again."""
+        retried start finds its job instead of running the program again.
+
+        If the scheduler has no slot for it, the job is ``queued`` instead, with ``env``
+        and ``creds`` kept (in the table too) for its launch, which the manager makes
+        once a slot frees: the caller then must not ``launch`` it.  A start the
+        scheduler refuses (unknown queue, a quota) raises."""
         self.check_admission()
+        self.scheduler.check(owner, role, queue, priority)
         # Above a maximum: refused (BadRequest naming it), not a failed job.
         limits = self._limits.resolve(memory, cpu, pids)
         job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
@@ -253,6 +308,18 @@ class JobManager(service.Service):
         job.isolate = list(effective(isolate)) or None
         if limits:
             job.limits = limits.wire()
+        job.queue, job.priority, job.role = queue, priority, role
+        job.state = QUEUED
+        if self.scheduler.place(job):
+            job.state = RUNNING
+        else:
+            job.queued_at = iso8601(job.started)
+            job.log_dir = None  # named when it starts
+            job.launch_spec = _pack_launch(env, creds, role)
+            if self._cgroups is not None:
+                self._cgroups.unused(job.id)  # a spare made for it waits for no one
+        self._held.add(job)
+        self._store.add(job)
         return job
 
     def launch(self, job: Job, env: list[str] | None = None,
@@ -262,6 +329,7 @@ class JobManager(service.Service):
         if self._shutting_down:
             job.fail("the daemon is shutting down")
             return
+        assert job.log_dir is not None  # named by admit, or when it left the queue
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -277,10 +345,35 @@ class JobManager(service.Service):
             os.close(err)
         if not job.ended:
             self._store.running(job)
+        job.fire_started()
+
+    def _dequeued(self, job: Job) -> None:
+        """The scheduler gave a queued job its slot: record it running (pid null, its log
+        folder named now), and launch it once that is committed, so a daemon killed
+        meanwhile finds it ``running`` and never launches it again (``recovery``)."""
+        env, creds, _ = _unpack_launch(job.launch_spec)
+        job.launch_spec = None
+        job.state = RUNNING
+        job.started = self._reactor.seconds()
+        job.log_dir = self._log_store.dir_for(job.id, job.started)
+        self._store.changed(job)
+        pending = self._store.pending()
+        if pending is None:
+            self.launch(job, env, creds)
+            return
+        pending.addCallback(lambda _: self.launch(job, env, creds)).addErrback(
+            lambda f: self.log.failure("{event} job={job_id}", f, event="job.launch_bug",
+                                       job_id=job.id))
+
+    @property
+    def queued(self) -> int:
+        """How many jobs wait in the queues now."""
+        return self.scheduler.queued
 
     def new_id(self) -> str:
-        """A fresh job id (one whose cgroup is made already, when one is ready)."""
-        if self._cgroups is not None:
+        """A fresh job id (one whose cgroup is made already, when one is ready and the
+        job is likely to start at once rather than queue)."""
+        if self._cgroups is not None and not self.scheduler.busy:
             ready = self._cgroups.new_id()
             if ready is not None:
                 return ready
@@ -385,8 +478,6 @@ class JobManager(service.Service):
             on_ended=self._job_ended,
         )
         job.request = request
-        self._held.add(job)
-        self._store.add(job)
         return job
 
     def _launch(self, job: Job, env: list[str] | None, out: int, err: int,
@@ -522,3 +613,23 @@ class JobManager(service.Service):
         if self._cgroups is not None and job.cgroup is None and not job.adopted:
             # Ended without taking the cgroup made for its id (it failed to start).
             self._cgroups.unused(job.id)
+        self.scheduler.ended(job)  # its slot (or place in the queue) goes to the next
+
+
+def _pack_launch(env: list[str] | None, creds: Credentials | None,
+                 role: str | None) -> bytes:
+    """What a queued job's launch needs, for the table: it must survive a restart."""
+    who = None if creds is None else [creds.uid, creds.gid, list(creds.groups), creds.user,
+                                      creds.home]
+    return encode({"env": list(env or []), "creds": who, "role": role})
+
+
+def _unpack_launch(packed: bytes | None
+                   ) -> tuple[list[str] | None, Credentials | None, str | None]:
+    if packed is None:
+        return None, None, None
+    spec = decode(packed)
+    who = spec.get("creds")
+    creds = None if who is None else Credentials(who[0], who[1], tuple(who[2]), who[3],
+                                                 who[4])
+    return spec.get("env"), creds, spec.get("role")

@@ -37,6 +37,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_state ON jobs (state);
     CREATE INDEX jobs_ended ON jobs (ended) WHERE ended IS NOT NULL;
     """,
+    # 2: scheduling.  ``started`` of a queued job is when it was admitted, until it starts.
+    """
+    ALTER TABLE jobs ADD COLUMN launch BLOB;  -- a queued job's env and credentials (msgpack)
+    ALTER TABLE jobs ADD COLUMN name TEXT;
+    ALTER TABLE jobs ADD COLUMN labels TEXT;  -- "\nkey=value\n..." for list's filter
+    CREATE INDEX jobs_name ON jobs (owner, name) WHERE name IS NOT NULL;
+    """,
 )
 VERSION = len(MIGRATIONS)
 
@@ -59,6 +66,9 @@ class Row(NamedTuple):
     request_id: str | None
     request_digest: bytes | None
     record: bytes
+    launch: bytes | None = None
+    name: str | None = None
+    labels: str | None = None
 
 
 class Unfinished(NamedTuple):
@@ -124,11 +134,12 @@ def _statements(script: str) -> list[str]:
 
 _UPSERT = """
     INSERT INTO jobs (id, owner, state, pid, proc_start, proc_start_hi, started, ended,
-                      request_id, request_digest, record)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      request_id, request_digest, record, launch, name, labels)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
         state = excluded.state, pid = excluded.pid, proc_start = excluded.proc_start,
-        proc_start_hi = excluded.proc_start_hi, ended = excluded.ended, record = excluded.record
+        proc_start_hi = excluded.proc_start_hi, started = excluded.started,
+        ended = excluded.ended, record = excluded.record, launch = excluded.launch
 """
 
 
@@ -206,6 +217,12 @@ def unfinished(conn: sqlite3.Connection) -> list[Unfinished]:
     return [Unfinished(*row) for row in conn.execute(
         "SELECT seq, id, pid, proc_start, proc_start_hi, started, record FROM jobs"
         " WHERE state = 'running' ORDER BY seq")]
+
+
+def queued(conn: sqlite3.Connection) -> list[tuple[bytes, bytes | None]]:
+    """Every job recorded queued, oldest first: (record, launch)."""
+    return conn.execute("SELECT record, launch FROM jobs WHERE state = 'queued'"
+                        " ORDER BY seq").fetchall()
 
 
 def ended_before(conn: sqlite3.Connection, when: float, limit: int

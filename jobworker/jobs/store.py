@@ -16,6 +16,7 @@ from jobworker.jobs.job import Job
 from jobworker.jobs.sql import Row, Unfinished
 from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import NotFound
+from jobworker.wire.record import QUEUED
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class JobStore(Protocol):
 
     def adopt(self, job: Job) -> None:
         """A running job of an earlier daemon, taken over."""
+
+    def queued(self) -> list[tuple[bytes, bytes | None]]:
+        """At start-up: the queued jobs an earlier daemon left, oldest first (record and
+        what their launch needs)."""
+
+    def requeue(self, job: Job) -> None:
+        """A queued job of an earlier daemon, rebuilt."""
+
+    def changed(self, job: Job) -> None:
+        """``job`` left the queue; ``pending`` covers it."""
 
     def close(self) -> Deferred[None]:
         """Write what is left and close; fires once done."""
@@ -89,7 +100,7 @@ class JobStore(Protocol):
         """Why new jobs are refused (the store is short of space), or None."""
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         """Delete ended jobs that ended before ``before`` or lie past the newest ``keep``
         ended ones, except ``spared``; fires with (id, log_dir) of each, ``batch`` at most."""
 
@@ -119,6 +130,15 @@ class MemoryStore:
 
     def adopt(self, job: Job) -> None:
         raise AssertionError("a memory store has no earlier jobs")
+
+    def queued(self) -> list[tuple[bytes, bytes | None]]:
+        return []
+
+    def requeue(self, job: Job) -> None:
+        raise AssertionError("a memory store has no earlier jobs")
+
+    def changed(self, job: Job) -> None:
+        pass
 
     def close(self) -> Deferred[None]:
         return succeed(None)
@@ -166,7 +186,8 @@ class MemoryStore:
         return job, job.request[1]
 
     def running_jobs(self) -> list[Job]:
-        return [j for j in reversed(self._history) if j is not None and not j.ended]
+        return [j for j in reversed(self._history)
+                if j is not None and not j.ended and j.state != QUEUED]
 
     def newest_first(self) -> list[Job]:
         return [j for j in reversed(self._history) if j is not None]
@@ -191,7 +212,7 @@ class MemoryStore:
     short = None
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         ended = [job for job in self._history
                  if job is not None and job.ended and job.id not in spared]
         victims = [job for job in ended if before is not None

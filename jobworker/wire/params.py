@@ -10,7 +10,7 @@ import hashlib
 from typing import Any
 
 from jobworker.wire.codec import encode
-from jobworker.wire.record import ISOLATE, STATES
+from jobworker.wire.record import DEFAULT_QUEUE, ISOLATE, STATES
 from jobworker.wire.schema import (
     Schema,
     boolean,
@@ -32,6 +32,9 @@ START_MEMORY = integer(1 << 20, 1 << 50)
 START_CPU = number(0.01, 4096.0)
 #: At least 2: the daemon's spawning thread is in the job's cgroup while it forks.
 START_PIDS = integer(2, 1 << 22)
+#: Scheduling: a queue's name (the policy's [queue.NAME]) and a priority (higher first).
+START_QUEUE = string(64, nonempty=True)
+START_PRIORITY = integer(-1000, 1000)
 
 _JOB = {"job": job_ref()}
 
@@ -53,6 +56,8 @@ SCHEMAS: dict[str, Schema] = {
         "memory": (START_MEMORY, None),
         "cpu": (START_CPU, None),
         "pids": (START_PIDS, None),
+        "queue": (START_QUEUE, DEFAULT_QUEUE),
+        "priority": (START_PRIORITY, 0),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
@@ -81,4 +86,6 @@ def start_digest(params: dict[str, Any]) -> bytes:
     asked = [params[k] for k in ("command", "args", "env", "dir", "timeout", "user")]
     if params.get("isolate"):  # only then: the digests of earlier starts stay the same
         asked.append(sorted(params["isolate"]))
+    if params.get("queue", DEFAULT_QUEUE) != DEFAULT_QUEUE or params.get("priority"):
+        asked.append([params.get("queue", DEFAULT_QUEUE), params.get("priority", 0)])
     return hashlib.blake2b(encode(asked), digest_size=16).digest()

@@ -106,6 +106,11 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "memory": (st.sampled_from([64 << 20, 1 << 30]), st.one_of(ints, but(int))),
             "cpu": (st.sampled_from([0.5, 1.0, 2]), st.one_of(floats, ints, but(int, float))),
             "pids": (st.sampled_from([16, 64]), st.one_of(ints, but(int))),
+            # An unknown queue is a bad_request after the schema; a priority above 0 is
+            # forbidden (alice's max_priority is the default, 0).
+            "queue": (st.just("default"), st.one_of(st.just(""), st.just("nope"), texts,
+                                                    but(str))),
+            "priority": (st.sampled_from([-5, 0]), st.one_of(ints, but(int))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),
@@ -126,6 +131,7 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "until": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
         },
         "forget": {"job": job},
+        "queues": {},
         "logs": {
             "job": job,
             "stream": (st.sampled_from(["stdout", "stderr"]), st.one_of(texts, anything)),
@@ -224,7 +230,7 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             # start as a user the host does not have, a list cursor that is no cursor, a
             # forget of a running job.
             assert (method == "start" and any(k in params for k in (
-                "request_id", "user", "isolate", "memory", "cpu", "pids"))) or (
+                "request_id", "user", "isolate", "memory", "cpu", "pids", "queue"))) or (
                 method == "list" and "cursor" in params) or method == "forget", (
                 method, params, reply)
         else:
@@ -241,6 +247,8 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
         assert result["state"] in STATES, result
     elif method == "logs":
         assert type(result["offset"]) is int and result["record"]["state"] in STATES
+    elif method == "queues":
+        assert {q["queue"] for q in result["queues"]} >= {"default"}, result
     return "result"
 
 

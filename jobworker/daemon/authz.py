@@ -21,9 +21,11 @@ PUBLIC = frozenset({"hello", "whoami"})
 JOB_METHODS = frozenset({"status", "stop", "logs", "wait", "forget"})
 
 _ALLOWED: dict[str, frozenset[str]] = {
-    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
-    "user": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
-    "viewer": frozenset({"status", "list", "logs", "wait"}),
+    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget",
+                        "queues"}),
+    "user": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget",
+                       "queues"}),
+    "viewer": frozenset({"status", "list", "logs", "wait", "queues"}),
 }
 #: Roles that see every job; the others see only their own.
 _SEE_ALL = frozenset({"admin", "viewer"})

@@ -197,6 +197,12 @@ class Methods:
         record = await job.when_ended()
         return record.to_wire()
 
+    def queues(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Each queue's running and queued counts and its limit, and the daemon's."""
+        scheduler = self.jobs.scheduler
+        return {"queues": scheduler.counts(), "running": scheduler.running,
+                "queued": scheduler.queued, "max_running": scheduler.max_running}
+
     async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds their count,
         and ``next_cursor`` when more match past ``limit``."""
@@ -278,6 +284,6 @@ def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
     handlers: dict[str, Handler] = {
         "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,
-        "forget": m.forget,
+        "forget": m.forget, "queues": m.queues,
     }
     return {name: (SCHEMAS[name], handler) for name, handler in handlers.items()}

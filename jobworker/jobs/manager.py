@@ -256,6 +256,10 @@ class JobManager(service.Service):
         memory: int | None = None,
         cpu: float | None = None,
         pids: int | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        role: str | None = None,
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -264,7 +268,8 @@ class JobManager(service.Service):
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
         it asked (see ``by_request``).  A job the scheduler holds back is ``queued``."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
-                         memory, cpu, pids, env=env)
+                         memory, cpu, pids, queue=queue, priority=priority, role=role,
+                         env=env)
         if job.state != QUEUED:
             self.launch(job, env)
         return job

@@ -72,6 +72,7 @@ SCHEMAS: dict[str, Schema] = {
         "since": (number(0.0, 10.0**11), None),  # started at or after (Unix seconds)
         "until": (number(0.0, 10.0**11), None),  # started before
     }),
+    "queues": schema(),
     "logs": schema(_JOB, {
         "stream": (one_of("stdout", "stderr"), "stdout"),
         "offset": (integer(0, 2**63 - 1), 0),

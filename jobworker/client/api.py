@@ -82,7 +82,8 @@ class Client:
                     timeout: float | None = None, request_id: str | None = None,
                     user: str | None = None, isolate: list[str] | None = None,
                     memory: int | None = None, cpu: float | None = None,
-                    pids: int | None = None) -> JobRecord:
+                    pids: int | None = None, queue: str | None = None,
+                    priority: int = 0) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
         new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
@@ -100,9 +101,12 @@ class Client:
             params["dir"] = dir
         if timeout is not None:
             params["timeout"] = timeout
-        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids)):
+        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
+                            ("queue", queue)):
             if value is not None:
                 params[name] = value
+        if priority:
+            params["priority"] = priority
         return JobRecord.from_wire(await self.call("start", params))
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:

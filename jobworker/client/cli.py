@@ -79,6 +79,17 @@ def _pids(text: str) -> int:
     return int(text)
 
 
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 1 << 20
+    if not -1000 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"bad priority {text!r}: a whole number from "
+                                         "-1000 to 1000")
+    return value
+
+
 def _env_entry(text: str) -> str:
     if "=" not in text or text.startswith("="):
         raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
@@ -109,6 +120,10 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
                    "1024); past it the kernel kills the job's processes (oom_killed)")
     p.add_argument("--cpu", type=_cores, help="CPU limit in cores (0.5: half of one CPU)")
     p.add_argument("--pids", type=_pids, help="most processes at once (then forks fail)")
+    p.add_argument("--queue", help="the daemon's queue to wait in for a slot (default: "
+                   "default); see jwclient queue")
+    p.add_argument("--priority", type=_priority, default=0,
+                   help="higher starts first among queued jobs (up to your max_priority)")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 
@@ -184,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start PROGRAM, stream its stdout and stderr here, and "
                                    "exit with its status. Ctrl-C stops the job.")
     _add_start_options(p)
+
+    sub.add_parser("queue", help="show each queue: jobs running, queued, and its limit")
 
     p = sub.add_parser("submit", help="start a batch of jobs from a TOML file")
     p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")

@@ -107,7 +107,9 @@ async def _start(client: Client, args: argparse.Namespace,
                               user=getattr(args, "user", None),
                               isolate=getattr(args, "isolate", None),
                               memory=getattr(args, "memory", None),
-                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None))
+                              cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None),
+                              queue=getattr(args, "queue", None),
+                              priority=getattr(args, "priority", 0))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.
@@ -150,6 +152,15 @@ async def start(reactor: Any, client: Client, args: argparse.Namespace) -> int:
         sys.stdout.write(record.id + "\n")
     if record.state == FAILED:
         raise Failed(f"cannot start {args.program}: {record.error} (job {record.id})")
+    return 0
+
+
+async def queue(reactor: Any, client: Client, args: argparse.Namespace) -> int:
+    result = await client.call("queues")
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(render.queues(result))
     return 0
 
 
@@ -284,4 +295,5 @@ async def submit(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "whoami": whoami, "start": start, "stop": stop, "status": status, "list": list_,
     "logs": logs, "wait": wait, "run": run_, "submit": submit, "forget": forget,
+    "queue": queue,
 }

@@ -315,7 +315,13 @@ class JobManager(service.Service):
             job.limits = limits.wire()
         job.queue, job.priority, job.role = queue, priority, role
         job.state = QUEUED
-        if self.scheduler.place(job):
+        try:
+            placed = self.scheduler.place(job)
+        except errors.JobWorkerError:
+            if self._cgroups is not None:
+                self._cgroups.unused(job.id)
+            raise
+        if placed:
             job.state = RUNNING
         else:
             job.queued_at = iso8601(job.started)

@@ -164,7 +164,7 @@ class Scheduler:
 
     def check(self, owner: str, role: str | None, queue: str, priority: int) -> None:
         """Raise if a start into ``queue`` at ``priority`` is refused: an unknown queue,
-        a priority above the owner's ``max_priority``, ``max_queued`` reached."""
+        a priority above the owner's ``max_priority`` (``place`` checks ``max_queued``)."""
         policy = self._policy()
         if not policy.knows(queue):
             raise BadRequest(f"no such queue: {queue!r} (the policy's [queue.NAME] "
@@ -173,16 +173,28 @@ class Scheduler:
         if priority > quota.max_priority:
             raise Forbidden(f"priority {priority} is above {owner!r}'s max_priority "
                             f"{quota.max_priority} (policy [quota])")
-        if quota.max_queued is not None and self._queued_by.get(owner, 0) >= quota.max_queued:
-            raise Unavailable(f"{owner!r} has {quota.max_queued} jobs queued already, its "
-                              "max_queued (policy [quota]): try again once some have started")
 
     def place(self, job: Any) -> bool:
         """A new job (state ``queued``): True if it takes a slot now (the caller runs it at
         once), else it waits in its queue and a later ``ended`` starts it.  It waits its
-        turn behind the jobs queued before it, unless their owners are at their limits."""
-        self._enqueue(self._queue(job.queue), job)
-        return self.pump(job)
+        turn behind the jobs queued before it, unless their owners are at their limits.
+        Raises L{Unavailable} (and holds nothing) if it would pass its owner's
+        ``max_queued``."""
+        queue = self._queue(job.queue)
+        self._enqueue(queue, job)
+        if self.pump(job):
+            return True
+        limit = self._policy().quota(job.owner, getattr(job, "role", None)).max_queued
+        if limit is not None and self._queued_by.get(job.owner, 0) > limit:
+            # Refused after all: it is the newest of its owner's at its priority.
+            queue.levels[job.priority][job.owner].pop()
+            queue.queued -= 1
+            del self._waiting[job.id]
+            _count(self._queued_by, job.owner, -1)
+            raise Unavailable(f"{job.owner!r} has {limit} jobs queued already, its "
+                              "max_queued (policy [quota]): try again once some have "
+                              "started")
+        return False
 
     def requeue(self, job: Any) -> None:
         """A queued job found in the table at start-up, in its order (oldest first)."""

@@ -1,0 +1,280 @@
+"""The durable queue against a real daemon: limits counted off the process table under
+concurrent starts, queued jobs followed and cancelled, and a queue in flight across a
+SIGKILL and a graceful restart (nothing runs twice, nothing is forgotten)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PKI, TEST_IDENTITIES, Daemon, wait_for
+from test_restart import list_all
+from test_robustness import Conn
+
+#: Identities starting jobs at once in the limits test (each its own certificate).
+SUBMITTERS = ("alice", "bob", "admin", "qcarol", "qdave")
+
+
+@pytest.fixture(scope="module")
+def identities(test_pki: PKI) -> tuple[str, ...]:
+    for name in SUBMITTERS:
+        if name not in TEST_IDENTITIES:
+            test_pki.client(name, "user")
+    return SUBMITTERS
+
+
+def policy(tmp_path: Path, extra: str = "") -> str:
+    """A policy mapping every test identity to root (as conftest's default does) plus
+    ``extra`` tables."""
+    path = tmp_path / "queue-policy.toml"
+    names = (*TEST_IDENTITIES, *SUBMITTERS)
+    path.write_text("[run_as]\n" + "".join(f'{n} = "root"\n' for n in dict.fromkeys(names))
+                    + extra)
+    return str(path)
+
+
+def connect(d: Daemon, identity: str = "alice") -> Conn:
+    conn = Conn(d, identity)
+    conn.hello()
+    return conn
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``: the daemon's jobs, read from
+    /proc, not from the daemon."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_never_more_than_max_running_under_concurrent_starts(
+        test_pki: PKI, tmp_path: Path, identities: tuple[str, ...]) -> None:
+    """--max-running 3, five identities starting 4 short jobs each at once: the process
+    table never shows more than 3 jobs of the daemon, it does show 3, and all 20 run."""
+    d = Daemon(test_pki, tmp_path / "state", "--max-running", "3",
+               "--policy", policy(tmp_path)).start()
+    try:
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], len(children(d.pid)))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started: list[dict[str, Any]] = []
+
+        def submit(identity: str) -> None:
+            conn = connect(d, identity)
+            try:
+                for _ in range(4):
+                    started.append(conn.call("start", {"command": "sleep",
+                                                       "args": ["0.3"]}))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=submit, args=(who,)) for who in identities]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(started) == 20
+        assert sum(r["state"] == "queued" for r in started) >= 15
+        admin = connect(d, "admin")
+        ended = [admin.call("wait", {"job": r["id"]}) for r in started]
+        admin.close()
+        done.set()
+        sampler.join(10)
+        assert all(r["state"] == "exited" and r["exit_code"] == 0 for r in ended), ended
+        assert peak[0] == 3, f"at most {peak[0]} jobs ran at once, expected 3"
+        assert d.tracebacks() == []
+    finally:
+        d.stop()
+
+
+def test_a_queued_job_is_listed_followed_waited_for_and_cancelled(
+        test_pki: PKI, tmp_path: Path) -> None:
+    """With the one slot taken: a queued job is listed by --state queued; logs -f of it
+    waits for its start and then streams its output; stop of another queued job cancels
+    it (wait returns cancelled, it never ran)."""
+    d = Daemon(test_pki, tmp_path / "state", "--max-running", "1").start()
+    try:
+        conn = connect(d)
+        blocker = conn.call("start", {"command": "sleep", "args": ["300"]})
+        echo = conn.call("start", {"command": "echo", "args": ["from the queue"]})
+        doomed = conn.call("start", {"command": "touch",
+                                     "args": [str(tmp_path / "never")]})
+        assert (echo["state"], echo["pid"], echo["started_at"], echo["log_dir"]) == (
+            "queued", None, None, None) and echo["queued_at"]
+        queued, _ = list_all(conn, state="queued")
+        assert [r["id"] for r in queued] == [doomed["id"], echo["id"]]
+        assert conn.call("queues", {})["queued"] == 2
+        follower = connect(d)
+        follower.send({"id": 7, "method": "logs", "params": {"job": echo["id"],
+                                                             "follow": True}})
+        waiter = connect(d)
+        waiter.send({"id": 9, "method": "wait", "params": {"job": doomed["id"]}})
+        cancelled = conn.call("stop", {"job": doomed["id"]})
+        assert cancelled["state"] == "cancelled" and cancelled["started_at"] is None
+        reply = waiter.read()
+        assert reply["id"] == 9 and reply["result"]["state"] == "cancelled"
+        conn.call("stop", {"job": blocker["id"], "grace": 1})
+        out = b""
+        while True:
+            frame = follower.read()
+            assert frame["id"] == 7, frame
+            if "chunk" in frame:
+                out += frame["chunk"]
+            else:
+                break
+        assert out == b"from the queue\n", frame
+        assert frame["result"]["record"]["state"] in ("running", "exited")
+        assert not (tmp_path / "never").exists()
+        for c in (conn, follower, waiter):
+            c.close()
+        assert d.tracebacks() == []
+    finally:
+        d.stop()
+
+
+def marker_job(path: Path, hold: float) -> dict[str, Any]:
+    """A job that appends its id to ``path``, then takes ``hold`` seconds."""
+    return {"command": "sh", "args": ["-c", f'echo "$JOBWORKER_JOB_ID" >> {path}; '
+                                            f"sleep {hold}"]}
+
+
+def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
+        test_pki: PKI, tmp_path: Path) -> None:
+    """SIGKILL the daemon with one job running and six queued: the next daemon adopts
+    the running one and keeps the six queued; they run one at a time, and a graceful
+    stop in the middle leaves the rest queued for a third daemon.  In the end every job
+    ran exactly once (each wrote its id once) and none is left queued or forgotten."""
+    state = tmp_path / "state"
+    ran = tmp_path / "ran"
+    args = ("--max-running", "1")
+    d = Daemon(test_pki, state, *args).start()
+    conn = connect(d)
+    blocker = conn.call("start", {"command": "sleep", "args": ["300"]})
+    queued = [conn.call("start", marker_job(ran, 0.2)) for _ in range(6)]
+    conn.close()
+    assert {r["state"] for r in queued} == {"queued"}
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)  # type: ignore[union-attr]
+
+    d2 = Daemon(test_pki, state, *args).start()
+    try:
+        wait_for(lambda: "jobs.recovered lost=0 adopted=1" in d2.log(), what="recovery")
+        assert "jobs.requeued queued=6" in d2.log()
+        conn = connect(d2)
+        assert conn.call("status", {"job": blocker["id"]})["state"] == "running"
+        waiting, _ = list_all(conn, state="queued")
+        assert len(waiting) == 6
+        assert not ran.exists()  # the adopted job holds the one slot
+        conn.call("stop", {"job": blocker["id"], "grace": 1})
+        wait_for(lambda: ran.exists() and len(ran.read_text().split()) >= 2,
+                 timeout=20, what="two queued jobs to run")
+        conn.close()
+    finally:
+        d2.stop()  # graceful: the running one is stopped, the rest stay queued
+    d3 = Daemon(test_pki, state, *args).start()
+    try:
+        conn = connect(d3)
+        ended = [conn.call("wait", {"job": r["id"]}) for r in queued]
+        conn.close()
+        assert {r["state"] for r in ended} <= {"exited", "stopped"}, ended
+        ids = ran.read_text().split()
+        assert sorted(ids) == sorted(r["id"] for r in queued), ids  # once each
+        assert d3.tracebacks() == []
+    finally:
+        d3.stop()
+
+
+def test_policy_queues_and_quotas_over_the_wire(test_pki: PKI, tmp_path: Path) -> None:
+    """[queue.build] parallel = 1 and [quota.identity.alice] max_queued = 1: a second
+    build job queues, a third is refused with unavailable naming max_queued, an unknown
+    queue and a priority above max_priority are refused; queues reports the counts."""
+    extra = ("[queue.build]\nparallel = 1\n"
+             "[quota.identity.alice]\nmax_queued = 1\nmax_priority = 2\n")
+    d = Daemon(test_pki, tmp_path / "state", "--policy", policy(tmp_path, extra)).start()
+    try:
+        conn = connect(d)
+        sleep = {"command": "sleep", "args": ["300"]}
+        first = conn.call("start", {**sleep, "queue": "build"})
+        second = conn.call("start", {**sleep, "queue": "build", "priority": 2})
+        assert (first["state"], second["state"]) == ("running", "queued")
+        assert second["queue"] == "build" and second["priority"] == 2
+        for params, code, words in (({**sleep, "queue": "build"}, "unavailable", "max_queued"),
+                                    ({**sleep, "queue": "nope"}, "bad_request", "no such queue"),
+                                    ({**sleep, "priority": 3}, "forbidden", "max_priority")):
+            conn.send({"id": 99, "method": "start", "params": params})
+            error = conn.read()["error"]
+            assert error["code"] == code and words in error["message"], error
+        other = conn.call("start", sleep)  # the default queue has no limit
+        assert other["state"] == "running"
+        counts = {q["queue"]: q for q in conn.call("queues", {})["queues"]}
+        assert (counts["build"]["running"], counts["build"]["queued"],
+                counts["build"]["parallel"]) == (1, 1, 1)
+        for job in (second, first, other):
+            conn.call("stop", {"job": job["id"], "grace": 1})
+        conn.close()
+        assert d.tracebacks() == []
+    finally:
+        d.stop()
+
+
+def test_jwclient_start_queue_and_the_queue_command(test_pki: PKI, tmp_path: Path) -> None:
+    """jwclient start --queue/--priority queue a job and jwclient queue shows the counts
+    (the CLI itself is what is tested here)."""
+    extra = "[queue.build]\nparallel = 1\n[quota.role.user]\nmax_priority = 1\n"
+    d = Daemon(test_pki, tmp_path / "state", "--policy", policy(tmp_path, extra)).start()
+    try:
+        first = d.jwclient("start", "--queue", "build", "--", "sleep", "300",
+                           check=True).stdout.decode().strip()
+        second = d.jwclient("start", "--queue", "build", "--priority", "1", "sleep", "300",
+                            check=True).stdout.decode().strip()
+        shown = d.jwclient("queue", check=True).stdout.decode()
+        assert any(line.split()[:4] == ["build", "1", "1", "1"]
+                   for line in shown.splitlines()), shown
+        conn = connect(d)
+        record = conn.call("status", {"job": second})
+        assert (record["state"], record["queue"], record["priority"]) == ("queued", "build", 1)
+        for job in (second, first):
+            conn.call("stop", {"job": job, "grace": 1})
+        conn.close()
+    finally:
+        d.stop()
+
+
+def test_a_raised_limit_starts_queued_jobs_on_sighup(test_pki: PKI, tmp_path: Path) -> None:
+    """Raising [queue.build] parallel and sending SIGHUP starts the jobs it now allows."""
+    path = policy(tmp_path, "[queue.build]\nparallel = 1\n")
+    d = Daemon(test_pki, tmp_path / "state", "--policy", path).start()
+    try:
+        conn = connect(d)
+        jobs = [conn.call("start", {"command": "sleep", "args": ["300"], "queue": "build"})
+                for _ in range(3)]
+        assert [j["state"] for j in jobs] == ["running", "queued", "queued"]
+        Path(path).write_text(Path(path).read_text().replace("parallel = 1",
+                                                             "parallel = 3"))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: all(conn.call("status", {"job": j["id"]})["state"] == "running"
+                             for j in jobs), what="the raised limit to apply")
+        for job in jobs:
+            conn.call("stop", {"job": job["id"], "grace": 1})
+        conn.close()
+    finally:
+        d.stop()

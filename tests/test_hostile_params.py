@@ -111,6 +111,8 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "queue": (st.just("default"), st.one_of(st.just(""), st.just("nope"), texts,
                                                     but(str))),
             "priority": (st.sampled_from([-5, 0]), st.one_of(ints, but(int))),
+            "after": (st.lists(st.sampled_from(known), max_size=2),
+                      st.one_of(st.lists(job_refs(known), max_size=3), but(list))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),

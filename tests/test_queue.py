@@ -159,8 +159,9 @@ def marker_job(path: Path, hold: float) -> dict[str, Any]:
 
 def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
         test_pki: PKI, tmp_path: Path) -> None:
-    """SIGKILL the daemon with one job running and six queued: the next daemon adopts
-    the running one and keeps the six queued; they run one at a time, and a graceful
+    """SIGKILL the daemon with one job running and seven queued (one of them after
+    another): the next daemon adopts the running one and keeps the seven queued; they
+    run one at a time, and a graceful
     stop in the middle leaves the rest queued for a third daemon.  In the end every job
     ran exactly once (each wrote its id once) and none is left queued or forgotten."""
     state = tmp_path / "state"
@@ -170,6 +171,8 @@ def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
     conn = connect(d)
     blocker = conn.call("start", {"command": "sleep", "args": ["300"]})
     queued = [conn.call("start", marker_job(ran, 0.2)) for _ in range(6)]
+    # Held for the first queued one: across the crash too.
+    queued.append(conn.call("start", {**marker_job(ran, 0.2), "after": [queued[0]["id"]]}))
     conn.close()
     assert {r["state"] for r in queued} == {"queued"}
     d.signal(signal.SIGKILL)
@@ -178,11 +181,11 @@ def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
     d2 = Daemon(test_pki, state, *args).start()
     try:
         wait_for(lambda: "jobs.recovered lost=0 adopted=1" in d2.log(), what="recovery")
-        assert "jobs.requeued queued=6" in d2.log()
+        assert "jobs.requeued queued=7" in d2.log()
         conn = connect(d2)
         assert conn.call("status", {"job": blocker["id"]})["state"] == "running"
         waiting, _ = list_all(conn, state="queued")
-        assert len(waiting) == 6
+        assert len(waiting) == 7
         assert not ran.exists()  # the adopted job holds the one slot
         conn.call("stop", {"job": blocker["id"], "grace": 1})
         wait_for(lambda: ran.exists() and len(ran.read_text().split()) >= 2,
@@ -276,5 +279,37 @@ def test_a_raised_limit_starts_queued_jobs_on_sighup(test_pki: PKI, tmp_path: Pa
         for job in jobs:
             conn.call("stop", {"job": job["id"], "grace": 1})
         conn.close()
+    finally:
+        d.stop()
+
+
+def test_dependencies_over_the_wire(test_pki: PKI, tmp_path: Path) -> None:
+    """after: an unknown job and another identity's job are refused like any unknown
+    job; a job after one that exits 0 runs; one after a job that is stopped is
+    cancelled, saying why."""
+    d = Daemon(test_pki, tmp_path / "state").start()
+    try:
+        conn = connect(d)
+        bob = connect(d, "bob")
+        bobs = bob.call("start", {"command": "true"})
+        for ref in ("no-such-job", bobs["id"]):
+            conn.send({"id": 50, "method": "start", "params": {"command": "true",
+                                                                "after": [ref]}})
+            error = conn.read()["error"]
+            assert error["code"] == "not_found" and ref in error["message"], error
+        quick = conn.call("start", {"command": "sleep", "args": ["0.2"]})
+        then = conn.call("start", {"command": "echo", "args": ["then"],
+                                   "after": [quick["id"]]})
+        assert then["state"] == "queued" and then["after"] == [quick["id"]]
+        assert conn.call("wait", {"job": then["id"]})["state"] == "exited"
+        long = conn.call("start", {"command": "sleep", "args": ["300"]})
+        never = conn.call("start", {"command": "true", "after": [long["id"]]})
+        conn.call("stop", {"job": long["id"], "grace": 1})
+        ended = conn.call("wait", {"job": never["id"]})
+        assert ended["state"] == "cancelled" and long["id"] in ended["error"], ended
+        assert "stopped" in ended["error"] and ended["pid"] is None
+        conn.close()
+        bob.close()
+        assert d.tracebacks() == []
     finally:
         d.stop()

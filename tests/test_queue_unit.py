@@ -154,3 +154,40 @@ def test_a_cancelled_job_frees_its_place_under_max_queued(
     assert again.state == QUEUED
     finish_one(reactor, first)
     assert again.state == RUNNING and waiting.state == CANCELLED
+
+
+def test_a_job_after_others_starts_once_all_have_exited_0(
+        reactor: ProcessReactor, tmp_path: Any) -> None:
+    """after=[a, b]: queued (no slot limit needed) until both exit 0, then it starts."""
+    m = manager(reactor, tmp_path)
+    a, b = start(m), start(m)
+    dependant = start(m, after=[a, b])
+    assert dependant.state == QUEUED and dependant.wire()["after"] == [a.id, b.id]
+    assert m.queued == 1
+    finish_one(reactor, a)
+    assert dependant.state == QUEUED
+    finish_one(reactor, b)
+    assert dependant.state == RUNNING and dependant.pid is not None
+
+
+def test_a_failed_or_stopped_dependency_cancels_its_dependants_in_turn(
+        reactor: ProcessReactor, tmp_path: Any) -> None:
+    """A dependency exiting 1 cancels its dependant, whose own dependant is cancelled in
+    turn; a stopped one cancels too; one that had already failed cancels at admission."""
+    m = manager(reactor, tmp_path)
+    a = start(m)
+    child = start(m, after=[a])
+    grandchild = start(m, after=[child])
+    assert a.pid is not None
+    reactor.process(a.pid).exit(1)
+    assert child.state == CANCELLED and "exited with exit code 1" in (child.error or "")
+    assert grandchild.state == CANCELLED and child.id in (grandchild.error or "")
+    late = start(m, after=[a])
+    assert late.state == CANCELLED and late.pid is None and m.queued == 0
+    b = start(m)
+    waits = start(m, after=[b])
+    m.stop(b)
+    assert b.pid is not None
+    reactor.process(b.pid).kill(15)  # the TERM it was sent ends it
+    assert b.ended and waits.state == CANCELLED and "stopped" in (waits.error or "")
+    assert len(reactor.processes) == 2  # a and b: no dependant ever ran

@@ -98,6 +98,8 @@ class Methods:
     def _start(self, call: Call, p: dict[str, Any], request: tuple[str, bytes] | None
                ) -> Any:
         self.jobs.check_admission()
+        # Each job it waits for must be one the caller may see: else the same not_found.
+        after = [self.access.visible_job(call, ref) for ref in p["after"]]
         creds = self.runas.credentials(call.who.name, p["user"])
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"],
@@ -113,11 +115,12 @@ class Methods:
                               request=request, isolate=p["isolate"], memory=p["memory"],
                               cpu=p["cpu"], pids=p["pids"], queue=p["queue"],
                               priority=p["priority"], role=call.who.role, env=p["env"],
-                              creds=creds)
-        if job.state == QUEUED:
-            # The manager launches it when a slot frees; the reply (after the commit the
-            # server awaits) is its queued record.
-            self._audit(call, "start", job.id, "queued", queue=job.queue)
+                              creds=creds, after=after)
+        if job.state != RUNNING:
+            # Queued (the manager launches it when a slot frees), or cancelled at once (a
+            # job it waits for has failed): the reply, after the commit the server awaits,
+            # is that record.
+            self._audit(call, "start", job.id, job.state, queue=job.queue)
             return job.wire()
         pending = self.jobs.pending()
         if pending is None:

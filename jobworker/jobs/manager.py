@@ -28,14 +28,14 @@ from jobworker.jobs.recovery import sort_out, watch_adopted
 from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.retention import remove_log_dirs
 from jobworker.jobs.rlimits import raise_nofile_limit
-from jobworker.jobs.scheduler import QueuePolicy, Scheduler
+from jobworker.jobs.scheduler import QueuePolicy, Scheduler, dependency_failed
 from jobworker.jobs.sql import Unfinished
 from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire import errors
 from jobworker.wire.codec import decode, encode
 from jobworker.wire.params import START_ARGS, START_TIMEOUT
-from jobworker.wire.record import DEFAULT_QUEUE, QUEUED, RUNNING, JobRecord
+from jobworker.wire.record import DEFAULT_QUEUE, EXITED, QUEUED, RUNNING, JobRecord
 from jobworker.wire.timestamps import iso8601
 
 
@@ -144,8 +144,8 @@ class JobManager(service.Service):
         """Reconcile the jobs an earlier daemon left running with the machine: record the
         gone ones ``lost``, adopt the others."""
         unfinished = self._store.open()
-        self._requeue()
         if not unfinished:
+            self._requeue()
             self.scheduler.pump()
             return
         lost, alive = sort_out(unfinished, self._reactor.seconds())
@@ -159,6 +159,7 @@ class JobManager(service.Service):
             self._store.record_lost(lost)
         self.log.info("{event} lost={lost} adopted={adopted}", event="jobs.recovered",
                       lost=len(lost), adopted=len(adopted))
+        self._requeue()  # after adopting: a queued job may wait for an adopted one
         self.scheduler.pump()  # the slots adopted jobs left free
 
     def _requeue(self) -> None:
@@ -181,9 +182,25 @@ class JobManager(service.Service):
             job.limits = record.get("limits")
             job.launch_spec = launch
             job.role = _unpack_launch(launch)[2] if launch is not None else None
+            job.after = record.get("after")
             self._held.add(job)
             self._store.requeue(job)
-            self.scheduler.requeue(job)
+            deps: list[Any] = []
+            failed = None
+            for dep_id in job.after or []:
+                try:
+                    deps.append(self._store.get(dep_id))
+                except errors.NotFound:
+                    failed = f"dependency {dep_id} was forgotten before it could run"
+                    break
+            waiting_for, ended_badly = _dependencies(deps) if failed is None else ([], None)
+            failed = failed or ended_badly
+            if failed is not None:
+                job.cancel(failed)
+            elif waiting_for:
+                self.scheduler.hold(job, waiting_for)
+            else:
+                self.scheduler.requeue(job)
             count += 1
         if count:
             self.log.info("{event} queued={queued}", event="jobs.requeued", queued=count)
@@ -260,6 +277,7 @@ class JobManager(service.Service):
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
         role: str | None = None,
+        after: Sequence[Job | StoredJob] = (),
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -269,8 +287,8 @@ class JobManager(service.Service):
         it asked (see ``by_request``).  A job the scheduler holds back is ``queued``."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
                          memory, cpu, pids, queue=queue, priority=priority, role=role,
-                         env=env)
-        if job.state != QUEUED:
+                         env=env, after=after)
+        if job.state == RUNNING:  # not queued, nor cancelled at once
             self.launch(job, env)
         return job
 
@@ -293,6 +311,7 @@ class JobManager(service.Service):
         role: str | None = None,
         env: list[str] | None = None,
         creds: Credentials | None = None,
+        after: Sequence[Job | StoredJob] = (),
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
@@ -303,7 +322,8 @@ class JobManager(service.Service):
         If the scheduler has no slot for it, the job is ``queued`` instead, with ``env``
         and ``creds`` kept (in the table too) for its launch, which the manager makes
         once a slot frees: the caller then must not ``launch`` it.  A start the
-        scheduler refuses (unknown queue, a quota) raises."""
+        scheduler refuses (unknown queue, a quota) raises.  ``after``: jobs it waits for
+        (queued until all have exited 0; cancelled if one ends otherwise)."""
         self.check_admission()
         self.scheduler.check(owner, role, queue, priority)
         # Above a maximum: refused (BadRequest naming it), not a failed job.
@@ -315,8 +335,10 @@ class JobManager(service.Service):
             job.limits = limits.wire()
         job.queue, job.priority, job.role = queue, priority, role
         job.state = QUEUED
+        job.after = [dep.id for dep in after] or None
+        waiting_for, failed = _dependencies(after)
         try:
-            placed = self.scheduler.place(job)
+            placed = not waiting_for and failed is None and self.scheduler.place(job)
         except errors.JobWorkerError:
             if self._cgroups is not None:
                 self._cgroups.unused(job.id)
@@ -331,6 +353,10 @@ class JobManager(service.Service):
                 self._cgroups.unused(job.id)  # a spare made for it waits for no one
         self._held.add(job)
         self._store.add(job)
+        if failed is not None:
+            job.cancel(failed)
+        elif waiting_for:
+            self.scheduler.hold(job, waiting_for)
         return job
 
     def launch(self, job: Job, env: list[str] | None = None,
@@ -625,6 +651,18 @@ class JobManager(service.Service):
             # Ended without taking the cgroup made for its id (it failed to start).
             self._cgroups.unused(job.id)
         self.scheduler.ended(job)  # its slot (or place in the queue) goes to the next
+
+
+def _dependencies(after: Sequence[Any]) -> tuple[list[Any], str | None]:
+    """The jobs of ``after`` still to end, and why the dependant is cancelled at once
+    (one ended other than exiting 0), if so."""
+    waiting = []
+    for dep in after:
+        if not dep.ended:
+            waiting.append(dep)
+        elif not (dep.state == EXITED and dep.exit_code == 0):
+            return [], dependency_failed(dep)
+    return waiting, None
 
 
 def _pack_launch(env: list[str] | None, creds: Credentials | None,

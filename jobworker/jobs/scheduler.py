@@ -17,7 +17,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from jobworker.wire.errors import BadRequest, Forbidden, Unavailable
-from jobworker.wire.record import DEFAULT_QUEUE, QUEUED
+from jobworker.wire.record import DEFAULT_QUEUE, EXITED, QUEUED
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,10 @@ class Scheduler:
         self._turn: OrderedDict[str, _Queue] = OrderedDict()
         self._slots: dict[str, Any] = {}  # job id -> job, for every job holding a slot
         self._waiting: dict[str, Any] = {}  # job id -> job, for every queued job
+        # Queued jobs held for their dependencies (``after``): job id -> (job, the ids of
+        # those not yet exited 0); and each dependency's dependants.
+        self._held: dict[str, tuple[Any, set[str]]] = {}
+        self._dependants: dict[str, list[Any]] = {}
         self._running_by: dict[str, int] = {}
         self._queued_by: dict[str, int] = {}
         self._frozen = False
@@ -138,8 +142,8 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting now (the operators' gauge)."""
-        return len(self._waiting)
+        """Jobs waiting now, for a slot or for their dependencies (the operators' gauge)."""
+        return len(self._waiting) + len(self._held)
 
     @property
     def busy(self) -> bool:
@@ -152,11 +156,14 @@ class Scheduler:
         parallel limit (None: unlimited), by name."""
         policy = self._policy()
         names = {DEFAULT_QUEUE, *policy.queues, *self._queues}
+        held: dict[str, int] = {}
+        for job, _ in self._held.values():
+            held[job.queue] = held.get(job.queue, 0) + 1
         rows = []
         for name in sorted(names):
             q = self._queues.get(name)
             rows.append({"queue": name, "running": q.running if q else 0,
-                         "queued": q.queued if q else 0,
+                         "queued": (q.queued if q else 0) + held.get(name, 0),
                          "parallel": policy.parallel(name)})
         return rows
 
@@ -196,6 +203,16 @@ class Scheduler:
                               "started")
         return False
 
+    def hold(self, job: Any, after: list[Any]) -> None:
+        """A queued job (new, or found at start-up) that may start only once every job
+        of ``after`` (not ended yet) has exited 0; the caller cancels it if one of its
+        dependencies has ended otherwise already."""
+        self._queue(job.queue)
+        self._held[job.id] = (job, {dep.id for dep in after})
+        _count(self._queued_by, job.owner, 1)
+        for dep in after:
+            self._dependants.setdefault(dep.id, []).append(job)
+
     def requeue(self, job: Any) -> None:
         """A queued job found in the table at start-up, in its order (oldest first)."""
         self._enqueue(self._queue(job.queue), job)
@@ -214,9 +231,28 @@ class Scheduler:
             queue = self._queues[job.queue]
             queue.queued -= 1  # it stays in its deque until a pick passes it
             _count(self._queued_by, job.owner, -1)
+        elif self._held.pop(job.id, None) is not None:
+            _count(self._queued_by, job.owner, -1)
         else:
             return
+        self._settle_dependants(job)
         self.pump()
+
+    def _settle_dependants(self, dep: Any) -> None:
+        """``dep`` ended: release the jobs that waited only for it, cancel those it
+        failed (which ends theirs in turn)."""
+        for job in self._dependants.pop(dep.id, []):
+            entry = self._held.get(job.id)
+            if entry is None:
+                continue  # cancelled meanwhile
+            if dep.state == EXITED and dep.exit_code == 0:
+                entry[1].discard(dep.id)
+                if not entry[1]:
+                    del self._held[job.id]
+                    _count(self._queued_by, job.owner, -1)
+                    self._enqueue(self._queue(job.queue), job)
+            else:
+                job.cancel(dependency_failed(dep))
 
     def reloaded(self) -> None:
         """The policy changed (SIGHUP): a limit raised may let queued jobs start."""
@@ -286,6 +322,13 @@ class Scheduler:
         _count(self._queued_by, job.owner, 1)
         if queue.name not in self._turn:
             self._turn[queue.name] = queue
+
+
+def dependency_failed(dep: Any) -> str:
+    """Why a dependant of ``dep`` (ended, not with exit code 0) is cancelled."""
+    how = f"{dep.state}" + (f" with exit code {dep.exit_code}"
+                            if dep.exit_code is not None else "")
+    return f"dependency {dep.id} {how}: it did not exit 0"
 
 
 def _count(counts: dict[str, int], key: str, change: int) -> None:

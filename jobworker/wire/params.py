@@ -58,6 +58,8 @@ SCHEMAS: dict[str, Schema] = {
         "pids": (START_PIDS, None),
         "queue": (START_QUEUE, DEFAULT_QUEUE),
         "priority": (START_PRIORITY, 0),
+        # Jobs (ids or pids the caller may see) that must exit 0 before this one starts.
+        "after": (list_of(job_ref(), 64), []),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
@@ -87,6 +89,8 @@ def start_digest(params: dict[str, Any]) -> bytes:
     asked = [params[k] for k in ("command", "args", "env", "dir", "timeout", "user")]
     if params.get("isolate"):  # only then: the digests of earlier starts stay the same
         asked.append(sorted(params["isolate"]))
+    if params.get("after"):
+        asked.append([str(ref) for ref in params["after"]])
     if params.get("queue", DEFAULT_QUEUE) != DEFAULT_QUEUE or params.get("priority"):
         asked.append([params.get("queue", DEFAULT_QUEUE), params.get("priority", 0)])
     return hashlib.blake2b(encode(asked), digest_size=16).digest()

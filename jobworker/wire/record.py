@@ -63,6 +63,8 @@ class JobRecord:
     queued_at: str | None = None
     queue: str = DEFAULT_QUEUE
     priority: int = 0
+    # The jobs it waits for (start's ``after``): it starts once all have exited 0.
+    after: list[str] | None = None
 
     @property
     def ended(self) -> bool:

@@ -113,6 +113,13 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "priority": (st.sampled_from([-5, 0]), st.one_of(ints, but(int))),
             "after": (st.lists(st.sampled_from(known), max_size=2),
                       st.one_of(st.lists(job_refs(known), max_size=3), but(list))),
+            # A name drawn twice while its job still runs is a bad_request after the schema.
+            "name": (st.sampled_from(["fuzz-a", "fuzz-b"]), st.one_of(texts, st.just("123"),
+                                                                      but(str))),
+            "labels": (st.lists(st.sampled_from(["k=v", "team=x", "a.b/c=", "k=v v"]),
+                                max_size=3),
+                       st.one_of(st.lists(st.one_of(texts, st.just("=v"), st.just("k=\n")),
+                                          max_size=3), but(list))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),
@@ -131,6 +138,9 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "owner": (st.sampled_from(["alice", "bob"]), st.one_of(st.just(""), but(str))),
             "since": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
             "until": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
+            "name": (st.sampled_from(["fuzz-a", "x"]), st.one_of(texts, but(str))),
+            "labels": (st.lists(st.sampled_from(["k=v", "team=x"]), max_size=2),
+                       st.one_of(st.lists(texts, max_size=2), but(list))),
         },
         "forget": {"job": job},
         "queues": {},
@@ -232,7 +242,7 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             # start as a user the host does not have, a list cursor that is no cursor, a
             # forget of a running job.
             assert (method == "start" and any(k in params for k in (
-                "request_id", "user", "isolate", "memory", "cpu", "pids", "queue"))) or (
+                "request_id", "user", "isolate", "memory", "cpu", "pids", "queue", "name"))) or (
                 method == "list" and "cursor" in params) or method == "forget", (
                 method, params, reply)
         else:

@@ -313,3 +313,39 @@ def test_dependencies_over_the_wire(test_pki: PKI, tmp_path: Path) -> None:
         assert d.tracebacks() == []
     finally:
         d.stop()
+
+
+def test_names_and_labels_over_the_wire(test_pki: PKI, tmp_path: Path) -> None:
+    """A name is unique among the caller's queued and running jobs (another identity may
+    use it; it is free again once the job ends), names a job wherever an id would, and
+    list filters by name and by labels (every one given must match)."""
+    d = Daemon(test_pki, tmp_path / "state").start()
+    try:
+        conn = connect(d)
+        bob = connect(d, "bob")
+        built = conn.call("start", {"command": "sleep", "args": ["300"], "name": "build",
+                                    "labels": ["team=infra", "kind=ci"]})
+        assert built["name"] == "build" and built["labels"] == {"team": "infra",
+                                                                "kind": "ci"}
+        conn.send({"id": 60, "method": "start", "params": {"command": "true",
+                                                            "name": "build"}})
+        error = conn.read()["error"]
+        assert error["code"] == "bad_request" and built["id"] in error["message"], error
+        assert bob.call("start", {"command": "true", "name": "build"})["owner"] == "bob"
+        assert conn.call("status", {"job": "build"})["id"] == built["id"]
+        other = conn.call("start", {"command": "true", "labels": ["team=infra"]})
+        conn.call("wait", {"job": other["id"]})
+        infra, _ = list_all(conn, labels=["team=infra"])
+        assert [r["id"] for r in infra] == [other["id"], built["id"]]
+        both, _ = list_all(conn, labels=["team=infra", "kind=ci"])
+        named, _ = list_all(conn, name="build")
+        assert [r["id"] for r in both] == [r["id"] for r in named] == [built["id"]]
+        assert list_all(conn, labels=["team=infr"])[0] == []  # whole labels only
+        conn.call("stop", {"job": "build", "grace": 1})
+        again = conn.call("start", {"command": "true", "name": "build"})
+        assert conn.call("wait", {"job": "build"})["id"] == again["id"]
+        conn.close()
+        bob.close()
+        assert d.tracebacks() == []
+    finally:
+        d.stop()

@@ -23,11 +23,19 @@ class JobAccess:
         self.audit = audit
 
     def visible_job(self, call: Call, ref: str | int) -> Job | StoredJob:
-        """The job ``ref`` names, if the caller may act on it; else the same NotFound."""
+        """The job ``ref`` names (an id, a pid, then a name of the caller's), if the
+        caller may act on it; else the same NotFound."""
         try:
             job = self.jobs.find(ref)
         except NotFound:
-            raise NotFound(f"no job {ref}") from None
+            job = None
+        if job is None and isinstance(ref, str):
+            try:
+                job = self.jobs.by_name(call.who.name, ref)
+            except NotFound:
+                pass
+        if job is None:
+            raise NotFound(f"no job {ref}")
         if self.authz.can_see(call.who, job.owner):  # dispatch has checked the method
             return job
         try:

@@ -115,7 +115,8 @@ class Methods:
                               request=request, isolate=p["isolate"], memory=p["memory"],
                               cpu=p["cpu"], pids=p["pids"], queue=p["queue"],
                               priority=p["priority"], role=call.who.role, env=p["env"],
-                              creds=creds, after=after)
+                              creds=creds, after=after, name=p["name"],
+                              labels=p["labels"])
         if job.state != RUNNING:
             # Queued (the manager launches it when a slot frees), or cancelled at once (a
             # job it waits for has failed): the reply, after the commit the server awaits,
@@ -222,7 +223,8 @@ class Methods:
             raise BadRequest("cursor must be a next_cursor from an earlier list reply")
         query = ListQuery(limit=1, before=int(cursor) if cursor is not None else None,
                           owner=owner, state=RUNNING if p["running"] else p["state"],
-                          since=p["since"], until=p["until"])
+                          since=p["since"], until=p["until"], name=p["name"],
+                          labels=tuple(p["labels"]))
         count, more = await ListStream(call, self.jobs.page, query, p["limit"]).start()
         reply: dict[str, Any] = {"count": count}
         if more is not None:

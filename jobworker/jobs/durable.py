@@ -102,7 +102,16 @@ def row_of(job: Job) -> sql.Row:
         request[1] if request is not None else None,
         bytes(job.packed()),
         job.launch_spec,
+        job.name,
+        labels_column(job.labels),
     )
+
+
+def labels_column(labels: dict[str, str] | None) -> str | None:
+    """Labels as the table keeps them for ``list``'s filter: ``\\nkey=value\\n...``."""
+    if not labels:
+        return None
+    return "\n" + "".join(f"{k}={v}\n" for k, v in labels.items())
 
 
 class DurableStore:
@@ -392,6 +401,15 @@ class DurableStore:
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)
 
+    def by_name(self, owner: str, name: str) -> Job | StoredJob:
+        """The table's newest (the manager asks its live names first)."""
+        packed = sql.record_by_name(self._reading(), owner, name)
+        if packed is None:
+            raise NotFound(f"no such job: {name}")
+        stored = StoredJob(packed)
+        live = self._live.get(stored.id)
+        return live if live is not None else stored
+
     def running_jobs(self) -> list[Job]:
         return [job for job in reversed(self._live.values())
                 if not job.ended and job.state != QUEUED]
@@ -406,7 +424,7 @@ class DurableStore:
         a running job's record comes from memory, which is as fresh or fresher."""
         rows = sql.page(self._reading(), before=query.before, limit=query.limit + 1,
                         owner=query.owner, state=query.state, since=query.since,
-                        until=query.until)
+                        until=query.until, name=query.name, labels=query.labels)
         more = len(rows) > query.limit
         rows = rows[:query.limit]
         records: list[Encoded] = []

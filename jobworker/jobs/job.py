@@ -65,7 +65,7 @@ class Job:
         "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
         "spawn_ticks", "uid", "gid", "isolate", "cgroup", "_usage", "_done_observers",
         "_stuck_call", "limits", "oom_killed", "queued_at", "queue", "priority", "role",
-        "launch_spec", "_start_observers", "after", "__weakref__",
+        "launch_spec", "_start_observers", "after", "name", "labels", "__weakref__",
     )
 
     log = Logger()
@@ -147,6 +147,8 @@ class Job:
         self.launch_spec: bytes | None = None
         self._start_observers: list[Deferred[None]] = []
         self.after: list[str] | None = None
+        self.name: str | None = None
+        self.labels: dict[str, str] | None = None
 
     # -- what clients see --------------------------------------------------------------
 

@@ -126,6 +126,8 @@ class JobManager(service.Service):
         self._own_ids = (os.geteuid(), os.getegid())
         # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
         self._readers: dict[str, int] = {}
+        # The names of queued and running jobs, unique per owner: (owner, name) -> job.
+        self._names: dict[tuple[str, str], Job] = {}
         #: Which admitted job runs when: ``--max-running``, the policy's queues and quotas.
         self.scheduler = Scheduler(self._dequeued, max_running,
                                    queue_policy if queue_policy is not None else QueuePolicy)
@@ -183,8 +185,10 @@ class JobManager(service.Service):
             job.launch_spec = launch
             job.role = _unpack_launch(launch)[2] if launch is not None else None
             job.after = record.get("after")
+            job.name, job.labels = record.get("name"), record.get("labels")
             self._held.add(job)
             self._store.requeue(job)
+            self._name(job)
             deps: list[Any] = []
             failed = None
             for dep_id in job.after or []:
@@ -233,8 +237,10 @@ class JobManager(service.Service):
         job.queue = record.get("queue") or DEFAULT_QUEUE
         job.priority = record.get("priority") or 0
         job.queued_at = record.get("queued_at")
+        job.name, job.labels = record.get("name"), record.get("labels")
         self._held.add(job)
         self._store.adopt(job)
+        self._name(job)
         self.scheduler.adopt(job)
         self.log.info("{event} job={job_id} pid={pid} owner={owner} cgroup={cgroup}",
                       event="job.adopted", job_id=job.id, pid=job.pid, owner=job.owner,
@@ -278,6 +284,8 @@ class JobManager(service.Service):
         priority: int = 0,
         role: str | None = None,
         after: Sequence[Job | StoredJob] = (),
+        name: str | None = None,
+        labels: Sequence[str] = (),
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
@@ -287,7 +295,7 @@ class JobManager(service.Service):
         it asked (see ``by_request``).  A job the scheduler holds back is ``queued``."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
                          memory, cpu, pids, queue=queue, priority=priority, role=role,
-                         env=env, after=after)
+                         env=env, after=after, name=name, labels=labels)
         if job.state == RUNNING:  # not queued, nor cancelled at once
             self.launch(job, env)
         return job
@@ -312,6 +320,8 @@ class JobManager(service.Service):
         env: list[str] | None = None,
         creds: Credentials | None = None,
         after: Sequence[Job | StoredJob] = (),
+        name: str | None = None,
+        labels: Sequence[str] = (),
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
@@ -323,8 +333,16 @@ class JobManager(service.Service):
         and ``creds`` kept (in the table too) for its launch, which the manager makes
         once a slot frees: the caller then must not ``launch`` it.  A start the
         scheduler refuses (unknown queue, a quota) raises.  ``after``: jobs it waits for
-        (queued until all have exited 0; cancelled if one ends otherwise)."""
+        (queued until all have exited 0; cancelled if one ends otherwise).  ``name``:
+        unique among the owner's queued and running jobs (else L{errors.BadRequest});
+        ``labels``: ``key=value`` each."""
         self.check_admission()
+        if name is not None:
+            taken = self._names.get((owner, name))
+            if taken is not None:
+                raise errors.BadRequest(f"you have a {taken.state} job named {name!r} "
+                                        f"already ({taken.id}): names are unique among "
+                                        "your queued and running jobs")
         self.scheduler.check(owner, role, queue, priority)
         # Above a maximum: refused (BadRequest naming it), not a failed job.
         limits = self._limits.resolve(memory, cpu, pids)
@@ -336,6 +354,8 @@ class JobManager(service.Service):
         job.queue, job.priority, job.role = queue, priority, role
         job.state = QUEUED
         job.after = [dep.id for dep in after] or None
+        job.name = name
+        job.labels = dict(label.partition("=")[::2] for label in labels) or None
         waiting_for, failed = _dependencies(after)
         try:
             placed = not waiting_for and failed is None and self.scheduler.place(job)
@@ -353,6 +373,7 @@ class JobManager(service.Service):
                 self._cgroups.unused(job.id)  # a spare made for it waits for no one
         self._held.add(job)
         self._store.add(job)
+        self._name(job)
         if failed is not None:
             job.cancel(failed)
         elif waiting_for:
@@ -475,6 +496,13 @@ class JobManager(service.Service):
     def pending(self) -> Deferred[None] | None:
         """Fires once every change so far is durable; None if nothing is waiting."""
         return self._store.pending()
+
+    def by_name(self, owner: str, name: str) -> Job | StoredJob:
+        """``owner``'s job named ``name``: its queued or running one, else its newest."""
+        job = self._names.get((owner, name))
+        if job is not None:
+            return job
+        return self._store.by_name(owner, name)  # type: ignore[no-any-return]
 
     def find(self, ref: str | int) -> Job | StoredJob:
         """By id, or by pid: the running job with that pid, else the newest that had it."""
@@ -645,7 +673,13 @@ class JobManager(service.Service):
             raise ProcessLookupError(f"adopted job {job.id} has ended")
         self._killpg(pid, signum)
 
+    def _name(self, job: Job) -> None:
+        if job.name is not None and not job.ended:
+            self._names[job.owner, job.name] = job
+
     def _job_ended(self, job: Job) -> None:
+        if job.name is not None and self._names.get((job.owner, job.name)) is job:
+            del self._names[job.owner, job.name]
         self._store.ended(job)
         if self._cgroups is not None and job.cgroup is None and not job.adopted:
             # Ended without taking the cgroup made for its id (it failed to start).

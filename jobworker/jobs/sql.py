@@ -184,6 +184,8 @@ def page(
     state: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    name: str | None = None,
+    labels: Sequence[str] = (),
 ) -> list[tuple[int, str, str, bytes]]:
     """Up to ``limit`` jobs, newest first, older than cursor ``before``: (seq, id, state,
     record) each."""
@@ -204,12 +206,25 @@ def page(
     if until is not None:
         where.append("started < ?")
         args.append(until)
+    if name is not None:
+        where.append("name = ?")
+        args.append(name)
+    for label in labels:  # whole labels: each is kept between line breaks
+        where.append("instr(labels, ?) > 0")
+        args.append(f"\n{label}\n")
     sql = "SELECT seq, id, state, record FROM jobs"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY seq DESC LIMIT ?"
     args.append(limit)
     return conn.execute(sql, args).fetchall()
+
+
+def record_by_name(conn: sqlite3.Connection, owner: str, name: str) -> bytes | None:
+    """``owner``'s newest job named ``name``."""
+    row = conn.execute("SELECT record FROM jobs WHERE owner = ? AND name = ?"
+                       " ORDER BY seq DESC LIMIT 1", (owner, name)).fetchone()
+    return row[0] if row is not None else None
 
 
 def unfinished(conn: sqlite3.Connection) -> list[Unfinished]:

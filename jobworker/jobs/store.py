@@ -30,6 +30,8 @@ class ListQuery:
     state: str | None = None
     since: float | None = None
     until: float | None = None
+    name: str | None = None
+    labels: tuple[str, ...] = ()
 
 
 class Page(NamedTuple):
@@ -79,6 +81,9 @@ class JobStore(Protocol):
 
     def by_request(self, owner: str, request_id: str) -> tuple[Any, bytes] | None:
         """``owner``'s job started with this ``request_id``, and the digest of its start."""
+
+    def by_name(self, owner: str, name: str) -> Any:
+        """``owner``'s newest job named ``name``, or L{NotFound}."""
 
     def running_with_pid(self, pid: int) -> Job | None:
         """The running job whose process has this pid, if any."""
@@ -179,6 +184,12 @@ class MemoryStore:
     def running_with_pid(self, pid: int) -> Job | None:
         return self._running_by_pid.get(pid)
 
+    def by_name(self, owner: str, name: str) -> Job:
+        for job in reversed(self._history):
+            if job is not None and job.owner == owner and job.name == name:
+                return job
+        raise NotFound(f"no such job: {name}")
+
     def by_request(self, owner: str, request_id: str) -> tuple[Job, bytes] | None:
         job = self._requests.get((owner, request_id))
         if job is None or job.request is None:
@@ -244,4 +255,11 @@ def matches(job: Any, query: ListQuery) -> bool:
     return ((query.owner is None or job.owner == query.owner)
             and (query.state is None or job.state == query.state)
             and (query.since is None or job.started >= query.since)
-            and (query.until is None or job.started < query.until))
+            and (query.until is None or job.started < query.until)
+            and (query.name is None or job.name == query.name)
+            and all(_has_label(job.labels, label) for label in query.labels))
+
+
+def _has_label(labels: dict[str, str] | None, label: str) -> bool:
+    key, _, value = label.partition("=")
+    return labels is not None and labels.get(key) == value

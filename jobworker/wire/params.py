@@ -15,7 +15,9 @@ from jobworker.wire.schema import (
     Schema,
     boolean,
     integer,
+    job_name,
     job_ref,
+    label,
     list_of,
     number,
     one_of,
@@ -60,6 +62,9 @@ SCHEMAS: dict[str, Schema] = {
         "priority": (START_PRIORITY, 0),
         # Jobs (ids or pids the caller may see) that must exit 0 before this one starts.
         "after": (list_of(job_ref(), 64), []),
+        # Unique among the caller's queued and running jobs; a job may be named by it.
+        "name": (job_name(), None),
+        "labels": (list_of(label(), 32), []),
     }),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
@@ -73,6 +78,8 @@ SCHEMAS: dict[str, Schema] = {
         "owner": (string(4096, nonempty=True), None),
         "since": (number(0.0, 10.0**11), None),  # started at or after (Unix seconds)
         "until": (number(0.0, 10.0**11), None),  # started before
+        "name": (job_name(), None),
+        "labels": (list_of(label(), 32), []),  # jobs with every one of these labels
     }),
     "queues": schema(),
     "logs": schema(_JOB, {
@@ -89,6 +96,8 @@ def start_digest(params: dict[str, Any]) -> bytes:
     asked = [params[k] for k in ("command", "args", "env", "dir", "timeout", "user")]
     if params.get("isolate"):  # only then: the digests of earlier starts stay the same
         asked.append(sorted(params["isolate"]))
+    if params.get("name") is not None or params.get("labels"):
+        asked.append([params.get("name"), sorted(params.get("labels") or [])])
     if params.get("after"):
         asked.append([str(ref) for ref in params["after"]])
     if params.get("queue", DEFAULT_QUEUE) != DEFAULT_QUEUE or params.get("priority"):

@@ -65,6 +65,9 @@ class JobRecord:
     priority: int = 0
     # The jobs it waits for (start's ``after``): it starts once all have exited 0.
     after: list[str] | None = None
+    # Its name (unique among its owner's queued and running jobs) and labels (key: value).
+    name: str | None = None
+    labels: dict[str, str] | None = None
 
     @property
     def ended(self) -> bool:

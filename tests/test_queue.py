@@ -4,6 +4,7 @@ SIGKILL and a graceful restart (nothing runs twice, nothing is forgotten)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -240,21 +241,27 @@ def test_policy_queues_and_quotas_over_the_wire(test_pki: PKI, tmp_path: Path) -
 
 
 def test_jwclient_start_queue_and_the_queue_command(test_pki: PKI, tmp_path: Path) -> None:
-    """jwclient start --queue/--priority queue a job and jwclient queue shows the counts
-    (the CLI itself is what is tested here)."""
+    """jwclient start --queue/--priority/--after/--name/--label reach the daemon,
+    jwclient queue shows the counts and list --name/--label filters (the CLI itself is
+    what is tested here)."""
     extra = "[queue.build]\nparallel = 1\n[quota.role.user]\nmax_priority = 1\n"
     d = Daemon(test_pki, tmp_path / "state", "--policy", policy(tmp_path, extra)).start()
     try:
         first = d.jwclient("start", "--queue", "build", "--", "sleep", "300",
                            check=True).stdout.decode().strip()
-        second = d.jwclient("start", "--queue", "build", "--priority", "1", "sleep", "300",
-                            check=True).stdout.decode().strip()
+        second = d.jwclient("start", "--queue", "build", "--priority", "1", "--after",
+                            first, "--name", "nightly", "--label", "team=infra", "sleep",
+                            "300", check=True).stdout.decode().strip()
         shown = d.jwclient("queue", check=True).stdout.decode()
         assert any(line.split()[:4] == ["build", "1", "1", "1"]
                    for line in shown.splitlines()), shown
+        listed = json.loads(d.jwclient("--json", "list", "--name", "nightly", "--label",
+                                       "team=infra", check=True).stdout)
+        assert [r["id"] for r in listed] == [second]
+        record = listed[0]
+        assert (record["state"], record["queue"], record["priority"], record["after"],
+                record["labels"]) == ("queued", "build", 1, [first], {"team": "infra"})
         conn = connect(d)
-        record = conn.call("status", {"job": second})
-        assert (record["state"], record["queue"], record["priority"]) == ("queued", "build", 1)
         for job in (second, first):
             conn.call("stop", {"job": job, "grace": 1})
         conn.close()

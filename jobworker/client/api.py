@@ -83,7 +83,9 @@ class Client:
                     user: str | None = None, isolate: list[str] | None = None,
                     memory: int | None = None, cpu: float | None = None,
                     pids: int | None = None, queue: str | None = None,
-                    priority: int = 0) -> JobRecord:
+                    priority: int = 0, after: list[str | int] | None = None,
+                    name: str | None = None, labels: list[str] | None = None
+                    ) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
         new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
@@ -101,12 +103,17 @@ class Client:
             params["dir"] = dir
         if timeout is not None:
             params["timeout"] = timeout
-        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
-                            ("queue", queue)):
+        for key, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
+                           ("queue", queue)):
             if value is not None:
-                params[name] = value
+                params[key] = value
         if priority:
             params["priority"] = priority
+        if name is not None:
+            params["name"] = name
+        for key, items in (("after", after), ("labels", labels)):
+            if items:
+                params[key] = items
         return JobRecord.from_wire(await self.call("start", params))
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:

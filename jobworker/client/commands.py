@@ -109,7 +109,10 @@ async def _start(client: Client, args: argparse.Namespace,
                               memory=getattr(args, "memory", None),
                               cpu=getattr(args, "cpu", None), pids=getattr(args, "pids", None),
                               queue=getattr(args, "queue", None),
-                              priority=getattr(args, "priority", 0))
+                              priority=getattr(args, "priority", 0),
+                              after=getattr(args, "after", None),
+                              name=getattr(args, "name", None),
+                              labels=getattr(args, "label", None))
 
 
 #: Reconnections ``start`` makes when the connection drops before its reply.
@@ -176,7 +179,8 @@ async def status(reactor: Any, client: Client, args: argparse.Namespace) -> int:
 
 async def list_(reactor: Any, client: Client, args: argparse.Namespace) -> int:
     now = time.time()
-    filters = {"state": args.state, "owner": args.owner,
+    filters = {"state": args.state, "owner": args.owner, "name": args.name,
+               "labels": args.label or None,
                "since": now - args.since if args.since else None,
                "until": now - args.until if args.until else None}
     if args.all:

@@ -356,3 +356,37 @@ def test_names_and_labels_over_the_wire(test_pki: PKI, tmp_path: Path) -> None:
         assert d.tracebacks() == []
     finally:
         d.stop()
+
+
+def test_a_queued_job_caught_leaving_the_queue_by_a_crash_is_not_run_again(
+        test_pki: PKI, tmp_path: Path) -> None:
+    """The window between a queued job's log folder being made (just before its spawn)
+    and its new state being committed: after a SIGKILL there, the next daemon finds the
+    job queued in the table but with a folder, looks for its process, and, finding none,
+    records it lost; it never runs it (again)."""
+    state = tmp_path / "state"
+    ran = tmp_path / "ran"
+    d = Daemon(test_pki, state, "--max-running", "1").start()
+    conn = connect(d)
+    conn.call("start", {"command": "sleep", "args": ["300"]})
+    caught = conn.call("start", marker_job(ran, 0))
+    conn.close()
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)  # type: ignore[union-attr]
+    # As the daemon leaves it when killed just after making the folder: empty logs.
+    folder = state / "logs" / f"{caught['id']}-20261201T000000.000000Z"
+    folder.mkdir()
+    for name in ("stdout.log", "stderr.log"):
+        (folder / name).touch()
+    d2 = Daemon(test_pki, state, "--max-running", "1").start()
+    try:
+        wait_for(lambda: "jobs.recovered lost=1 adopted=1" in d2.log(), what="recovery")
+        conn = connect(d2)
+        record = conn.call("status", {"job": caught["id"]})
+        assert record["state"] == "lost" and "starting" in record["error"], record
+        assert record["log_dir"] == str(folder)
+        assert conn.call("queues", {})["queued"] == 0
+        conn.close()
+        assert not ran.exists()
+    finally:
+        d2.stop()

@@ -194,6 +194,24 @@ class CgroupPool(service.Service):
         self._maybe_refill()
         return job_id
 
+    def prepare(self, job_id: str) -> Deferred[None]:
+        """Make job ``job_id``'s cgroup now, in the worker thread, for a ``take`` soon
+        (a job leaving the queue: its id was chosen long before).  Never fails: a
+        cgroup that could not be made is made, or its error raised, by ``take``."""
+        driver = self.driver
+        if driver is None or not self._ready or job_id in self._given:
+            return succeed(None)
+
+        def made(result: tuple[list[tuple[str, CgroupFiles]], OSError | None]) -> None:
+            for name, files in result[0]:
+                if self.running:
+                    self._given[name] = files
+                else:
+                    self._doomed.append(_Doomed(name, files, None, 1))
+
+        return self._in_thread(self._make, driver, [job_id]).addCallback(made).addErrback(
+            lambda f: self.log.failure("{event}", f, event="cgroups.bug"))
+
     def take(self, job_id: str) -> JobCgroup | None:
         """Job ``job_id``'s own cgroup, ready to ``enter``: the one made for an id from
         ``new_id``, or one made now.  None when disabled; OSError when the cgroup cannot

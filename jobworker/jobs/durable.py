@@ -38,6 +38,8 @@ from jobworker.wire.record import QUEUED, RUNNING
 #: Runs ``f(*args)`` in the writer thread; the Deferred fires on the reactor thread.
 Runner = Callable[..., "Deferred[Any]"]
 
+#: Seconds a change that no reply waits for (a job's pid) may wait for the next batch.
+LAZY = 0.02
 #: Seconds before a failed write (a full or read-only disk) is tried again.
 RETRY_AFTER = 1.0
 #: Space kept for the table beside it (``jobs.db.reserve``), given up when the disk is
@@ -218,8 +220,8 @@ class DurableStore:
             self._requests[job.owner, job.request[0]] = job
         self._changed(job)
 
-    def queued(self) -> list[tuple[bytes, bytes | None]]:
-        """At start-up: the jobs the table says are queued, oldest first (record, launch)."""
+    def queued(self) -> list[sql.Queued]:
+        """At start-up: the jobs the table says are queued, oldest first."""
         return sql.queued(self._reading())
 
     def requeue(self, job: Job) -> None:
@@ -256,9 +258,22 @@ class DurableStore:
         self._dirty[job.id] = job
         if urgent:
             self._urgent.add(job.id)
+            call = self._flush_call
+            if call is not None and call.getTime() > self._reactor.seconds():
+                call.reset(0)  # a lazy flush was waiting: this change is urgent
+        elif not self._urgent:
+            self._flush_later()
+            return
         if not self._writing and self._flush_call is None:
             # Everything changed in this reactor turn goes in one batch.
             self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush_later(self) -> None:
+        """Only changes no reply waits for (a pid): written within LAZY, or sooner with
+        the next batch a reply does wait for (a short job's end, a queued job leaving
+        the queue), so a slot freeing does not wait behind a commit of pids."""
+        if not self._writing and self._flush_call is None:
+            self._flush_call = self._reactor.callLater(LAZY, self._flush)
 
     # -- the writer ---------------------------------------------------------------------
 
@@ -310,7 +325,8 @@ class DurableStore:
                 if job.id not in self._dirty:
                     self._forget_live(job)
             if self._dirty and self._flush_call is None:
-                self._flush_call = self._reactor.callLater(0, self._flush)
+                self._flush_call = self._reactor.callLater(0 if self._urgent else LAZY,
+                                                           self._flush)
         waiters, self._batch_waiters = self._batch_waiters, []
         for d in waiters:
             if not d.called:  # a waiter cancelled meanwhile (its caller went away)

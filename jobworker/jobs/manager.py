@@ -29,7 +29,7 @@ from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.retention import remove_log_dirs
 from jobworker.jobs.rlimits import raise_nofile_limit
 from jobworker.jobs.scheduler import QueuePolicy, Scheduler, dependency_failed
-from jobworker.jobs.sql import Unfinished
+from jobworker.jobs.sql import Queued, Unfinished
 from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire import errors
@@ -37,6 +37,9 @@ from jobworker.wire.codec import decode, encode
 from jobworker.wire.params import START_ARGS, START_TIMEOUT
 from jobworker.wire.record import DEFAULT_QUEUE, EXITED, QUEUED, RUNNING, JobRecord
 from jobworker.wire.timestamps import iso8601
+
+#: Queued jobs whose cgroups are made ahead of their start.
+AHEAD = 4
 
 
 class SpareLogDirs(Protocol):
@@ -60,6 +63,10 @@ class JobCgroups(Protocol):
 
     def new_id(self) -> str | None:
         """A fresh job id whose cgroup is ready, or None."""
+        ...
+
+    def prepare(self, job_id: str) -> Deferred[None]:
+        """Make ``job_id``'s cgroup off the reactor thread, for a ``take`` soon."""
         ...
 
     def adopt(self, job_id: str) -> JobCgroup | None:
@@ -126,6 +133,9 @@ class JobManager(service.Service):
         self._own_ids = (os.geteuid(), os.getegid())
         # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
         self._readers: dict[str, int] = {}
+        # Queued jobs whose cgroups are made ahead (``_prepare_ahead``): job id -> fired
+        # once made.  A take waits for it (else it would make the same cgroup twice).
+        self._prepared: dict[str, Deferred[None]] = {}
         # The names of queued and running jobs, unique per owner: (owner, name) -> job.
         self._names: dict[tuple[str, str], Job] = {}
         #: Which admitted job runs when: ``--max-running``, the policy's queues and quotas.
@@ -146,8 +156,18 @@ class JobManager(service.Service):
         """Reconcile the jobs an earlier daemon left running with the machine: record the
         gone ones ``lost``, adopt the others."""
         unfinished = self._store.open()
+        queued = self._store.queued()
+        # A queued job with a log folder was leaving the queue when the daemon stopped
+        # (its folder is made before its spawn, its new state committed after): like a
+        # job committed running without a pid, it is looked for by its id, never run
+        # again.
+        launching = self._log_store.made_for({q.id for q in queued})
+        if launching:
+            unfinished = [*unfinished, *(_launching(q, launching[q.id]) for q in queued
+                                         if q.id in launching)]
+            queued = [q for q in queued if q.id not in launching]
         if not unfinished:
-            self._requeue()
+            self._requeue(queued)
             self.scheduler.pump()
             return
         lost, alive = sort_out(unfinished, self._reactor.seconds())
@@ -161,14 +181,14 @@ class JobManager(service.Service):
             self._store.record_lost(lost)
         self.log.info("{event} lost={lost} adopted={adopted}", event="jobs.recovered",
                       lost=len(lost), adopted=len(adopted))
-        self._requeue()  # after adopting: a queued job may wait for an adopted one
+        self._requeue(queued)  # after adopting: a queued job may wait for an adopted one
         self.scheduler.pump()  # the slots adopted jobs left free
 
-    def _requeue(self) -> None:
+    def _requeue(self, queued: list[Queued]) -> None:
         """Put the jobs an earlier daemon left queued back in their queues, in order."""
         count = 0
-        for packed, launch in self._store.queued():
-            record = decode(packed)
+        for q in queued:
+            record, launch = decode(q.record), q.launch
             job = Job(
                 self._reactor, id=record["id"], owner=record["owner"],
                 command=record["command"], args=list(record["args"]), dir=record["dir"],
@@ -365,12 +385,13 @@ class JobManager(service.Service):
             raise
         if placed:
             job.state = RUNNING
+            job.log_dir = self._log_store.dir_for(job.id, job.started)
         else:
-            job.queued_at = iso8601(job.started)
-            job.log_dir = None  # named when it starts
+            job.queued_at = iso8601(job.started)  # its log folder is named when it starts
             job.launch_spec = _pack_launch(env, creds, role)
             if self._cgroups is not None:
                 self._cgroups.unused(job.id)  # a spare made for it waits for no one
+                self._prepare_ahead()
         self._held.add(job)
         self._store.add(job)
         self._name(job)
@@ -388,6 +409,10 @@ class JobManager(service.Service):
             job.fail("the daemon is shutting down")
             return
         assert job.log_dir is not None  # named by admit, or when it left the queue
+        if job.queued_at is not None:
+            # From the queue: it starts now, after the commit of its leaving the queue
+            # (its log folder keeps the name given then).
+            job.started = self._reactor.seconds()
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -407,21 +432,35 @@ class JobManager(service.Service):
 
     def _dequeued(self, job: Job) -> None:
         """The scheduler gave a queued job its slot: record it running (pid null, its log
-        folder named now), and launch it once that is committed, so a daemon killed
-        meanwhile finds it ``running`` and never launches it again (``recovery``)."""
+        folder named now) and launch it, without waiting for that commit: its log folder
+        is made before it is spawned, and a restarted daemon treats a queued job with a
+        log folder as one being launched (``_recover``), so nothing is launched twice."""
         env, creds, _ = _unpack_launch(job.launch_spec)
         job.launch_spec = None
         job.state = RUNNING
         job.started = self._reactor.seconds()
         job.log_dir = self._log_store.dir_for(job.id, job.started)
         self._store.changed(job)
-        pending = self._store.pending()
-        if pending is None:
+        # Its cgroup was made ahead (else it is made now, in a thread: waited for).
+        prepared = self._prepared.pop(job.id, None)
+        if self._cgroups is not None and prepared is None:
+            prepared = self._cgroups.prepare(job.id)
+        self._prepare_ahead()
+        if prepared is None or prepared.called:
             self.launch(job, env, creds)
             return
-        pending.addCallback(lambda _: self.launch(job, env, creds)).addErrback(
+        prepared.addCallback(lambda _: self.launch(job, env, creds)).addErrback(
             lambda f: self.log.failure("{event} job={job_id}", f, event="job.launch_bug",
                                        job_id=job.id))
+
+    def _prepare_ahead(self) -> None:
+        """Make the cgroups of the next few queued jobs now, off the reactor thread, so
+        that a slot freeing does not wait for one."""
+        if self._cgroups is None or not self.scheduler.queued:
+            return
+        for job in self.scheduler.upcoming(AHEAD):
+            if job.id not in self._prepared:
+                self._prepared[job.id] = self._cgroups.prepare(job.id)
 
     @property
     def queued(self) -> int:
@@ -526,7 +565,8 @@ class JobManager(service.Service):
     def _new_job(self, job_id: str, owner: str, command: str, args: list[str],
                  dir: str | None, timeout: float | None,
                  request: tuple[str, bytes] | None = None) -> Job:
-        """A new job, in the store, not started yet."""
+        """A new job, not started yet, its log folder not named yet (``admit`` names it
+        if the job starts at once)."""
         started = self._reactor.seconds()
         job = Job(
             self._reactor,
@@ -535,7 +575,7 @@ class JobManager(service.Service):
             command=command,
             args=list(args),
             dir=os.path.abspath(dir) if dir is not None else os.getcwd(),
-            log_dir=self._log_store.dir_for(job_id, started),
+            log_dir=None,
             started=started,
             timeout=timeout,
             timeout_grace=self.grace,
@@ -677,14 +717,30 @@ class JobManager(service.Service):
         if job.name is not None and not job.ended:
             self._names[job.owner, job.name] = job
 
+    def _unused(self, _: object, job_id: str) -> None:
+        if self._cgroups is not None:
+            self._cgroups.unused(job_id)
+
     def _job_ended(self, job: Job) -> None:
         if job.name is not None and self._names.get((job.owner, job.name)) is job:
             del self._names[job.owner, job.name]
         self._store.ended(job)
         if self._cgroups is not None and job.cgroup is None and not job.adopted:
-            # Ended without taking the cgroup made for its id (it failed to start).
-            self._cgroups.unused(job.id)
+            # Ended without taking the cgroup made for its id (it failed to start, or was
+            # cancelled in the queue).
+            made = self._prepared.pop(job.id, None)
+            if made is None or made.called:
+                self._cgroups.unused(job.id)
+            else:  # being made: let it go once it is
+                made.addCallback(self._unused, job.id)
         self.scheduler.ended(job)  # its slot (or place in the queue) goes to the next
+
+
+def _launching(q: Queued, log_dir: str) -> Unfinished:
+    """A queued row whose launch had begun, as a job recorded running without a pid."""
+    record = decode(q.record)
+    record.update(state=RUNNING, log_dir=log_dir)
+    return Unfinished(q.seq, q.id, None, None, None, q.started, encode(record))
 
 
 def _dependencies(after: Sequence[Any]) -> tuple[list[Any], str | None]:

@@ -105,6 +105,20 @@ class _Queue:
                 self._drop(priority)
         return None
 
+    def heads(self, count: int) -> list[Any]:
+        """About the next ``count`` jobs ``pick`` would take (each identity's first at
+        each priority, in turn), without taking them."""
+        found: list[Any] = []
+        for priority in self.priorities:
+            for waiting in self.levels[priority].values():
+                for job in waiting:
+                    if job.state == QUEUED:
+                        found.append(job)
+                        break
+                if len(found) >= count:
+                    return found
+        return found
+
     def _drop(self, priority: int) -> None:
         if priority in self.levels and not self.levels[priority]:
             del self.levels[priority]
@@ -253,6 +267,15 @@ class Scheduler:
                     self._enqueue(self._queue(job.queue), job)
             else:
                 job.cancel(dependency_failed(dep))
+
+    def upcoming(self, count: int) -> list[Any]:
+        """About the next ``count`` jobs to start, for work done ahead (their cgroups)."""
+        found: list[Any] = []
+        for queue in self._turn.values():
+            found.extend(queue.heads(count - len(found)))
+            if len(found) >= count:
+                break
+        return found
 
     def reloaded(self) -> None:
         """The policy changed (SIGHUP): a limit raised may let queued jobs start."""

@@ -234,10 +234,21 @@ def unfinished(conn: sqlite3.Connection) -> list[Unfinished]:
         " WHERE state = 'running' ORDER BY seq")]
 
 
-def queued(conn: sqlite3.Connection) -> list[tuple[bytes, bytes | None]]:
-    """Every job recorded queued, oldest first: (record, launch)."""
-    return conn.execute("SELECT record, launch FROM jobs WHERE state = 'queued'"
-                        " ORDER BY seq").fetchall()
+class Queued(NamedTuple):
+    """A job the table says was queued: to put back in its queue at start-up."""
+
+    seq: int
+    id: str
+    started: float
+    record: bytes
+    launch: bytes | None
+
+
+def queued(conn: sqlite3.Connection) -> list[Queued]:
+    """Every job recorded queued, oldest first."""
+    return [Queued(*row) for row in conn.execute(
+        "SELECT seq, id, started, record, launch FROM jobs WHERE state = 'queued'"
+        " ORDER BY seq")]
 
 
 def ended_before(conn: sqlite3.Connection, when: float, limit: int

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from jobworker.jobs.job import Job
-from jobworker.jobs.sql import Row, Unfinished
+from jobworker.jobs.sql import Queued, Row, Unfinished
 from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import NotFound
 from jobworker.wire.record import QUEUED
@@ -51,7 +51,7 @@ class JobStore(Protocol):
     def adopt(self, job: Job) -> None:
         """A running job of an earlier daemon, taken over."""
 
-    def queued(self) -> list[tuple[bytes, bytes | None]]:
+    def queued(self) -> list[Queued]:
         """At start-up: the queued jobs an earlier daemon left, oldest first (record and
         what their launch needs)."""
 
@@ -136,7 +136,7 @@ class MemoryStore:
     def adopt(self, job: Job) -> None:
         raise AssertionError("a memory store has no earlier jobs")
 
-    def queued(self) -> list[tuple[bytes, bytes | None]]:
+    def queued(self) -> list[Queued]:
         return []
 
     def requeue(self, job: Job) -> None:

@@ -1,5 +1,6 @@
 """The scheduler through the JobManager on a fake reactor: queued and cancelled jobs, the
-daemon-wide and per-queue limits, quotas, and the fair order."""
+daemon-wide and per-queue limits, quotas, the fair order, dependencies; and the
+policy file's [queue] and [quota] tables."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from jobworker.daemon.authz import Policy, PolicyError
 from jobworker.jobs.job import Job
 from jobworker.jobs.logs import LogStore
 from jobworker.jobs.manager import JobManager
@@ -191,3 +193,35 @@ def test_a_failed_or_stopped_dependency_cancels_its_dependants_in_turn(
     reactor.process(b.pid).kill(15)  # the TERM it was sent ends it
     assert b.ended and waits.state == CANCELLED and "stopped" in (waits.error or "")
     assert len(reactor.processes) == 2  # a and b: no dependant ever ran
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[queue.build]\nparallel = 0\n", "parallel must be a whole number from 1"),
+    ("[queue.build]\nwidth = 2\n", "takes only parallel"),
+    ("[quota.role.boss]\nmax_running = 1\n", "unknown roles boss"),
+    ("[quota.identity.alice]\nmax_jobs = 1\n", "unknown keys max_jobs"),
+    ("[quota.identity.alice]\nmax_queued = -1\n", "max_queued must be a whole number"),
+    ("[quota.identity.alice]\nmax_priority = 1.5\n", "max_priority must be a whole number"),
+    ("[quota.group.x]\n", "[quota] holds"),
+])
+def test_bad_queue_and_quota_tables_are_refused(tmp_path: Any, text: str,
+                                                problem: str) -> None:
+    """A malformed [queue] or [quota] table makes the policy invalid, saying where."""
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        Policy.load(str(path))
+    assert problem in str(caught.value)
+
+
+def test_queue_and_quota_tables_are_read(tmp_path: Any) -> None:
+    """[queue.NAME] and [quota.*] land in the policy; an identity's table replaces its
+    role's as a whole."""
+    path = tmp_path / "policy.toml"
+    path.write_text("[queue.build]\nparallel = 4\n[quota.role.user]\nmax_running = 2\n"
+                    "max_queued = 10\n[quota.identity.alice]\nmax_priority = 3\n")
+    queues = Policy.load(str(path)).queues
+    assert queues.parallel("build") == 4 and queues.knows("default")
+    assert not queues.knows("nope")
+    assert queues.quota("bob", "user") == Quota(2, 10, 0)
+    assert queues.quota("alice", "user") == Quota(None, None, 3)

@@ -76,6 +76,7 @@ def test_crl_may_be_repeated() -> None:
     (("--pki", "/p", "--frame-timeout", "86401"), "--frame-timeout"),
     (("--pki", "/p", "--grace", "0"), "--grace"),
     (("--pki", "/p", "--listen", "ssl:8443"), "plain endpoint"),
+    (("--pki", "/p", "--max-running", "0"), "--max-running"),
 ])
 def test_bad_values_are_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Missing credentials and out-of-range values are refused by postOptions."""

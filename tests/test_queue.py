@@ -390,3 +390,27 @@ def test_a_queued_job_caught_leaving_the_queue_by_a_crash_is_not_run_again(
         assert not ran.exists()
     finally:
         d2.stop()
+
+
+def test_bobs_one_job_waits_at_most_one_turn_behind_alices_fifty(
+        test_pki: PKI, tmp_path: Path) -> None:
+    """--max-running 1 held by a blocker; alice queues 50 jobs, then bob one: once the
+    slot frees, at most one of alice's starts before bob's (by their records), and hers
+    start in the order she queued them."""
+    d = Daemon(test_pki, tmp_path / "state", "--max-running", "1").start()
+    try:
+        conn = connect(d, "alice")
+        blocker = conn.call("start", {"command": "sleep", "args": ["300"]})
+        alices = [conn.call("start", {"command": "true"}) for _ in range(50)]
+        bob = connect(d, "bob")
+        bobs = bob.call("start", {"command": "true"})
+        conn.call("stop", {"job": blocker["id"], "grace": 1})
+        theirs = [conn.call("wait", {"job": j["id"]}) for j in alices]
+        his = bob.call("wait", {"job": bobs["id"]})
+        before = [j for j in theirs if j["started_at"] < his["started_at"]]
+        assert len(before) <= 1, (len(before), his["started_at"])
+        assert sorted(theirs, key=lambda j: j["started_at"]) == theirs
+        conn.close()
+        bob.close()
+    finally:
+        d.stop()

@@ -225,3 +225,23 @@ def test_queue_and_quota_tables_are_read(tmp_path: Any) -> None:
     assert not queues.knows("nope")
     assert queues.quota("bob", "user") == Quota(2, 10, 0)
     assert queues.quota("alice", "user") == Quota(None, None, 3)
+
+
+def test_a_version_1_table_is_migrated_with_its_rows(tmp_path: Any) -> None:
+    """A table an older daemon made (schema 1, one job in it) gains the launch, name and
+    labels columns on open; its row is kept and reads as before."""
+    from jobworker.jobs import sql
+
+    path = str(tmp_path / "jobs.db")
+    conn = sql.connect(path)
+    for statement in sql._statements(sql.MIGRATIONS[0]):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO jobs (id, owner, state, started, record) VALUES "
+                 "('old', 'alice', 'exited', 1.0, x'80')")
+    assert sql.migrate(conn, path) == 1
+    assert sql.record_by_id(conn, "old") == b"\x80"
+    assert sql.queued(conn) == [] and sql.record_by_name(conn, "alice", "x") is None
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    assert {"launch", "name", "labels"} <= columns
+    conn.close()

@@ -245,3 +245,20 @@ def test_a_version_1_table_is_migrated_with_its_rows(tmp_path: Any) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     assert {"launch", "name", "labels"} <= columns
     conn.close()
+
+
+def test_run_as_reuses_a_users_entry_for_a_few_seconds() -> None:
+    """A start resolves its user from a cache kept NAMED_FOR seconds (the lookup reads the
+    whole group database: a 10,000-job submit would pay it 10,000 times), then looks again."""
+    from jobworker.daemon.runas import NAMED_FOR, DynamicUids, RunAs
+
+    now = [100.0]
+    policy = Policy(run_as={"alice": "root"})
+    runas = RunAs(lambda: policy, DynamicUids("/nonexistent", 61184, 65519),
+                  clock=lambda: now[0])
+    first = runas.credentials("alice", None)
+    assert first is not None and first.uid == 0
+    assert runas.credentials("alice", None) is first
+    now[0] += NAMED_FOR + 0.1
+    again = runas.credentials("alice", None)
+    assert again == first and again is not first

@@ -125,6 +125,12 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
                                            max_size=3), st.lists(anything, max_size=2),
                                   but(list))),
         },
+        "start_many": {"jobs": (
+            st.lists(st.fixed_dictionaries({"command": st.sampled_from(["true", "/bin/echo"])},
+                                            optional={"args": st.lists(st.text(max_size=8),
+                                                                       max_size=2)}),
+                     max_size=3),
+            st.one_of(st.lists(anything, max_size=3), st.just([{}] * 257), but(list)))},
         "stop": {"job": job,
                  "grace": (st.one_of(st.floats(0.0, 3600.0), st.sampled_from([0, 3600])),
                            st.one_of(floats, ints, but(int, float)))},
@@ -259,6 +265,11 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
         assert result["state"] in STATES, result
     elif method == "logs":
         assert type(result["offset"]) is int and result["record"]["state"] in STATES
+    elif method == "start_many":
+        assert all(r["state"] in STATES if "state" in r
+                   else r["error"]["code"] in AFTER_THE_SCHEMA | {"bad_request"}
+                   for r in result["jobs"]), result
+        assert identity != "auditor" or not result["jobs"], "a viewer started a job"
     elif method == "queues":
         assert {q["queue"] for q in result["queues"]} >= {"default"}, result
     return "result"
@@ -296,10 +307,10 @@ def ended_jobs(daemon: Daemon) -> list[str | int]:
     return known
 
 
-@quick_and_soak(quick=400, soak=8000, soak_timeout=3600)
+@quick_and_soak(quick=550, soak=8000, soak_timeout=3600)
 def test_fuzzed_parameters_get_a_result_or_a_typed_error(make_daemon: Any, tmp_path: Path,
                                                          scale: int) -> None:
-    """400 requests with fuzzed parameters (50 per method, as a user and as a viewer) on
+    """550 requests with fuzzed parameters (50 per method, as a user and as a viewer) on
     two real connections: each is answered with a result the schema allows or a typed
     error with a known code (bad_request exactly when the schema refuses the parameters),
     never internal and never a close but after a hello of another version (then opened

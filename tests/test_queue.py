@@ -414,3 +414,32 @@ def test_bobs_one_job_waits_at_most_one_turn_behind_alices_fifty(
         bob.close()
     finally:
         d.stop()
+
+
+def test_start_many_answers_each_start_in_order(test_pki: PKI, tmp_path: Path) -> None:
+    """start_many: each map is a start of its own, answered in order: records (queued
+    past --max-running) and, for the bad ones, their own typed errors; the rest start."""
+    d = Daemon(test_pki, tmp_path / "state", "--max-running", "1").start()
+    try:
+        conn = connect(d)
+        reply = conn.call("start_many", {"jobs": [
+            {"command": "sleep", "args": ["300"]},
+            {"command": "true", "name": "second"},
+            {"command": "true", "queue": "nope"},
+            {"command": 5},
+            {"command": "true", "after": ["no-such-job"]},
+            {"command": "true"},
+        ]})["jobs"]
+        assert [r.get("state") for r in reply] == ["running", "queued", None, None, None,
+                                                   "queued"]
+        assert [r["error"]["code"] for r in reply[2:5]] == ["bad_request", "bad_request",
+                                                            "not_found"]
+        assert reply[1]["name"] == "second"
+        conn.call("stop", {"job": reply[0]["id"], "grace": 1})
+        assert conn.call("wait", {"job": reply[5]["id"]})["state"] == "exited"
+        conn.send({"id": 70, "method": "start_many", "params": {"jobs": [{}] * 257}})
+        assert conn.read()["error"]["code"] == "bad_request"
+        conn.close()
+        assert d.tracebacks() == []
+    finally:
+        d.stop()

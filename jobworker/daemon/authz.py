@@ -21,10 +21,10 @@ PUBLIC = frozenset({"hello", "whoami"})
 JOB_METHODS = frozenset({"status", "stop", "logs", "wait", "forget"})
 
 _ALLOWED: dict[str, frozenset[str]] = {
-    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget",
-                        "queues"}),
-    "user": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget",
-                       "queues"}),
+    "admin": frozenset({"start", "start_many", "stop", "status", "list", "logs", "wait",
+                        "forget", "queues"}),
+    "user": frozenset({"start", "start_many", "stop", "status", "list", "logs", "wait",
+                       "forget", "queues"}),
     "viewer": frozenset({"status", "list", "logs", "wait", "queues"}),
 }
 #: Roles that see every job; the others see only their own.

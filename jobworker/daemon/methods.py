@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 
 from jobworker.daemon.access import JobAccess
 from jobworker.daemon.call import Call
@@ -27,7 +28,7 @@ from jobworker.jobs.logs import JobLogs
 from jobworker.jobs.namespaces import NamespaceSupport
 from jobworker.jobs.store import ListQuery
 from jobworker.wire.codec import Encoded
-from jobworker.wire.errors import BadRequest, Unavailable
+from jobworker.wire.errors import BadRequest, Internal, JobWorkerError, Unavailable
 from jobworker.wire.hello import check_version, hello_result
 from jobworker.wire.params import SCHEMAS, start_digest
 from jobworker.wire.record import FAILED, QUEUED, RUNNING, JobRecord
@@ -37,6 +38,9 @@ from jobworker.wire.schema import Schema
 Handler = Callable[[Call, dict[str, Any]], Any]
 #: Method name -> its parameter schema and its handler.
 Table = dict[str, tuple[Schema, Handler]]
+
+log = Logger()
+
 
 class Methods:
     """One handler per method."""
@@ -81,6 +85,33 @@ class Methods:
             if ready is not None:
                 return self._start_when_ready(ready, call, p, request)
         return self._start(call, p, request)
+
+    async def start_many(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Each map of ``jobs`` is a ``start`` of its own (its schema, its audit lines),
+        all admitted in this turn so that one commit covers them; the reply lists each
+        one's record, or its error, in order.  What a batch file's ``submit`` sends: one
+        request per job cost the daemon more than the job's admission itself."""
+        schema = SCHEMAS["start"]
+        started: list[Any] = []
+        for item in p["jobs"]:
+            try:
+                one = self.start(call, schema.validate(item))
+            except JobWorkerError as e:
+                one = {"error": e.to_wire()}
+            started.append(one if isinstance(one, dict) else ensureDeferred(one))
+        results = []
+        for one in started:
+            if isinstance(one, dict):
+                results.append(one)
+                continue
+            try:
+                results.append(await one)
+            except JobWorkerError as e:
+                results.append({"error": e.to_wire()})
+            except Exception:  # noqa: BLE001 (a bug: logged, the others still answered)
+                log.failure("{event}", event="request.bug", method="start_many")
+                results.append({"error": Internal("internal error").to_wire()})
+        return {"jobs": results}
 
     async def _start_when_ready(self, ready: Deferred[None], call: Call, p: dict[str, Any],
                                 request: tuple[str, bytes] | None) -> Any:
@@ -287,7 +318,8 @@ def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
     """The dispatch table: each method's schema and its handler."""
     m = Methods(access, limits, follower, runas, namespaces)
     handlers: dict[str, Handler] = {
-        "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
+        "hello": m.hello, "whoami": m.whoami, "start": m.start,
+        "start_many": m.start_many, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,
         "forget": m.forget, "queues": m.queues,
     }

@@ -19,6 +19,7 @@ from jobworker.wire.schema import (
     job_ref,
     label,
     list_of,
+    mapping,
     number,
     one_of,
     schema,
@@ -39,6 +40,8 @@ START_QUEUE = string(64, nonempty=True)
 START_PRIORITY = integer(-1000, 1000)
 
 _JOB = {"job": job_ref()}
+#: Most starts in one ``start_many``: its reply (their records) stays well under 1 MiB.
+START_MANY = 256
 
 SCHEMAS: dict[str, Schema] = {
     "hello": schema({"version": integer(0, 2**31)}, {"client": (string(128), None)}),
@@ -66,6 +69,8 @@ SCHEMAS: dict[str, Schema] = {
         "name": (job_name(), None),
         "labels": (list_of(label(), 32), []),
     }),
+    # Many starts in one request (each a map of start's params), answered in order.
+    "start_many": schema({"jobs": list_of(mapping(), START_MANY)}),
     "stop": schema(_JOB, {"grace": (number(0.0, 3600.0), None)}),
     "status": schema(_JOB),
     "forget": schema(_JOB),

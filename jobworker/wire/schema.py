@@ -87,6 +87,17 @@ def subset_of(*choices: str) -> Check:
     return check
 
 
+def mapping() -> Check:
+    """A map, checked no further here (its handler validates each one)."""
+
+    def check(name: str, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise BadRequest(f"'{name}' must be a map")
+        return v
+
+    return check
+
+
 def label() -> Check:
     """``key=value``: a key of letters, digits and ``._-/`` (1-63), a value of at most 256
     characters with no line break (a list filter matches whole labels)."""

@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from jobworker.rpc.correlation import RPCClientProtocol
 from jobworker.rpc.tls import ClientTLS
 from jobworker.rpc.transport import ClientTLSEndpoint
-from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.errors import ConnectionLost, JobWorkerError, error_from_wire
 from jobworker.wire.hello import hello_params
 from jobworker.wire.record import JobRecord
 
@@ -90,31 +90,19 @@ class Client:
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
         new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
         ``cpu`` (cores), ``pids``: limits (docs/isolation.md)."""
-        params: dict[str, Any] = {"command": command, "args": args or []}
-        if request_id is not None:
-            params["request_id"] = request_id
-        if user is not None:
-            params["user"] = user
-        if isolate:
-            params["isolate"] = isolate
-        if env:
-            params["env"] = env
-        if dir is not None:
-            params["dir"] = dir
-        if timeout is not None:
-            params["timeout"] = timeout
-        for key, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
-                           ("queue", queue)):
-            if value is not None:
-                params[key] = value
-        if priority:
-            params["priority"] = priority
-        if name is not None:
-            params["name"] = name
-        for key, items in (("after", after), ("labels", labels)):
-            if items:
-                params[key] = items
+        params = start_params(command, args, env=env, dir=dir, timeout=timeout,
+                              request_id=request_id, user=user, isolate=isolate,
+                              memory=memory, cpu=cpu, pids=pids, queue=queue,
+                              priority=priority, after=after, name=name, labels=labels)
         return JobRecord.from_wire(await self.call("start", params))
+
+    async def start_many(self, starts: list[dict[str, Any]]
+                         ) -> list[JobRecord | JobWorkerError]:
+        """Many starts (``start_params`` maps, at most START_MANY) in one request: each
+        one's record, or its error, in order."""
+        reply = await self.call("start_many", {"jobs": starts})
+        return [error_from_wire(r["error"]["code"], r["error"]["message"])
+                if "state" not in r else JobRecord.from_wire(r) for r in reply["jobs"]]
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:
         params = {"job": job, **{k: v for k, v in extra.items() if v is not None}}
@@ -217,3 +205,39 @@ def _handshake_reason(message: str) -> str:
         if needle in lowered:
             return text
     return message.replace("connection lost: ", "")
+
+
+def start_params(command: str, args: list[str] | None = None, *,
+                 env: list[str] | None = None, dir: str | None = None,
+                 timeout: float | None = None, request_id: str | None = None,
+                 user: str | None = None, isolate: list[str] | None = None,
+                 memory: int | None = None, cpu: float | None = None,
+                 pids: int | None = None, queue: str | None = None, priority: int = 0,
+                 after: list[str | int] | None = None, name: str | None = None,
+                 labels: list[str] | None = None) -> dict[str, Any]:
+    """A start's params, with only what differs from the defaults."""
+    params: dict[str, Any] = {"command": command, "args": args or []}
+    if request_id is not None:
+        params["request_id"] = request_id
+    if user is not None:
+        params["user"] = user
+    if isolate:
+        params["isolate"] = isolate
+    if env:
+        params["env"] = env
+    if dir is not None:
+        params["dir"] = dir
+    if timeout is not None:
+        params["timeout"] = timeout
+    for key, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
+                       ("queue", queue)):
+        if value is not None:
+            params[key] = value
+    if priority:
+        params["priority"] = priority
+    if name is not None:
+        params["name"] = name
+    for key, items in (("after", after), ("labels", labels)):
+        if items:
+            params[key] = items
+    return params

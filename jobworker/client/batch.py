@@ -19,13 +19,17 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from jobworker.client import render
-from jobworker.client.api import Client
-from jobworker.wire.errors import JobWorkerError
+from jobworker.client.api import Client, start_params
+from jobworker.wire.errors import JobWorkerError, UnknownMethod
 from jobworker.wire.record import FAILED, QUEUED, RUNNING, JobRecord
 
 MAX_JOBS = 10000
 #: Requests one batch keeps in flight: the daemon refuses more than 256 per connection.
 IN_FLIGHT = 128
+#: Starts sent in one ``start_many`` (the daemon's most), and about the most bytes of
+#: them: under the daemon's default 64 KiB --max-frame.
+START_MANY = 256
+CHUNK_BYTES = 48 * 1024
 #: Seconds between redraws of the progress lines on a terminal.
 TICK = 0.25
 #: A terminal shows one line per job for batches up to this size (then the counts only).
@@ -209,11 +213,54 @@ async def run(reactor: Any, client: Client, specs: list[JobSpec], *, wait: bool,
             queue=spec.queue, priority=spec.priority, after=after, labels=spec.labels,
             name=spec.name if spec.send_name else None)))
 
-    starts = []
+    async def start_chunk(chunk: list[tuple[JobSpec, Deferred[JobRecord]]]) -> None:
+        """Jobs that wait for no other, many in one ``start_many``; one at a time from a
+        daemon that has no such method."""
+        params = [start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout,
+                               queue=s.queue, priority=s.priority, labels=s.labels,
+                               name=s.name if s.send_name else None) for s, _ in chunk]
+        try:
+            answers: list[Any] = await limit.run(
+                lambda: Deferred.fromCoroutine(client.start_many(params)))
+        except UnknownMethod:
+            answers = []
+            for spec, _ in chunk:
+                try:
+                    answers.append(await start_one(spec))
+                except JobWorkerError as e:
+                    answers.append(e)
+        except JobWorkerError as e:
+            answers = [e] * len(chunk)
+        for (_, d), answer in zip(chunk, answers, strict=True):
+            if isinstance(answer, JobWorkerError):
+                d.errback(answer)
+            else:
+                d.callback(answer)
+
+    starts: list[Deferred[JobRecord]] = []
+    chunks: list[list[tuple[JobSpec, Deferred[JobRecord]]]] = [[]]
+    size = 0
     for s in specs:
-        d = Deferred.fromCoroutine(start_one(s))
+        if s.after:
+            d = Deferred.fromCoroutine(start_one(s))
+        else:
+            d = Deferred()
+            one = len(s.command) + sum(len(a) + 1 for a in s.args + s.env + s.labels) + 64
+            if len(chunks[-1]) >= START_MANY or size + one > CHUNK_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((s, d))
+            size += one
         by_name[s.name] = d
         starts.append(d)
+    def lost(failure: Failure, chunk: list[tuple[JobSpec, Deferred[JobRecord]]]) -> None:
+        for _, d in chunk:
+            if not d.called:
+                d.errback(failure)
+
+    for chunk in chunks:
+        if chunk:
+            Deferred.fromCoroutine(start_chunk(chunk)).addErrback(lost, chunk)
     results = await DeferredList(starts, consumeErrors=True)
     records: list[JobRecord | None] = []
     problems: list[str] = []

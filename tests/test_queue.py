@@ -181,8 +181,8 @@ def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
 
     d2 = Daemon(test_pki, state, *args).start()
     try:
-        wait_for(lambda: "jobs.recovered lost=0 adopted=1" in d2.log(), what="recovery")
-        assert "jobs.requeued queued=7" in d2.log()
+        wait_for(lambda: "jobs.recovered lost=0 adopted=1" in d2.log()
+                 and "jobs.requeued queued=7" in d2.log(), what="recovery")
         conn = connect(d2)
         assert conn.call("status", {"job": blocker["id"]})["state"] == "running"
         waiting, _ = list_all(conn, state="queued")
@@ -199,7 +199,8 @@ def test_a_queue_in_flight_survives_a_sigkill_and_a_graceful_restart(
         conn = connect(d3)
         ended = [conn.call("wait", {"job": r["id"]}) for r in queued]
         conn.close()
-        assert {r["state"] for r in ended} <= {"exited", "stopped"}, ended
+        assert {r["state"] for r in ended} <= {"exited", "stopped"}, [
+            (r["state"], r["error"]) for r in ended]
         ids = ran.read_text().split()
         assert sorted(ids) == sorted(r["id"] for r in queued), ids  # once each
         assert d3.tracebacks() == []

@@ -435,7 +435,8 @@ class JobManager(service.Service):
         folder named now) and launch it, without waiting for that commit: its log folder
         is made before it is spawned, and a restarted daemon treats a queued job with a
         log folder as one being launched (``_recover``), so nothing is launched twice."""
-        env, creds, _ = _unpack_launch(job.launch_spec)
+        spec = job.launch_spec
+        env, creds, _ = _unpack_launch(spec)
         job.launch_spec = None
         job.state = RUNNING
         job.started = self._reactor.seconds()
@@ -446,10 +447,20 @@ class JobManager(service.Service):
         if self._cgroups is not None and prepared is None:
             prepared = self._cgroups.prepare(job.id)
         self._prepare_ahead()
-        if prepared is None or prepared.called:
+
+        def go(_: object = None) -> None:
+            if self._shutting_down:
+                # Stopping while its cgroup was made: it never ran, so it stays queued
+                # for the next daemon (no log folder was made).
+                job.state, job.log_dir, job.launch_spec = QUEUED, None, spec
+                self._store.changed(job)
+                return
             self.launch(job, env, creds)
+
+        if prepared is None or prepared.called:
+            go()
             return
-        prepared.addCallback(lambda _: self.launch(job, env, creds)).addErrback(
+        prepared.addCallback(go).addErrback(
             lambda f: self.log.failure("{event} job={job_id}", f, event="job.launch_bug",
                                        job_id=job.id))
 

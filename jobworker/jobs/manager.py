@@ -389,9 +389,9 @@ class JobManager(service.Service):
         else:
             job.queued_at = iso8601(job.started)  # its log folder is named when it starts
             job.launch_spec = _pack_launch(env, creds, role)
-            if self._cgroups is not None:
-                self._cgroups.unused(job.id)  # a spare made for it waits for no one
-                self._prepare_ahead()
+            # A cgroup made ahead for its id (new_id) is kept for its start: let go and
+            # made again, its removal could come after the new one was made.
+            self._prepare_ahead()
         self._held.add(job)
         self._store.add(job)
         self._name(job)

@@ -39,6 +39,7 @@ SCRIPTS = [
     ("follow", 120),
     ("memory", 120),
     ("table", 180),
+    ("scheduling", 180),
 ]
 SUITE_BUDGET = 570.0  # seconds: under 10 minutes with set-up and plotting
 

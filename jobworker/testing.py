@@ -376,6 +376,9 @@ class FakeCgroups:
     def new_id(self) -> None:
         return None  # no cgroup made ahead: take makes each
 
+    def prepare(self, job_id: str) -> Deferred[None]:
+        return succeed(None)  # take makes it
+
     def adopt(self, job_id: str) -> JobCgroup | None:
         return None  # no earlier daemon's cgroups here
 

@@ -108,11 +108,31 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "pids": (st.sampled_from([16, 64]), st.one_of(ints, but(int))),
             "io_read": (st.sampled_from([1 << 20, 100 << 20]), st.one_of(ints, but(int))),
             "io_write": (st.sampled_from([1 << 20, 100 << 20]), st.one_of(ints, but(int))),
+            # An unknown queue is a bad_request after the schema; a priority above 0 is
+            # forbidden (alice's max_priority is the default, 0).
+            "queue": (st.just("default"), st.one_of(st.just(""), st.just("nope"), texts,
+                                                    but(str))),
+            "priority": (st.sampled_from([-5, 0]), st.one_of(ints, but(int))),
+            "after": (st.lists(st.sampled_from(known), max_size=2),
+                      st.one_of(st.lists(job_refs(known), max_size=3), but(list))),
+            # A name drawn twice while its job still runs is a bad_request after the schema.
+            "name": (st.sampled_from(["fuzz-a", "fuzz-b"]), st.one_of(texts, st.just("123"),
+                                                                      but(str))),
+            "labels": (st.lists(st.sampled_from(["k=v", "team=x", "a.b/c=", "k=v v"]),
+                                max_size=3),
+                       st.one_of(st.lists(st.one_of(texts, st.just("=v"), st.just("k=\n")),
+                                          max_size=3), but(list))),
             "isolate": (st.sampled_from([[], ["mount"], ["net"]]),
                         st.one_of(st.lists(st.sampled_from(["pid", "pid", "x", ""]),
                                            max_size=3), st.lists(anything, max_size=2),
                                   but(list))),
         },
+        "start_many": {"jobs": (
+            st.lists(st.fixed_dictionaries({"command": st.sampled_from(["true", "/bin/echo"])},
+                                            optional={"args": st.lists(st.text(max_size=8),
+                                                                       max_size=2)}),
+                     max_size=3),
+            st.one_of(st.lists(anything, max_size=3), st.just([{}] * 257), but(list)))},
         "stop": {"job": job,
                  "grace": (st.one_of(st.floats(0.0, 3600.0), st.sampled_from([0, 3600])),
                            st.one_of(floats, ints, but(int, float)))},
@@ -126,8 +146,12 @@ def fields(known: list[str | int]) -> dict[str, dict[str, tuple[Any, Any]]]:
             "owner": (st.sampled_from(["alice", "bob"]), st.one_of(st.just(""), but(str))),
             "since": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
             "until": (st.floats(0.0, 1e11), st.one_of(floats, ints, but(int, float))),
+            "name": (st.sampled_from(["fuzz-a", "x"]), st.one_of(texts, but(str))),
+            "labels": (st.lists(st.sampled_from(["k=v", "team=x"]), max_size=2),
+                       st.one_of(st.lists(texts, max_size=2), but(list))),
         },
         "forget": {"job": job},
+        "queues": {},
         "logs": {
             "job": job,
             "stream": (st.sampled_from(["stdout", "stderr"]), st.one_of(texts, anything)),
@@ -226,7 +250,7 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
             # start as a user the host does not have, a list cursor that is no cursor, a
             # forget of a running job.
             assert (method == "start" and any(k in params for k in (
-                "request_id", "user", "isolate", "memory", "cpu", "pids"))) or (
+                "request_id", "user", "isolate", "memory", "cpu", "pids", "queue", "name"))) or (
                 method == "list" and "cursor" in params) or method == "forget", (
                 method, params, reply)
         else:
@@ -243,6 +267,13 @@ def check_reply(session: Session, identity: str, method: str, params: dict[str, 
         assert result["state"] in STATES, result
     elif method == "logs":
         assert type(result["offset"]) is int and result["record"]["state"] in STATES
+    elif method == "start_many":
+        assert all(r["state"] in STATES if "state" in r
+                   else r["error"]["code"] in AFTER_THE_SCHEMA | {"bad_request"}
+                   for r in result["jobs"]), result
+        assert identity != "auditor" or not result["jobs"], "a viewer started a job"
+    elif method == "queues":
+        assert {q["queue"] for q in result["queues"]} >= {"default"}, result
     return "result"
 
 
@@ -278,10 +309,10 @@ def ended_jobs(daemon: Daemon) -> list[str | int]:
     return known
 
 
-@quick_and_soak(quick=400, soak=8000, soak_timeout=3600)
+@quick_and_soak(quick=550, soak=8000, soak_timeout=3600)
 def test_fuzzed_parameters_get_a_result_or_a_typed_error(make_daemon: Any, tmp_path: Path,
                                                          scale: int) -> None:
-    """400 requests with fuzzed parameters (50 per method, as a user and as a viewer) on
+    """550 requests with fuzzed parameters (50 per method, as a user and as a viewer) on
     two real connections: each is answered with a result the schema allows or a typed
     error with a known code (bad_request exactly when the schema refuses the parameters),
     never internal and never a close but after a hello of another version (then opened

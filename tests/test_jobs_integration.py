@@ -23,7 +23,8 @@ from jobworker.wire.record import JobRecord
 PY = sys.executable
 RECORD_FIELDS = {"id", "pid", "command", "args", "dir", "owner", "state", "exit_code",
                  "signal", "error", "started_at", "ended_at", "log_dir", "timed_out",
-                 "timeout", "uid", "gid", "isolate", "usage", "limits", "oom_killed"}
+                 "timeout", "uid", "gid", "isolate", "usage", "limits", "oom_killed",
+                 "queued_at", "queue", "priority", "after", "name", "labels"}
 
 
 def start(daemon: Daemon, *argv: str, identity: str = "alice") -> str:

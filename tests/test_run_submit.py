@@ -18,6 +18,7 @@ import termios
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BIN, ROOT, Daemon
@@ -248,8 +249,9 @@ command = "sleep"
 args = ["0.8"]
 """)
     out = run_on_terminal(jwclient_cmd(daemon, "submit", "--wait", batch))
-    assert out.count("\x1b[2F") >= 2  # redrawn at least once while "slow" ran, and at the end
-    last = out.rsplit("\x1b[2F", 1)[1]
+    assert out.count("\x1b[3F") >= 2  # redrawn at least once while "slow" ran, and at the end
+    last = out.rsplit("\x1b[3F", 1)[1]
+    assert "0 running, 0 queued, 2 done, 0 failed" in last
     assert re.search(r"quick\s+exited 0", last) and re.search(r"slow\s+exited 0", last)
     assert "2 of 2 jobs succeeded" in out
 
@@ -281,16 +283,20 @@ def test_summary_names_every_outcome_and_counts_successes() -> None:
 
 
 def test_progress_on_a_terminal_draws_only_when_the_ticker_asks() -> None:
-    """On a terminal, jobs ending write nothing themselves: a batch of N jobs costs N lines
-    per redraw, not N lines for each of the N endings."""
-    out = io.StringIO()
-    progress = batch.Progress(out, [f"job{i}" for i in range(200)], tty=True)
-    for i in range(200):
-        progress.update(i, ended(str(i)))
-    assert out.getvalue() == ""
-    progress.draw()
-    progress.draw()
-    assert out.getvalue().count("\n") == 400 and out.getvalue().count("\x1b[200F") == 1
+    """On a terminal, jobs ending write nothing themselves: a batch of N jobs costs N + 1
+    lines per redraw (the counts alone past LINES_UP_TO jobs), not lines for each of the
+    N endings."""
+    for n, per_draw in ((40, 41), (200, 1)):
+        out = io.StringIO()
+        progress = batch.Progress(out, [f"job{i}" for i in range(n)], tty=True)
+        for i in range(n):
+            progress.update(i, ended(str(i)))
+        assert out.getvalue() == ""
+        progress.draw()
+        progress.draw()
+        text = out.getvalue()
+        assert text.count("\n") == 2 * per_draw and text.count(f"\x1b[{per_draw}F") == 1
+        assert text.endswith(f"0 running, 0 queued, {n} done, 0 failed\n")
 
 
 def test_submit_wait_handles_more_jobs_than_requests_in_flight(daemon: Daemon,
@@ -472,3 +478,38 @@ def test_status_is_aligned_and_json_is_the_record(daemon: Daemon) -> None:
     wire = json.loads(daemon.jwclient("--json", "status", job, check=True).stdout)
     assert set(wire) == set(JobRecord.__dataclass_fields__)
     assert (wire["id"], wire["state"], wire["exit_code"]) == (job, "exited", 3)
+
+
+def test_submit_queue_priority_after_and_unique_names(make_daemon: Any, tmp_path: Path) -> None:
+    """A submit file's queue, priority, labels, after (by the file's names) and
+    unique_names reach the daemon: with --max-running 1 the job after another starts only
+    once that one has exited 0, and --wait's lines carry the running/queued/done/failed
+    counts."""
+    d = make_daemon("--max-running", "1")
+    path = write_batch(tmp_path / "b.toml", """
+unique_names = true
+
+[[job]]
+name = "first"
+command = "sleep"
+args = ["0.3"]
+labels = { step = "one" }
+
+[[job]]
+name = "second"
+command = "true"
+after = ["first"]
+queue = "default"
+priority = 0
+""")
+    result = d.jwclient("--json", "submit", "--wait", path, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)
+    assert (first["name"], second["name"]) == ("first", "second")
+    assert first["labels"] == {"step": "one"} and second["after"] == [first["id"]]
+    assert second["started_at"] >= first["ended_at"]
+    lines = d.jwclient("submit", "--wait", path, timeout=WAIT).stdout.decode()
+    assert "(0 running, 0 queued, 2 done, 0 failed)" in lines, lines
+    bad = write_batch(tmp_path / "bad.toml", '[[job]]\ncommand = "true"\nafter = ["x"]\n')
+    refused = d.jwclient("submit", bad)
+    assert refused.returncode == 2 and b"not an earlier job" in refused.stderr

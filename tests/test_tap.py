@@ -83,6 +83,7 @@ def test_crl_may_be_repeated() -> None:
     (("--pki", "/p", "--listen", "tcp:interface=127.0.0.1"), "no port"),
     (("--pki", "/p", "--max-frame", "lots"), "--max-frame must be a whole number"),
     (("--pki", "/p", "--grace", "soon"), "--grace must be a number"),
+    (("--pki", "/p", "--max-running", "0"), "--max-running"),
 ])
 def test_bad_values_are_usage_errors(argv: tuple[str, ...], message: str) -> None:
     """Missing credentials and out-of-range values are refused by postOptions."""

@@ -16,10 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 
 from jobworker.client.endpoint import DEFAULT_SERVER, ClientConfig, ClientError, parse_server
+from jobworker.client.sync import start_params
 from jobworker.rpc.correlation import RPCClientProtocol
 from jobworker.rpc.tls import ClientTLS
 from jobworker.rpc.transport import ClientTLSEndpoint
-from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.errors import ConnectionLost, JobWorkerError, error_from_wire
 from jobworker.wire.hello import hello_params
 from jobworker.wire.record import JobRecord
 
@@ -49,30 +50,30 @@ class Client:
                     user: str | None = None, isolate: list[str] | None = None,
                     memory: int | None = None, cpu: float | None = None,
                     pids: int | None = None, io_read: int | None = None,
-                    io_write: int | None = None) -> JobRecord:
+                    io_write: int | None = None, queue: str | None = None,
+                    priority: int = 0, after: list[str | int] | None = None,
+                    name: str | None = None, labels: list[str] | None = None
+                    ) -> JobRecord:
         """``request_id``: a retry of this start with the same one returns the same job
         and runs nothing twice (the daemon keeps it, across restarts too).  ``isolate``:
         new namespaces for the job, of ``pid``, ``net``, ``mount``.  ``memory`` (bytes),
         ``cpu`` (cores), ``pids``, ``io_read`` and ``io_write`` (bytes per second): limits
-        (docs/isolation.md)."""
-        params: dict[str, Any] = {"command": command, "args": args or []}
-        if request_id is not None:
-            params["request_id"] = request_id
-        if user is not None:
-            params["user"] = user
-        if isolate:
-            params["isolate"] = isolate
-        if env:
-            params["env"] = env
-        if dir is not None:
-            params["dir"] = dir
-        if timeout is not None:
-            params["timeout"] = timeout
-        for name, value in (("memory", memory), ("cpu", cpu), ("pids", pids),
-                            ("io_read", io_read), ("io_write", io_write)):
-            if value is not None:
-                params[name] = value
+        (docs/isolation.md).  ``queue``, ``priority``, ``after``, ``name``, ``labels``:
+        scheduling (docs/jobs.md)."""
+        params = start_params(command, args or [], env=env, dir=dir, timeout=timeout,
+                              request_id=request_id, user=user, isolate=isolate,
+                              memory=memory, cpu=cpu, pids=pids, io_read=io_read,
+                              io_write=io_write, queue=queue, priority=priority or None,
+                              after=after, name=name, labels=labels)
         return JobRecord.from_wire(await self.call("start", params))
+
+    async def start_many(self, starts: list[dict[str, Any]]
+                         ) -> list[JobRecord | JobWorkerError]:
+        """Many starts (``start_params`` maps, at most START_MANY) in one request: each
+        one's record, or its error, in order."""
+        reply = await self.call("start_many", {"jobs": starts})
+        return [error_from_wire(r["error"]["code"], r["error"]["message"])
+                if "state" not in r else JobRecord.from_wire(r) for r in reply["jobs"]]
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:
         params = {"job": job, **{k: v for k, v in extra.items() if v is not None}}

@@ -2,8 +2,10 @@
 
 The file is an array of ``[[job]]`` tables: ``command`` and optional ``args`` (list),
 ``env`` (table), ``dir``, ``name``, ``timeout`` (seconds), ``user``, ``isolate`` (list of
-namespaces) and the limits ``memory``, ``cpu``, ``pids``, ``io_read``, ``io_write`` (as
-``jwclient start``'s options: sizes as ``512M`` or bytes).
+namespaces), the limits ``memory``, ``cpu``, ``pids``, ``io_read``, ``io_write`` (as
+``jwclient start``'s options: sizes as ``512M`` or bytes), ``queue``, ``priority``,
+``labels`` (table) and ``after`` (names of earlier jobs of the file); ``unique_names =
+true`` at the top sends each job's ``name`` as its name on the daemon.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from jobworker.client import render
 from jobworker.client.sync import Client, start_params
-from jobworker.wire.errors import JobWorkerError
-from jobworker.wire.record import FAILED, ISOLATE, JobRecord
+from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire.record import FAILED, ISOLATE, QUEUED, RUNNING, JobRecord
 from jobworker.wire.sizes import parse_size
 
 MAX_JOBS = 10000
 #: Seconds between redraws of the progress lines on a terminal.
 TICK = 0.25
+#: A terminal shows one line per job for batches up to this size (then the counts only).
+LINES_UP_TO = 50
+#: Seconds between looks at which queued jobs of the batch have started.
+LOOK_EVERY = 1.0
 
 
 class BatchError(Exception):
@@ -41,6 +47,11 @@ class JobSpec:
     isolate: list[str] = field(default_factory=list)
     #: The limits asked for, as ``Client.start`` takes them (memory=..., io_read=...).
     limits: dict[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    priority: int = 0
+    after: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    send_name: bool = False  # the file says unique_names = true
 
 
 def load(path: str) -> list[JobSpec]:
@@ -52,21 +63,36 @@ def load(path: str) -> list[JobSpec]:
     except tomllib.TOMLDecodeError as e:
         raise BatchError(f"{path} is not valid TOML: {e}") from None
     jobs = data.get("job")
-    if set(data) - {"job"}:
-        raise BatchError(f"{path}: only [[job]] tables are allowed at the top level")
+    if set(data) - {"job", "unique_names"}:
+        raise BatchError(f"{path}: only [[job]] tables and unique_names are allowed at the "
+                         "top level")
+    unique = data.get("unique_names", False)
+    if not isinstance(unique, bool):
+        raise BatchError(f"{path}: unique_names must be true or false")
     if not isinstance(jobs, list) or not jobs:
         raise BatchError(f"{path}: no [[job]] tables")
     if len(jobs) > MAX_JOBS:
         raise BatchError(f"{path}: more than {MAX_JOBS} jobs")
-    return [_spec(path, i, job) for i, job in enumerate(jobs, 1)]
+    specs = [_spec(path, i, job, unique) for i, job in enumerate(jobs, 1)]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs, 1):
+        for dep in spec.after:
+            if dep not in seen:
+                raise BatchError(f"{path}: job {i}: after names {dep!r}, which is not an "
+                                 "earlier job of the file")
+            if seen[dep] < 0:
+                raise BatchError(f"{path}: job {i}: after names {dep!r}, which more than "
+                                 "one earlier job is called")
+        seen[spec.name] = -1 if spec.name in seen else i
+    return specs
 
 
-def _spec(path: str, index: int, job: Any) -> JobSpec:
+def _spec(path: str, index: int, job: Any, unique_names: bool = False) -> JobSpec:
     where = f"{path}: job {index}"
     if not isinstance(job, dict):
         raise BatchError(f"{where}: must be a table")
     unknown = set(job) - {"name", "command", "args", "env", "dir", "timeout", "user",
-                          "isolate", *LIMITS}
+                          "isolate", *LIMITS, "queue", "priority", "after", "labels"}
     if unknown:
         raise BatchError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
     command = job.get("command")
@@ -96,9 +122,22 @@ def _spec(path: str, index: int, job: Any) -> JobSpec:
         raise BatchError(f"{where}: 'isolate' must be a list of distinct names of "
                          f"{', '.join(ISOLATE)}")
     limits = {key: _limit(where, key, job[key]) for key in LIMITS if key in job}
+    queue = job.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        raise BatchError(f"{where}: 'queue' must be a queue's name")
+    priority = job.get("priority", 0)
+    if type(priority) is not int or not -1000 <= priority <= 1000:
+        raise BatchError(f"{where}: 'priority' must be a whole number from -1000 to 1000")
+    after = job.get("after", [])
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        raise BatchError(f"{where}: 'after' must be a list of names of earlier jobs")
+    labels = job.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise BatchError(f"{where}: 'labels' must be a table of strings")
     return JobSpec(name, command, list(args), [f"{k}={v}" for k, v in env.items()],
                    directory, float(timeout) if timeout is not None else None, user,
-                   list(isolate), limits)
+                   list(isolate), limits, queue, priority, list(after),
+                   [f"{k}={v}" for k, v in labels.items()], unique_names and "name" in job)
 
 
 #: The limit keys, each with what its value must be.
@@ -128,10 +167,12 @@ def _limit(where: str, key: str, value: Any) -> int | float:
 
 
 class Progress:
-    """One status line per job: redrawn in place on a terminal, else a line per ending.
+    """``N running, M queued, K done, F failed`` for the batch, and one status line per
+    job: redrawn in place on a terminal (per-job lines only for a batch of at most
+    LINES_UP_TO jobs), else a line per job as it ends, with the counts after it.
 
-    On a terminal only the ticker draws, so a batch of N jobs costs N lines per tick,
-    not N lines per job that ends.
+    On a terminal only the ticker draws, so a batch of N jobs costs at most N + 1 lines
+    per tick, not lines per job that ends.
     """
 
     def __init__(self, out: IO[str], names: list[str], tty: bool, quiet: bool = False) -> None:
@@ -148,8 +189,24 @@ class Progress:
         self.records[index] = record
         if not self.tty and not self.quiet and record.ended and (
                 before is None or not before.ended):
-            self.out.write(self._line(index, time.time()) + "\n")
+            self.out.write(f"{self._line(index, time.time())}  ({self.counts()})\n")
             self.out.flush()
+
+    def counts(self) -> str:
+        """``N running, M queued, K done, F failed`` (done: exited 0)."""
+        running = queued = done = failed = 0
+        for r in self.records:
+            if r is None:
+                continue
+            if r.state == QUEUED:
+                queued += 1
+            elif not r.ended:
+                running += 1
+            elif r.state != FAILED and r.exit_status() == 0:
+                done += 1
+            else:
+                failed += 1
+        return f"{running} running, {queued} queued, {done} done, {failed} failed"
 
     def _line(self, index: int, now: float) -> str:
         r = self.records[index]
@@ -160,20 +217,22 @@ class Progress:
     def draw(self) -> None:
         now = time.time()
         up = f"\x1b[{self._drawn}F" if self._drawn else ""
-        lines = "".join(f"\x1b[2K{self._line(i, now)}\n" for i in range(len(self.names)))
-        self.out.write(up + lines)
+        shown = range(len(self.names)) if len(self.names) <= LINES_UP_TO else range(0)
+        lines = "".join(f"\x1b[2K{self._line(i, now)}\n" for i in shown)
+        self.out.write(f"{up}{lines}\x1b[2K{self.counts()}\n")
         self.out.flush()
-        self._drawn = len(self.names)
+        self._drawn = len(shown) + 1
+
+    def queued(self) -> list[int]:
+        """Indexes of the jobs last seen queued."""
+        return [i for i, r in enumerate(self.records) if r is not None and r.state == QUEUED]
 
 
 def run(client: Client, specs: list[JobSpec], *, wait: bool, as_json: bool,
         out: IO[str]) -> int:
-    """Start every job pipelined on ``client``'s one connection; with ``wait``, wait for
-    them all the same way, showing progress."""
-    results = client.start_many(
-        start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout,
-                     user=s.user, isolate=s.isolate, **s.limits)
-        for s in specs)
+    """Start every job on ``client``'s one connection (many in each request, pipelined);
+    with ``wait``, wait for them all the same way, showing progress."""
+    results = _start_all(client, specs)
     records: list[JobRecord | None] = []
     problems: list[str] = []
     for spec, value in zip(specs, results, strict=True):
@@ -200,11 +259,30 @@ def run(client: Client, specs: list[JobSpec], *, wait: bool, as_json: bool,
             progress.update(i, r)
     waiting = [i for i, r in enumerate(records) if r is not None and not r.ended]
     ids = [records[i].id for i in waiting]  # type: ignore[union-attr]
+    # Queued jobs that have started since: the jobs of the batch no longer queued.
+    me = client.whoami()["identity"] if progress.queued() else None
+    last_look = time.monotonic()
+
+    def tick() -> None:
+        nonlocal last_look
+        if me is not None and progress.queued() and time.monotonic() - last_look >= LOOK_EVERY:
+            last_look = time.monotonic()
+            try:
+                still = {r.id for r in client.list(state=QUEUED, owner=me)}
+            except JobWorkerError:  # looked again next time
+                still = {progress.records[i].id for i in progress.queued()}  # type: ignore[union-attr]
+            for i in progress.queued():
+                r = progress.records[i]
+                if r is not None and r.id not in still:
+                    progress.update(i, replace(r, state=RUNNING))
+        if tty:
+            progress.draw()
+
     if tty:
         progress.draw()
     try:
         finals = client.wait_many(ids, lambda n, record: progress.update(waiting[n], record),
-                                  progress.draw if tty else None, TICK)
+                                  tick if tty or me is not None else None, TICK)
     finally:
         if tty:
             progress.draw()
@@ -219,6 +297,46 @@ def run(client: Client, specs: list[JobSpec], *, wait: bool, as_json: bool,
     failed = [r for r in ended if r is None or r.state == FAILED or r.exit_status() != 0]
     _report(problems)
     return 1 if failed or problems else 0
+
+
+def _start_all(client: Client, specs: list[JobSpec]) -> list[JobRecord | JobWorkerError]:
+    """Each job's start, in order.  A job ``after`` others of the file is sent once theirs
+    have been answered (their ids are what it sends), so the file goes in waves, each up
+    to the first job that needs an answer not yet had; a job whose dependency could not
+    be started is not sent either, and gets that error."""
+    results: list[JobRecord | JobWorkerError | None] = [None] * len(specs)
+    by_name: dict[str, int] = {}
+    wave: list[tuple[int, dict[str, Any]]] = []
+    unanswered: set[str] = set()
+
+    def send() -> None:
+        answers = client.start_many(params for _, params in wave)
+        for (index, _), answer in zip(wave, answers, strict=True):
+            results[index] = answer
+        wave.clear()
+        unanswered.clear()
+
+    for index, spec in enumerate(specs):
+        if unanswered.intersection(spec.after):
+            send()
+        deps = [results[by_name[dep]] for dep in spec.after]
+        failed = next((d for d in deps if not isinstance(d, JobRecord)), None)
+        if failed is not None:
+            results[index] = failed
+        else:
+            wave.append((index, _params(spec, [d.id for d in deps])))  # type: ignore[union-attr]
+            unanswered.add(spec.name)
+        by_name[spec.name] = index
+    if wave:
+        send()
+    return [r if r is not None else ConnectionLost("no reply") for r in results]
+
+
+def _params(s: JobSpec, after: list[str]) -> dict[str, Any]:
+    return start_params(s.command, s.args, env=s.env, dir=s.dir, timeout=s.timeout,
+                        user=s.user, isolate=s.isolate, queue=s.queue,
+                        priority=s.priority or None, after=after, labels=s.labels,
+                        name=s.name if s.send_name else None, **s.limits)
 
 
 def _report(problems: list[str]) -> None:

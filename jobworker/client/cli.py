@@ -93,6 +93,30 @@ def _pids(text: str) -> int:
     return int(text)
 
 
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 1 << 20
+    if not -1000 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"bad priority {text!r}: a whole number from "
+                                         "-1000 to 1000")
+    return value
+
+
+def _job_list(text: str) -> list[str | int]:
+    refs = [_job_ref(t.strip()) for t in text.split(",") if t.strip()]
+    if not refs:
+        raise argparse.ArgumentTypeError(f"--after takes JOB[,JOB...], got {text!r}")
+    return refs
+
+
+def _label(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, got {text!r}")
+    return text
+
+
 def _env_entry(text: str) -> str:
     if "=" not in text or text.startswith("="):
         raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
@@ -129,6 +153,17 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-write", type=_size, metavar="BYTES/S",
                    help="write limit in bytes per second (10M); on cgroup v1 direct writes "
                         "only, not buffered writeback")
+    p.add_argument("--queue", help="the daemon's queue to wait in for a slot (default: "
+                   "default); see jwclient queue")
+    p.add_argument("--priority", type=_priority, default=0,
+                   help="higher starts first among queued jobs (up to your max_priority)")
+    p.add_argument("--after", type=_job_list, default=[], metavar="JOB[,JOB...]",
+                   help="start once these jobs (ids, pids or names) have all exited 0; "
+                        "cancelled if one does not")
+    p.add_argument("--name", help="a name for the job, unique among your queued and "
+                   "running jobs; other commands then take it for JOB")
+    p.add_argument("--label", action="append", type=_label, default=[], metavar="K=V",
+                   help="a label (repeatable); list --label finds it")
     p.add_argument("program", help="program path, or a name looked up in the job's PATH")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments to the program")
 
@@ -191,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only jobs started within this long (1h, 2d)")
     p.add_argument("--until", type=_duration, metavar="DURATION",
                    help="only jobs started more than this long ago")
+    p.add_argument("--name", help="only jobs with this name")
+    p.add_argument("--label", action="append", type=_label, default=[], metavar="K=V",
+                   help="only jobs with this label (repeatable: all of them)")
     many = p.add_mutually_exclusive_group()
     many.add_argument("--limit", type=_count, default=100, help="at most N jobs (100)")
     many.add_argument("--all", action="store_true", help="every job, page by page")
@@ -226,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start PROGRAM, stream its stdout and stderr here, and "
                                    "exit with its status. Ctrl-C stops the job.")
     _add_start_options(p)
+
+    sub.add_parser("queue", help="show each queue: jobs running, queued, and its limit")
 
     p = sub.add_parser("submit", help="start a batch of jobs from a TOML file")
     p.add_argument("file", help="TOML file with [[job]] tables (see examples/)")

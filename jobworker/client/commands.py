@@ -152,7 +152,7 @@ def whoami(client: Client, args: argparse.Namespace) -> int:
 
 #: The ``start`` options jwclient takes, by their argparse dest and wire name alike.
 START_OPTIONS = ("env", "dir", "timeout", "user", "isolate", "memory", "cpu", "pids",
-                 "io_read", "io_write")
+                 "io_read", "io_write", "queue", "priority", "after", "name")
 
 
 def start_request(args: argparse.Namespace, request_id: str | None = None) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def start_request(args: argparse.Namespace, request_id: str | None = None) -> di
     wire (a new option: its name in START_OPTIONS)."""
     options = {name: getattr(args, name, None) for name in START_OPTIONS}
     return start_params(args.program, args.args, request_id=request_id or new_request_id(),
-                        **options)
+                        labels=getattr(args, "label", None), **options)
 
 
 def new_request_id() -> str:
@@ -215,6 +215,15 @@ def stop(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def queue(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("queues")
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(render.queues(result))
+    return 0
+
+
 def status(client: Client, args: argparse.Namespace) -> int:
     _print_record(args, client.status(args.job))
     return 0
@@ -222,7 +231,8 @@ def status(client: Client, args: argparse.Namespace) -> int:
 
 def _list_filters(args: argparse.Namespace) -> dict[str, Any]:
     now = time.time()
-    return {"state": args.state, "owner": args.owner,
+    return {"state": args.state, "owner": args.owner, "name": args.name,
+            "labels": args.label or None,
             "since": now - args.since if args.since else None,
             "until": now - args.until if args.until else None}
 
@@ -446,4 +456,5 @@ def submit(client: Client, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "whoami": whoami, "start": start, "stop": stop, "status": status, "list": list_,
     "logs": logs, "wait": wait, "run": run_, "submit": submit, "forget": forget,
+    "queue": queue,
 }

@@ -10,7 +10,7 @@ import shlex
 from datetime import datetime
 from typing import Any
 
-from jobworker.wire.record import FAILED, LOST, RUNNING, STOPPED, JobRecord
+from jobworker.wire.record import CANCELLED, FAILED, LOST, QUEUED, RUNNING, STOPPED, JobRecord
 
 
 def parse_time(text: str | None) -> float | None:
@@ -59,6 +59,10 @@ def outcome(record: JobRecord) -> str:
     ``lost: why``."""
     if record.state == RUNNING:
         return "running"
+    if record.state == QUEUED:
+        return f"queued ({record.queue})"
+    if record.state == CANCELLED:
+        return f"cancelled: {record.error}" if record.error else "cancelled"
     if record.state == FAILED:
         return f"failed: {record.error}"
     if record.state == LOST:
@@ -142,11 +146,14 @@ def record(r: JobRecord, now: float, tty: bool) -> str:
         ("pid", str(r.pid) if r.pid is not None else "-"),
         ("owner", r.owner),
         ("dir", r.dir),
-        ("started", f"{r.started_at} ({ago(parse_time(r.started_at), now)})"),
+        ("started", f"{r.started_at} ({ago(parse_time(r.started_at), now)})"
+         if r.started_at else "-"),
         ("ended", f"{r.ended_at} ({ago(parse_time(r.ended_at), now)})" if r.ended_at else "-"),
         ("runtime", runtime(r, now)),
-        ("logs", r.log_dir),
+        ("logs", r.log_dir or "-"),
     ]
+    if r.queued_at is not None:
+        rows.append(("queued", f"{r.queued_at} in {r.queue}, priority {r.priority}"))
     if r.timeout is not None:
         rows.append(("timeout", duration(r.timeout)))
     if r.isolate:
@@ -217,3 +224,17 @@ def _fit(header: list[str], widths: list[int], width: int) -> list[int]:
         if over() < 0 and widths[i] < natural[i] and i != ident:
             widths[i] = min(natural[i], widths[i] - over())
     return widths
+
+
+def queues(result: dict[str, Any]) -> str:
+    """``jwclient queue``: one line per queue, then the daemon's totals."""
+    rows = [("QUEUE", "RUNNING", "QUEUED", "PARALLEL")]
+    for q in result["queues"]:
+        rows.append((q["queue"], str(q["running"]), str(q["queued"]),
+                     str(q["parallel"]) if q["parallel"] is not None else "unlimited"))
+    limit = result.get("max_running")
+    rows.append(("(all)", str(result["running"]), str(result["queued"]),
+                 str(limit) if limit is not None else "unlimited"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "".join("  ".join([*(f"{c:<{w}}" for c, w in zip(row[:3], widths, strict=True)),
+                              row[3]]) + "\n" for row in rows)

@@ -16,11 +16,16 @@ from typing import Any
 
 from jobworker.client.endpoint import DEFAULT_SERVER, ClientConfig, ClientError
 from jobworker.client.session import Session
-from jobworker.wire.errors import ConnectionLost, JobWorkerError
+from jobworker.wire import codec
+from jobworker.wire.errors import ConnectionLost, JobWorkerError, UnknownMethod, error_from_wire
 from jobworker.wire.record import JobRecord
 
 #: Requests ``start_many`` and ``wait_many`` keep in flight: the daemon takes 256.
 IN_FLIGHT = 128
+#: Starts sent in one ``start_many`` request (the daemon takes up to 256), and about the
+#: most bytes of them: under the daemon's default 64 KiB --max-frame.
+STARTS_PER_REQUEST = 256
+START_BYTES = 48 * 1024
 
 JobRef = str | int
 #: The builtin, for annotations inside Client, whose ``list`` method shadows it.
@@ -199,9 +204,21 @@ class Client:
 
     def start_many(self, requests: Iterable[dict[str, Any]]
                    ) -> _list[JobRecord | JobWorkerError]:
-        """Start many jobs, pipelined: ``requests`` are ``start_params`` maps; the results
-        in the same order, each a record or the error its start met."""
-        return self._many("start", list(requests), None)
+        """Start many jobs: ``requests`` are ``start_params`` maps, sent up to 256 in one
+        ``start_many`` request (one commit on the daemon covers them), those requests
+        pipelined; the results in the same order, each a record or the error its start
+        met."""
+        starts = list(requests)
+        chunks = _chunks(starts)
+        replies = self._many("start_many", [{"jobs": c} for c in chunks], None,
+                             parse=_started)
+        if replies and isinstance(replies[0], UnknownMethod):  # a daemon before start_many
+            return self._many("start", starts, None)
+        results: _list[JobRecord | JobWorkerError] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            results.extend([reply] * len(chunk) if isinstance(reply, JobWorkerError)
+                           else reply)
+        return results
 
     def wait_many(self, jobs: Sequence[JobRef],
                   on_ended: Callable[[int, JobRecord], None] | None = None,
@@ -213,9 +230,9 @@ class Client:
 
     def _many(self, method: str, params: _list[dict[str, Any]],
               on_done: Callable[[int, JobRecord], None] | None,
-              tick: Callable[[], None] | None = None, interval: float = 0.25
-              ) -> _list[JobRecord | JobWorkerError]:
-        results: _list[JobRecord | JobWorkerError | None] = [None] * len(params)
+              tick: Callable[[], None] | None = None, interval: float = 0.25,
+              parse: Callable[[Any], Any] = JobRecord.from_wire) -> _list[Any]:
+        results: _list[Any] = [None] * len(params)
         flying: dict[int, int] = {}  # request id -> index
         queued: Iterator[tuple[int, dict[str, Any]]] = iter(enumerate(params))
         more = True
@@ -239,7 +256,7 @@ class Client:
             for rid in [r for r in flying if self.session.done(r)]:
                 index = flying.pop(rid)
                 try:
-                    record = JobRecord.from_wire(self.session.take(rid))
+                    record = parse(self.session.take(rid))
                 except JobWorkerError as e:
                     results[index] = e
                     continue
@@ -256,3 +273,27 @@ def _bytes_to(sink: Callable[[bytes], None]) -> Callable[[Any], None]:
         sink(chunk)
 
     return on_chunk
+
+
+def _chunks(starts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``starts`` cut into ``start_many`` requests under the daemon's limits."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for start in starts:
+        one = len(codec.encode(start))
+        if chunks[-1] and (len(chunks[-1]) >= STARTS_PER_REQUEST or size + one > START_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(start)
+        size += one
+    return chunks if chunks[0] else []
+
+
+def _started(reply: Any) -> list[JobRecord | JobWorkerError]:
+    """``start_many``'s reply: each start's record, or its error."""
+    try:
+        return [JobRecord.from_wire(r) if "state" in r
+                else error_from_wire(r["error"]["code"], r["error"]["message"])
+                for r in reply["jobs"]]
+    except (KeyError, TypeError) as e:
+        raise ConnectionLost(f"server sent a malformed start_many reply ({e!r})") from None

@@ -24,10 +24,11 @@ class JobAccess:
         self.audit = audit
 
     def visible_job(self, call: Call, ref: str | int) -> Job | StoredJob:
-        """The job ``ref`` names, if the caller may act on it; else the same NotFound."""
+        """The job ``ref`` names (an id, a pid, a name of the caller's, then a unique id
+        prefix: ``jobref``), if the caller may act on it; else the same NotFound."""
         owner = None if self.authz.sees_all(call.who) else call.who.name
         try:
-            job = jobref.resolve(self.jobs, ref, owner)
+            job = jobref.resolve(self.jobs, ref, owner, call.who.name)
         except NotFound:
             raise NotFound(f"no job {ref}") from None
         if self.authz.can_see(call.who, job.owner):  # dispatch has checked the method

@@ -10,6 +10,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 
+from jobworker.daemon.queuepolicy import QueuePolicyError, parse
+from jobworker.jobs.scheduler import QueuePolicy
 from jobworker.wire.errors import Forbidden, NotFound
 from jobworker.wire.identity import ROLES, PeerIdentity
 
@@ -19,9 +21,11 @@ PUBLIC = frozenset({"hello", "whoami"})
 JOB_METHODS = frozenset({"status", "stop", "logs", "wait", "forget"})
 
 _ALLOWED: dict[str, frozenset[str]] = {
-    "admin": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
-    "user": frozenset({"start", "stop", "status", "list", "logs", "wait", "forget"}),
-    "viewer": frozenset({"status", "list", "logs", "wait"}),
+    "admin": frozenset({"start", "start_many", "stop", "status", "list", "logs", "wait",
+                        "forget", "queues"}),
+    "user": frozenset({"start", "start_many", "stop", "status", "list", "logs", "wait",
+                       "forget", "queues"}),
+    "viewer": frozenset({"status", "list", "logs", "wait", "queues"}),
 }
 #: Roles that see every job; the others see only their own.
 _SEE_ALL = frozenset({"admin", "viewer"})
@@ -33,13 +37,15 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
-    """Overrides from ``--policy``: identity → role, identities denied outright, and
-    whom identities' jobs run as (``jobworker.daemon.runas``)."""
+    """Overrides from ``--policy``: identity → role, identities denied outright, whom
+    identities' jobs run as (``jobworker.daemon.runas``), and the queues and quotas of
+    the scheduler (``jobworker.daemon.queuepolicy``)."""
 
     roles: dict[str, str] = field(default_factory=dict)
     deny: frozenset[str] = frozenset()
     run_as: dict[str, str] = field(default_factory=dict)
     allowed_users: dict[str, list[str]] = field(default_factory=dict)
+    queues: QueuePolicy = field(default_factory=QueuePolicy)
 
     @classmethod
     def load(cls, path: str) -> Policy:
@@ -50,7 +56,7 @@ class Policy:
             raise PolicyError(f"cannot read policy {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise PolicyError(f"policy {path} is not valid TOML: {e}") from None
-        unknown = set(data) - {"roles", "deny", "run_as", "allowed_users"}
+        unknown = set(data) - {"roles", "deny", "run_as", "allowed_users", "queue", "quota"}
         if unknown:
             raise PolicyError(f"policy {path}: unknown keys {', '.join(sorted(unknown))}")
         roles = data.get("roles", {})
@@ -71,8 +77,12 @@ class Policy:
                 and all(isinstance(u, str) and u for u in v) for k, v in allowed.items()):
             raise PolicyError(f"policy {path}: [allowed_users] maps identities to lists of "
                               "Unix user names")
+        try:
+            queues = parse(path, data.get("queue", {}), data.get("quota", {}))
+        except QueuePolicyError as e:
+            raise PolicyError(str(e)) from None
         return cls(roles=dict(roles), deny=frozenset(deny), run_as=dict(run_as),
-                   allowed_users={k: list(v) for k, v in allowed.items()})
+                   allowed_users={k: list(v) for k, v in allowed.items()}, queues=queues)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""What job a reference names: a full id, a pid, or a unique prefix of an id.
+"""What job a reference names: a full id, a pid, a name the caller gave its job, or a
+unique prefix of an id.
 
-One function, with the steps in order, so that a new kind of reference (a name the caller
-gave its job) is one more step here.
+One function, with the steps in order, so that a new kind of reference is one more step.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ MIN_PREFIX = 8
 _ID_CHARS = frozenset(string.hexdigits + "-")
 
 
-def resolve(jobs: JobManager, ref: str | int, owner: str | None) -> Job | StoredJob:
+def resolve(jobs: JobManager, ref: str | int, owner: str | None,
+            caller: str | None = None) -> Job | StoredJob:
     """The job ``ref`` names, looked for in this order:
 
     1. a full id;
     2. a pid (an int, or a string of digits): the running job with it, else the newest;
-    3. a unique prefix of ``MIN_PREFIX`` or more characters of an id, among the jobs of
+    3. a name ``caller`` gave one of its jobs (its queued or running one, else the newest);
+    4. a unique prefix of ``MIN_PREFIX`` or more characters of an id, among the jobs of
        ``owner`` (None: everyone's), so neither a match nor an ambiguity tells a caller
        about jobs it may not see.
 
@@ -32,9 +34,15 @@ def resolve(jobs: JobManager, ref: str | int, owner: str | None) -> Job | Stored
     try:
         return jobs.find(ref)
     except NotFound:
-        if not is_prefix(ref):
+        if not isinstance(ref, str):
             raise
-    assert isinstance(ref, str)
+    if caller is not None:
+        try:
+            return jobs.by_name(caller, ref)
+        except NotFound:
+            pass
+    if not is_prefix(ref):
+        raise NotFound(f"no job {ref}")
     ids = jobs.ids_by_prefix(ref.lower(), owner, limit=2)
     if not ids:
         raise NotFound(f"no job {ref}")

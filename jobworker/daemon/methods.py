@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 
 from jobworker.daemon.access import JobAccess
 from jobworker.daemon.call import Call
@@ -28,16 +29,19 @@ from jobworker.jobs.logs import JobLogs
 from jobworker.jobs.namespaces import NamespaceSupport
 from jobworker.jobs.store import ListQuery
 from jobworker.wire.codec import Encoded
-from jobworker.wire.errors import BadRequest, Unavailable
+from jobworker.wire.errors import BadRequest, Internal, JobWorkerError, Unavailable
 from jobworker.wire.hello import check_version, hello_result
 from jobworker.wire.params import SCHEMAS, start_digest
-from jobworker.wire.record import FAILED, RUNNING, JobRecord
+from jobworker.wire.record import FAILED, QUEUED, RUNNING, JobRecord
 from jobworker.wire.schema import Schema
 
 #: A handler returns its result, or a coroutine when it has to wait (stop, wait, logs).
 Handler = Callable[[Call, dict[str, Any]], Any]
 #: Method name -> its parameter schema and its handler.
 Table = dict[str, tuple[Schema, Handler]]
+
+log = Logger()
+
 
 class Methods:
     """One handler per method."""
@@ -84,6 +88,33 @@ class Methods:
                 return self._start_when_ready(ready, call, p, request)
         return self._start(call, p, request)
 
+    async def start_many(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Each map of ``jobs`` is a ``start`` of its own (its schema, its audit lines),
+        all admitted in this turn so that one commit covers them; the reply lists each
+        one's record, or its error, in order.  What a batch file's ``submit`` sends: one
+        request per job cost the daemon more than the job's admission itself."""
+        schema = SCHEMAS["start"]
+        started: list[Any] = []
+        for item in p["jobs"]:
+            try:
+                one = self.start(call, schema.validate(item))
+            except JobWorkerError as e:
+                one = {"error": e.to_wire()}
+            started.append(one if isinstance(one, dict) else ensureDeferred(one))
+        results = []
+        for one in started:
+            if isinstance(one, dict):
+                results.append(one)
+                continue
+            try:
+                results.append(await one)
+            except JobWorkerError as e:
+                results.append({"error": e.to_wire()})
+            except Exception:  # noqa: BLE001 (a bug: logged, the others still answered)
+                log.failure("{event}", event="request.bug", method="start_many")
+                results.append({"error": Internal("internal error").to_wire()})
+        return {"jobs": results}
+
     async def _start_when_ready(self, ready: Deferred[None], call: Call, p: dict[str, Any],
                                 request: tuple[str, bytes] | None) -> Any:
         """The first isolated start waits for the probe of what the host can do."""
@@ -100,6 +131,8 @@ class Methods:
     def _start(self, call: Call, p: dict[str, Any], request: tuple[str, bytes] | None
                ) -> Any:
         self.jobs.check_admission()
+        # Each job it waits for must be one the caller may see: else the same not_found.
+        after = [self.access.visible_job(call, ref) for ref in p["after"]]
         creds = self.runas.credentials(call.who.name, p["user"])
         job_id = self.jobs.new_id()
         self._audit(call, "start", job_id, "allowed", command=p["command"], args=p["args"],
@@ -114,7 +147,16 @@ class Methods:
                               dir=workdir, timeout=p["timeout"], job_id=job_id,
                               request=request, isolate=p["isolate"], memory=p["memory"],
                               cpu=p["cpu"], pids=p["pids"], io_read=p["io_read"],
-                              io_write=p["io_write"])
+                              io_write=p["io_write"], queue=p["queue"],
+                              priority=p["priority"], role=call.who.role, env=p["env"],
+                              creds=creds, after=after, name=p["name"],
+                              labels=p["labels"])
+        if job.state != RUNNING:
+            # Queued (the manager launches it when a slot frees), or cancelled at once (a
+            # job it waits for has failed): the reply, after the commit the server awaits,
+            # is that record.
+            self._audit(call, "start", job.id, job.state, queue=job.queue)
+            return job.wire()
         pending = self.jobs.pending()
         if pending is None:
             return self._launch(call, job, p["env"], creds)
@@ -193,6 +235,12 @@ class Methods:
         record = await job.when_ended()
         return record.to_wire()
 
+    def queues(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
+        """Each queue's running and queued counts and its limit, and the daemon's."""
+        scheduler = self.jobs.scheduler
+        return {"queues": scheduler.counts(), "running": scheduler.running,
+                "queued": scheduler.queued, "max_running": scheduler.max_running}
+
     async def list(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         """Streams records newest first in batches; the final reply holds their count,
         and ``next_cursor`` when more match past ``limit``."""
@@ -209,7 +257,8 @@ class Methods:
             raise BadRequest("cursor must be a next_cursor from an earlier list reply")
         query = ListQuery(limit=1, before=int(cursor) if cursor is not None else None,
                           owner=owner, state=RUNNING if p["running"] else p["state"],
-                          since=p["since"], until=p["until"])
+                          since=p["since"], until=p["until"], name=p["name"],
+                          labels=tuple(p["labels"]))
         count, more = await ListStream(call, self.jobs.page, query, p["limit"]).start()
         reply: dict[str, Any] = {"count": count}
         if more is not None:
@@ -218,9 +267,13 @@ class Methods:
 
     async def logs(self, call: Call, p: dict[str, Any]) -> dict[str, Any]:
         job = self.access.visible_job(call, p["job"])
-        path = JobLogs(job.log_dir).path(p["stream"])
         if self.follower is None and p["follow"]:
             raise Unavailable("this daemon cannot follow logs")
+        if job.state == QUEUED and p["follow"]:
+            await job.when_started()  # its log folder is made when it starts
+        if job.log_dir is None:  # queued (not followed), or cancelled: no output yet
+            return {"offset": p["offset"], "record": job.wire()}
+        path = JobLogs(job.log_dir).path(p["stream"])
         with self._stream_slot(call):
             self.jobs.reading(job.id, 1)  # retention and forget leave it alone meanwhile
             self.metrics.stream_opened(p["follow"])
@@ -271,8 +324,9 @@ def table(access: JobAccess, limits: Limits, follower: FileWatcher | None,
     """The dispatch table: each method's schema and its handler."""
     m = Methods(access, limits, follower, runas, namespaces, metrics)
     handlers: dict[str, Handler] = {
-        "hello": m.hello, "whoami": m.whoami, "start": m.start, "stop": m.stop,
+        "hello": m.hello, "whoami": m.whoami, "start": m.start,
+        "start_many": m.start_many, "stop": m.stop,
         "status": m.status, "wait": m.wait, "list": m.list, "logs": m.logs,
-        "forget": m.forget,
+        "forget": m.forget, "queues": m.queues,
     }
     return {name: (SCHEMAS[name], handler) for name, handler in handlers.items()}

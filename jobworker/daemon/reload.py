@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -23,8 +24,10 @@ class ReloadOnHangup(service.Service):
 
     def __init__(self, reactor: Any, tls: ServerTLS, authz: Authorizer,
                  policy_path: str | None, audit: AuditLog | None = None,
-                 server: RPCServer | None = None) -> None:
+                 server: RPCServer | None = None,
+                 reloaded: Callable[[], None] | None = None) -> None:
         self._reactor = reactor
+        self._reloaded = reloaded
         self._server = server
         self._audit = audit
         self._tls = tls
@@ -49,6 +52,8 @@ class ReloadOnHangup(service.Service):
             try:
                 self._authz.policy = Policy.load(self._policy_path)
                 self.log.info("reload.policy path={path}", path=self._policy_path)
+                if self._reloaded is not None:
+                    self._reloaded()  # e.g. a queue's parallel raised: start what can
             except PolicyError as e:
                 self.log.error("reload.policy_failed reason={reason}", reason=str(e))
         try:

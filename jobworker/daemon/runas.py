@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import time
 from collections.abc import Callable
 
 from twisted.logger import Logger
@@ -96,13 +97,33 @@ def _in_passwd(uid: int) -> bool:
     return True
 
 
+#: Seconds a user's entry (uid, gid, groups, home) is reused: looking a user up costs
+#: ~0.2 ms (getpwnam, then getgrouplist reads the whole group database), which a batch of
+#: 10,000 starts would pay 10,000 times.  Changes to passwd/group apply within this time.
+NAMED_FOR = 5.0
+
+
 class RunAs:
     """Resolves an identity (and the user it asks for) to the credentials of its job,
     by the policy in force (``policy()``: a SIGHUP reload applies to the next start)."""
 
-    def __init__(self, policy: Callable[[], Policy], dynamic: DynamicUids | None) -> None:
+    def __init__(self, policy: Callable[[], Policy], dynamic: DynamicUids | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._policy = policy
         self.dynamic = dynamic  # None: the daemon is not root, jobs run as it
+        self._clock = clock
+        self._named: dict[str, tuple[float, Credentials]] = {}  # user -> (until, its entry)
+
+    def _user(self, user: str) -> Credentials:
+        now = self._clock()
+        cached = self._named.get(user)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        creds = _named(user)
+        if len(self._named) > 1024:  # bounded: users come from the policy, but still
+            self._named.clear()
+        self._named[user] = (now + NAMED_FOR, creds)
+        return creds
 
     def credentials(self, identity: str, user: str | None) -> Credentials | None:
         """The job's credentials; None when jobs run as the daemon's own user.  Raises
@@ -118,9 +139,9 @@ class RunAs:
             if user != mapped and user not in policy.allowed_users.get(identity, []):
                 raise Forbidden(f"identity {identity!r} may not run jobs as {user!r} "
                                 "(policy [run_as] / [allowed_users])")
-            return _named(user)
+            return self._user(user)
         if mapped is not None:
-            return _named(mapped)
+            return self._user(mapped)
         uid = self.dynamic.uid_of(identity)
         return Credentials(uid, uid, (), f"jw-{identity}", "/")
 

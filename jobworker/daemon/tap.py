@@ -138,6 +138,9 @@ class Options(usage.Options):
         ["retention", None, None,
          "Remove ended jobs (record and logs) this long after they ended (30d, 12h)."],
         ["max-history", None, None, "Keep at most this many ended jobs.", int],
+        ["max-running", None, None,
+         "Run at most N jobs at once; later starts wait, queued, for a slot (default: no "
+         "limit).  The policy's [queue.NAME] tables limit each queue too.", int],
         ["max-log-bytes", None, None,
          "Stop a job whose stdout and stderr together pass this size (1G, 512M)."],
         ["dynamic-uids", None, "61184-65519",
@@ -231,6 +234,8 @@ class Options(usage.Options):
             self["retention"] = _seconds("--retention", self["retention"])
         if self["max-history"] is not None and self["max-history"] < 0:
             raise usage.UsageError("--max-history must be 0 or more")
+        if self["max-running"] is not None and not 1 <= self["max-running"] <= 2**31:
+            raise usage.UsageError("--max-running must be at least 1")
         if self["max-log-bytes"] is not None:
             try:
                 self["max-log-bytes"] = parse_size(self["max-log-bytes"])
@@ -419,7 +424,8 @@ def makeService(config: Options) -> service.MultiService:
         # Read at each scrape (rpc is made below, before any scrape can come).
         prometheus.watch(connections=lambda: rpc.authenticated,
                          handshaking=lambda: rpc.handshaking,
-                         audit_failures=lambda: audit.failures)
+                         audit_failures=lambda: audit.failures,
+                         queued=lambda: jobs.queued)
         scrape = ScrapeEndpoint(metrics_endpoint, metrics_site(prometheus.registry),
                                 config["metrics"])
         scrape.listen()  # here, before twistd daemonizes, as --listen's port
@@ -444,7 +450,9 @@ def makeService(config: Options) -> service.MultiService:
         cgroups = CgroupPool(reactor, found.driver, found.reason)
     jobs = _JobManager(reactor, logs, grace=config["grace"], spare_logs=spare_logs,
                        reserve=reserve, store=store, cgroups=cgroups,
-                       limits=config["limits"], observer=metrics)
+                       limits=config["limits"], observer=metrics,
+                       max_running=config["max-running"],
+                       queue_policy=lambda: authz.policy.queues)
     runas = RunAs(lambda: authz.policy, _dynamic_uids(config, state_dir))
     rpc = RPCServer(reactor, jobs, authz, audit, limits, follower=FileWatcher(reactor),
                     runas=runas, metrics=metrics)
@@ -471,7 +479,8 @@ def makeService(config: Options) -> service.MultiService:
     listener.setServiceParent(top)
     if scrape is not None:
         scrape.setServiceParent(top)
-    ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc).setServiceParent(top)
+    ReloadOnHangup(reactor, tls, authz, config["policy"], audit, rpc,
+                   reloaded=jobs.scheduler.reloaded).setServiceParent(top)
     # Last: started last (READY=1 once all else runs), stopped first (STOPPING=1 at once).
     Readiness(reactor, Notifier.from_environ(os.environ),
               f"listening on {listener.address}").setServiceParent(top)

@@ -87,6 +87,10 @@ class CgroupPool(service.Service):
         self._drained: list[Deferred[None]] = []
         # Removal goes on while stopping, until the last batch at teardown.
         self._serving = False
+        # The start-up sweep of an earlier daemon's leftovers is running; ``prepare``
+        # calls made meanwhile wait for it.
+        self._sweeping = False
+        self._after_sweep: list[Deferred[None]] = []
 
     @property
     def enabled(self) -> bool:
@@ -128,8 +132,10 @@ class CgroupPool(service.Service):
                       controllers=",".join(driver.controllers), roots=list(driver.roots))
         # Set before the callbacks are added: a runner that calls at once (tests) has
         # them run here, and they clear it.
+        self._sweeping = True
         self._refill = d = self._in_thread(self._sweep, driver)
-        d.addCallback(self._swept).addErrback(self._bug, "_refill")
+        d.addCallback(self._swept).addErrback(self._bug, "_refill").addBoth(
+            self._sweep_done)
 
     def stopService(self) -> Deferred[None]:
         """Once every job has handed its cgroup back (the job manager is stopping them
@@ -193,6 +199,30 @@ class CgroupPool(service.Service):
             self._doom(_Doomed(stale, self._given.pop(stale), None, RETRIES))
         self._maybe_refill()
         return job_id
+
+    def prepare(self, job_id: str) -> Deferred[None]:
+        """Make job ``job_id``'s cgroup now, in the worker thread, for a ``take`` soon
+        (a job leaving the queue: its id was chosen long before).  Never fails: a
+        cgroup that could not be made is made, or its error raised, by ``take``."""
+        driver = self.driver
+        if driver is None or not self._ready or job_id in self._given:
+            return succeed(None)
+        if self._sweeping:
+            # The start-up sweep removes every empty cgroup of the subtree: one made
+            # meanwhile would go with them.  Made once it is done.
+            after: Deferred[None] = Deferred()
+            self._after_sweep.append(after)
+            return after.addCallback(lambda _: self.prepare(job_id))
+
+        def made(result: tuple[list[tuple[str, CgroupFiles]], OSError | None]) -> None:
+            for name, files in result[0]:
+                if self.running:
+                    self._given[name] = files
+                else:
+                    self._doomed.append(_Doomed(name, files, None, 1))
+
+        return self._in_thread(self._make, driver, [job_id]).addCallback(made).addErrback(
+            lambda f: self.log.failure("{event}", f, event="cgroups.bug"))
 
     def take(self, job_id: str) -> JobCgroup | None:
         """Job ``job_id``'s own cgroup, ready to ``enter``: the one made for an id from
@@ -291,6 +321,12 @@ class CgroupPool(service.Service):
             except OSError:
                 kept.append(name)
         return removed, kept
+
+    def _sweep_done(self, _: object) -> None:
+        self._sweeping = False
+        waiting, self._after_sweep = self._after_sweep, []
+        for d in waiting:
+            d.callback(None)
 
     def _swept(self, result: tuple[list[str], list[str]]) -> None:
         self._refill = None

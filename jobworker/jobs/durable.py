@@ -33,11 +33,13 @@ from jobworker.jobs.store import ListQuery, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire.codec import Encoded, decode
 from jobworker.wire.errors import NotFound
-from jobworker.wire.record import RUNNING
+from jobworker.wire.record import QUEUED, RUNNING
 
 #: Runs ``f(*args)`` in the writer thread; the Deferred fires on the reactor thread.
 Runner = Callable[..., "Deferred[Any]"]
 
+#: Seconds a change that no reply waits for (a job's pid) may wait for the next batch.
+LAZY = 0.02
 #: Seconds before a failed write (a full or read-only disk) is tried again.
 RETRY_AFTER = 1.0
 #: Space kept for the table beside it (``jobs.db.reserve``), given up when the disk is
@@ -69,7 +71,7 @@ def _write(conn: sqlite3.Connection, rows: list[sql.Row], reserve: str | None) -
 
 
 def _expire(conn: sqlite3.Connection, before: float | None, keep: int | None,
-            spared: frozenset[str], batch: int) -> list[tuple[str, str]]:
+            spared: frozenset[str], batch: int) -> list[tuple[str, str | None]]:
     """In the writer thread: delete up to ``batch`` ended jobs that ended before
     ``before`` or lie past the newest ``keep``, but none in ``spared``; (id, log_dir) of
     each one deleted."""
@@ -101,7 +103,17 @@ def row_of(job: Job) -> sql.Row:
         request[0] if request is not None else None,
         request[1] if request is not None else None,
         bytes(job.packed()),
+        job.launch_spec,
+        job.name,
+        labels_column(job.labels),
     )
+
+
+def labels_column(labels: dict[str, str] | None) -> str | None:
+    """Labels as the table keeps them for ``list``'s filter: ``\\nkey=value\\n...``."""
+    if not labels:
+        return None
+    return "\n" + "".join(f"{k}={v}\n" for k, v in labels.items())
 
 
 class DurableStore:
@@ -208,6 +220,19 @@ class DurableStore:
             self._requests[job.owner, job.request[0]] = job
         self._changed(job)
 
+    def queued(self) -> list[sql.Queued]:
+        """At start-up: the jobs the table says are queued, oldest first."""
+        return sql.queued(self._reading())
+
+    def requeue(self, job: Job) -> None:
+        """A queued job of an earlier daemon, rebuilt (already in the table)."""
+        self._live[job.id] = job
+
+    def changed(self, job: Job) -> None:
+        """``job`` left the queue: committed before its program runs, so no restart can
+        run it a second time (one found running without a pid is looked for by its id)."""
+        self._changed(job)
+
     def adopt(self, job: Job) -> None:
         """A running job of an earlier daemon, taken over (already in the table)."""
         self._live[job.id] = job
@@ -233,9 +258,22 @@ class DurableStore:
         self._dirty[job.id] = job
         if urgent:
             self._urgent.add(job.id)
+            call = self._flush_call
+            if call is not None and call.getTime() > self._reactor.seconds():
+                call.reset(0)  # a lazy flush was waiting: this change is urgent
+        elif not self._urgent:
+            self._flush_later()
+            return
         if not self._writing and self._flush_call is None:
             # Everything changed in this reactor turn goes in one batch.
             self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush_later(self) -> None:
+        """Only changes no reply waits for (a pid): written within LAZY, or sooner with
+        the next batch a reply does wait for (a short job's end, a queued job leaving
+        the queue), so a slot freeing does not wait behind a commit of pids."""
+        if not self._writing and self._flush_call is None:
+            self._flush_call = self._reactor.callLater(LAZY, self._flush)
 
     # -- the writer ---------------------------------------------------------------------
 
@@ -287,7 +325,8 @@ class DurableStore:
                 if job.id not in self._dirty:
                     self._forget_live(job)
             if self._dirty and self._flush_call is None:
-                self._flush_call = self._reactor.callLater(0, self._flush)
+                self._flush_call = self._reactor.callLater(0 if self._urgent else LAZY,
+                                                           self._flush)
         waiters, self._batch_waiters = self._batch_waiters, []
         for d in waiters:
             if not d.called:  # a waiter cancelled meanwhile (its caller went away)
@@ -313,7 +352,7 @@ class DurableStore:
         return 0.0
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         """Delete ended jobs past ``--retention`` (ended before ``before``) or
         ``--max-history`` (past the newest ``keep``), except ``spared``; fires with the
         (id, log_dir) of each, at most ``batch``."""
@@ -385,8 +424,18 @@ class DurableStore:
         stored = sql.ids_by_prefix(self._reading(), prefix, owner, limit)
         return sorted(live.union(stored))[:limit]
 
+    def by_name(self, owner: str, name: str) -> Job | StoredJob:
+        """The table's newest (the manager asks its live names first)."""
+        packed = sql.record_by_name(self._reading(), owner, name)
+        if packed is None:
+            raise NotFound(f"no such job: {name}")
+        stored = StoredJob(packed)
+        live = self._live.get(stored.id)
+        return live if live is not None else stored
+
     def running_jobs(self) -> list[Job]:
-        return [job for job in reversed(self._live.values()) if not job.ended]
+        return [job for job in reversed(self._live.values())
+                if not job.ended and job.state != QUEUED]
 
     def newest_first(self) -> list[Any]:
         rows = sql.page(self._reading(), before=None, limit=-1)  # -1: no limit
@@ -398,12 +447,12 @@ class DurableStore:
         a running job's record comes from memory, which is as fresh or fresher."""
         rows = sql.page(self._reading(), before=query.before, limit=query.limit + 1,
                         owner=query.owner, state=query.state, since=query.since,
-                        until=query.until)
+                        until=query.until, name=query.name, labels=query.labels)
         more = len(rows) > query.limit
         rows = rows[:query.limit]
         records: list[Encoded] = []
         for _seq, job_id, state, packed in rows:
-            live = self._live.get(job_id) if state == RUNNING else None
+            live = self._live.get(job_id) if state in (RUNNING, QUEUED) else None
             records.append(live.packed() if live is not None else Encoded(packed))
         return Page(records, rows[-1][0] if more and rows else None)
 

@@ -16,9 +16,12 @@ from twisted.python.failure import Failure
 from jobworker.jobs.process import JobProcessProtocol
 from jobworker.wire.codec import Encoded, encode
 from jobworker.wire.record import (
+    CANCELLED,
+    DEFAULT_QUEUE,
     EXITED,
     FAILED,
     LOST,
+    QUEUED,
     RUNNING,
     STOPPED,
     JobRecord,
@@ -61,7 +64,8 @@ class Job:
         "_on_ended", "protocol", "_observers", "_stopping", "_spawning", "_early_end",
         "_timeout_call", "_kill_call", "_kill_waiters", "request", "ended_time", "adopted",
         "spawn_ticks", "uid", "gid", "isolate", "cgroup", "_usage", "_done_observers",
-        "_stuck_call", "limits", "oom_killed", "__weakref__",
+        "_stuck_call", "limits", "oom_killed", "queued_at", "queue", "priority", "role",
+        "launch_spec", "_start_observers", "after", "name", "labels", "__weakref__",
     )
 
     log = Logger()
@@ -75,7 +79,7 @@ class Job:
         command: str,
         args: list[str],
         dir: str,
-        log_dir: str,
+        log_dir: str | None,
         started: float,
         timeout: float | None,
         timeout_grace: float,
@@ -134,11 +138,24 @@ class Job:
         # Set by the manager before spawning (record fields).
         self.limits: dict[str, Any] | None = None
         self.oom_killed = False
+        # Scheduling (``jobworker.jobs.scheduler``): record fields, the caller's role (its
+        # quota), and what a queued job's launch needs (env, credentials) until it starts.
+        self.queued_at: str | None = None
+        self.queue = DEFAULT_QUEUE
+        self.priority = 0
+        self.role: str | None = None
+        self.launch_spec: bytes | None = None
+        self._start_observers: list[Deferred[None]] = []
+        self.after: list[str] | None = None
+        self.name: str | None = None
+        self.labels: dict[str, str] | None = None
 
     # -- what clients see --------------------------------------------------------------
 
     @property
-    def started_at(self) -> str:
+    def started_at(self) -> str | None:
+        if self.state == QUEUED or self.state == CANCELLED:
+            return None  # it has not started (or never will)
         # Formatted once: every status, list and start reply carries it.
         if self._started_at is None or self._started_at[0] != self.started:
             self._started_at = (self.started, iso8601(self.started))
@@ -194,6 +211,25 @@ class Job:
         if d in self._observers:
             self._observers.remove(d)
 
+    def when_started(self) -> Deferred[None]:
+        """A new Deferred for each caller, fired once the job has left the queue: its
+        process was spawned (its logs exist), or it ended without one."""
+        if self.state != QUEUED:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._forget_start)
+        self._start_observers.append(d)
+        return d
+
+    def _forget_start(self, d: Deferred[None]) -> None:
+        if d in self._start_observers:
+            self._start_observers.remove(d)
+
+    def fire_started(self) -> None:
+        """The job left the queue (the manager launched it, or it ended)."""
+        observers, self._start_observers = self._start_observers, []
+        for d in observers:
+            d.callback(None)
+
     def when_done(self) -> Deferred[JobRecord]:
         """Like ``when_ended``, but fires only once every process of the job has gone
         (its cgroup empty, its final usage read); the same as ``when_ended`` without a
@@ -224,6 +260,17 @@ class Job:
             command=self.command,
             error=error,
         )
+        self._finish()
+
+    def cancel(self, reason: str) -> None:
+        """End a queued job that never started (``cancelled``, ``error`` says why)."""
+        if self.state != QUEUED:
+            return
+        self.state = CANCELLED
+        self.error = reason
+        self.launch_spec = None
+        self.log.info("{event} job={job_id} owner={owner}: {reason}", event="job.cancelled",
+                      job_id=self.id, owner=self.owner, reason=reason)
         self._finish()
 
     def attach_cgroup(self, cgroup: JobCgroup) -> None:
@@ -287,6 +334,9 @@ class Job:
         and, with a cgroup, no process of it is left.  Later stops share the first
         escalation (a shorter grace brings its KILL forward)."""
         if self.done:
+            return succeed(self.record())
+        if self.state == QUEUED:
+            self.cancel("stopped before it started")
             return succeed(self.record())
         ended = self.when_done()
         if self._stopping:
@@ -466,6 +516,8 @@ class Job:
         self.ended_time = self._reactor.seconds()
         self.ended_at = iso8601(self.ended_time)
         self._on_ended(self)
+        if self._start_observers:
+            self.fire_started()
         observers, self._observers = self._observers, []
         if observers:  # most jobs end unwatched: no record to build then
             record = self.record()

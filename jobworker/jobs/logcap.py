@@ -19,7 +19,9 @@ INTERVAL = 1.0
 
 
 def log_bytes(job: Job) -> int:
-    """Bytes in ``job``'s two log files now."""
+    """Bytes in ``job``'s two log files now (none while it is being started)."""
+    if job.log_dir is None:
+        return 0
     logs = JobLogs(job.log_dir)
     total = 0
     for stream in ("stdout", "stderr"):

@@ -133,6 +133,22 @@ class LogStore:
             raise ValueError(f"unsafe job id for a path: {job_id!r}")
         return os.path.join(self.root, f"{job_id}-{stamp(started)}")
 
+    def made_for(self, job_ids: set[str]) -> dict[str, str]:
+        """Which of ``job_ids`` have a log folder (``dir_for``'s, whatever its time): at
+        start-up, a queued job with one was being launched when the daemon stopped."""
+        if not job_ids:
+            return {}
+        found: dict[str, str] = {}
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            job_id = name.rpartition("-")[0]  # the stamp has no "-"
+            if job_id in job_ids:
+                found[job_id] = os.path.join(self.root, name)
+        return found
+
     def create_at(self, log_dir: str) -> tuple[int, int]:
         """Make a directory ``dir_for`` named with its empty ``stdout.log`` and
         ``stderr.log``, and return them open for appending (close-on-exec): the spawn hands

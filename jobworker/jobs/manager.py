@@ -31,13 +31,18 @@ from jobworker.jobs.recovery import sort_out, watch_adopted
 from jobworker.jobs.reserve import DiskReserve
 from jobworker.jobs.retention import remove_log_dirs
 from jobworker.jobs.rlimits import raise_nofile_limit
-from jobworker.jobs.sql import Unfinished
+from jobworker.jobs.scheduler import QueuePolicy, Scheduler, dependency_failed
+from jobworker.jobs.sql import Queued, Unfinished
 from jobworker.jobs.store import JobStore, ListQuery, MemoryStore, Page
 from jobworker.jobs.stored import StoredJob
 from jobworker.wire import errors
-from jobworker.wire.codec import decode
+from jobworker.wire.codec import decode, encode
 from jobworker.wire.params import START_ARGS, START_TIMEOUT
-from jobworker.wire.record import JobRecord
+from jobworker.wire.record import DEFAULT_QUEUE, EXITED, QUEUED, RUNNING, JobRecord
+from jobworker.wire.timestamps import iso8601
+
+#: Queued jobs whose cgroups are made ahead of their start.
+AHEAD = 4
 
 
 class SpareLogDirs(Protocol):
@@ -61,6 +66,10 @@ class JobCgroups(Protocol):
 
     def new_id(self) -> str | None:
         """A fresh job id whose cgroup is ready, or None."""
+        ...
+
+    def prepare(self, job_id: str) -> Deferred[None]:
+        """Make ``job_id``'s cgroup off the reactor thread, for a ``take`` soon."""
         ...
 
     def adopt(self, job_id: str) -> JobCgroup | None:
@@ -108,6 +117,8 @@ class JobManager(service.Service):
         limits: LimitPolicy | None = None,
         observer: JobObserver | None = None,
         devices: BlockDevices | None = None,
+        max_running: int | None = None,
+        queue_policy: Callable[[], QueuePolicy] | None = None,
     ) -> None:
         self._reactor = reactor
         #: Told of jobs starting and ending (the daemon's metrics).
@@ -130,6 +141,14 @@ class JobManager(service.Service):
         self._own_ids = (os.geteuid(), os.getegid())
         # Jobs whose logs someone is reading: never removed meanwhile (job id -> readers).
         self._readers: dict[str, int] = {}
+        # Queued jobs whose cgroups are made ahead (``_prepare_ahead``): job id -> fired
+        # once made.  A take waits for it (else it would make the same cgroup twice).
+        self._prepared: dict[str, Deferred[None]] = {}
+        # The names of queued and running jobs, unique per owner: (owner, name) -> job.
+        self._names: dict[tuple[str, str], Job] = {}
+        #: Which admitted job runs when: ``--max-running``, the policy's queues and quotas.
+        self.scheduler = Scheduler(self._dequeued, max_running,
+                                   queue_policy if queue_policy is not None else QueuePolicy)
 
     # -- service -------------------------------------------------------------------------
 
@@ -145,7 +164,19 @@ class JobManager(service.Service):
         """Reconcile the jobs an earlier daemon left running with the machine: record the
         gone ones ``lost``, adopt the others."""
         unfinished = self._store.open()
+        queued = self._store.queued()
+        # A queued job with a log folder was leaving the queue when the daemon stopped
+        # (its folder is made before its spawn, its new state committed after): like a
+        # job committed running without a pid, it is looked for by its id, never run
+        # again.
+        launching = self._log_store.made_for({q.id for q in queued})
+        if launching:
+            unfinished = [*unfinished, *(_launching(q, launching[q.id]) for q in queued
+                                         if q.id in launching)]
+            queued = [q for q in queued if q.id not in launching]
         if not unfinished:
+            self._requeue(queued)
+            self.scheduler.pump()
             return
         lost, alive = sort_out(unfinished, self._reactor.seconds())
         adopted = [job for job in (self._adopt(u) for u in alive) if job is not None]
@@ -158,6 +189,53 @@ class JobManager(service.Service):
             self._store.record_lost(lost)
         self.log.info("{event} lost={lost} adopted={adopted}", event="jobs.recovered",
                       lost=len(lost), adopted=len(adopted))
+        self._requeue(queued)  # after adopting: a queued job may wait for an adopted one
+        self.scheduler.pump()  # the slots adopted jobs left free
+
+    def _requeue(self, queued: list[Queued]) -> None:
+        """Put the jobs an earlier daemon left queued back in their queues, in order."""
+        count = 0
+        for q in queued:
+            record, launch = decode(q.record), q.launch
+            job = Job(
+                self._reactor, id=record["id"], owner=record["owner"],
+                command=record["command"], args=list(record["args"]), dir=record["dir"],
+                log_dir=None, started=self._reactor.seconds(),
+                timeout=record.get("timeout"), timeout_grace=self.grace,
+                signal_group=self._signal_group, on_ended=self._job_ended,
+            )
+            job.state = QUEUED
+            job.queued_at = record.get("queued_at")
+            job.queue = record.get("queue") or DEFAULT_QUEUE
+            job.priority = record.get("priority") or 0
+            job.isolate = record.get("isolate")
+            job.limits = record.get("limits")
+            job.launch_spec = launch
+            job.role = _unpack_launch(launch)[2] if launch is not None else None
+            job.after = record.get("after")
+            job.name, job.labels = record.get("name"), record.get("labels")
+            self._held.add(job)
+            self._store.requeue(job)
+            self._name(job)
+            deps: list[Any] = []
+            failed = None
+            for dep_id in job.after or []:
+                try:
+                    deps.append(self._store.get(dep_id))
+                except errors.NotFound:
+                    failed = f"dependency {dep_id} was forgotten before it could run"
+                    break
+            waiting_for, ended_badly = _dependencies(deps) if failed is None else ([], None)
+            failed = failed or ended_badly
+            if failed is not None:
+                job.cancel(failed)
+            elif waiting_for:
+                self.scheduler.hold(job, waiting_for)
+            else:
+                self.scheduler.requeue(job)
+            count += 1
+        if count:
+            self.log.info("{event} queued={queued}", event="jobs.requeued", queued=count)
 
     def _adopt(self, u: Unfinished) -> Job | None:
         """Take over a running job of an earlier daemon, or None if it ended meanwhile."""
@@ -173,6 +251,7 @@ class JobManager(service.Service):
         job.spawn_ticks = (u.proc_start or 0, u.proc_start_hi or 0)
         job.uid, job.gid = record.get("uid"), record.get("gid")
         job.isolate = record.get("isolate")
+        job.limits = record.get("limits")  # what its cgroup still applies
         # The pidfd first, then the check: once it is open, the pid cannot name another
         # process, so a process that passes the check is the one being watched.
         watching = watch_adopted(self._reactor, pid, job.protocol.processEnded,
@@ -184,9 +263,15 @@ class JobManager(service.Service):
         cgroup = self._cgroups.adopt(job.id) if self._cgroups is not None else None
         if cgroup is not None:
             job.attach_cgroup(cgroup)
+        job.queue = record.get("queue") or DEFAULT_QUEUE
+        job.priority = record.get("priority") or 0
+        job.queued_at = record.get("queued_at")
+        job.name, job.labels = record.get("name"), record.get("labels")
         self._held.add(job)
         self._store.adopt(job)
         self.observer.job_adopted(job)
+        self._name(job)
+        self.scheduler.adopt(job)
         self.log.info("{event} job={job_id} pid={pid} owner={owner} cgroup={cgroup}",
                       event="job.adopted", job_id=job.id, pid=job.pid, owner=job.owner,
                       cgroup=cgroup is not None)
@@ -196,6 +281,7 @@ class JobManager(service.Service):
         """Stop every running job (TERM, then KILL after the grace) and fire once all have
         ended and no KILL sweep is left pending."""
         self._shutting_down = True
+        self.scheduler.freeze()  # queued jobs stay queued, in the table, for the next daemon
         super().stopService()
         return Deferred.fromCoroutine(self._stop_all())
 
@@ -225,16 +311,26 @@ class JobManager(service.Service):
         pids: int | None = None,
         io_read: int | None = None,
         io_write: int | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        role: str | None = None,
+        after: Sequence[Job | StoredJob] = (),
+        name: str | None = None,
+        labels: Sequence[str] = (),
     ) -> Job:
         """Start a job (with ``job_id`` from ``new_id``, or a new one): ``admit`` then
         ``launch`` at once.  Anything wrong with the request or the spawn gives a job in
         state ``failed`` with its error, never an exception (the record is the answer);
         only a daemon that takes no new job (shutting down, short of disk) raises
         L{errors.Unavailable}.  ``request``: the caller's retry key and the digest of what
-        it asked (see ``by_request``)."""
+        it asked (see ``by_request``).  A job the scheduler holds back is ``queued``."""
         job = self.admit(owner, command, args, dir, timeout, job_id, request, isolate,
-                         memory, cpu, pids, io_read, io_write)
-        self.launch(job, env)
+                         memory, cpu, pids, io_read, io_write, queue=queue,
+                         priority=priority, role=role, env=env, after=after, name=name,
+                         labels=labels)
+        if job.state == RUNNING:  # not queued, nor cancelled at once
+            self.launch(job, env)
         return job
 
     def admit(
@@ -252,13 +348,37 @@ class JobManager(service.Service):
         pids: int | None = None,
         io_read: int | None = None,
         io_write: int | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        role: str | None = None,
+        env: list[str] | None = None,
+        creds: Credentials | None = None,
+        after: Sequence[Job | StoredJob] = (),
+        name: str | None = None,
+        labels: Sequence[str] = (),
     ) -> Job:
         """A new job in the table, not started yet (in new namespaces when ``isolate``
         names some: ``jobworker.jobs.namespaces``).  A durable caller awaits ``pending``
         before ``launch``: then a crash can never leave a process the table has not
         heard of (a restarted daemon finds it by its job id, see ``recovery``), and a
-        retried start finds its job instead of running the program again."""
+        retried start finds its job instead of running the program again.
+
+        If the scheduler has no slot for it, the job is ``queued`` instead, with ``env``
+        and ``creds`` kept (in the table too) for its launch, which the manager makes
+        once a slot frees: the caller then must not ``launch`` it.  A start the
+        scheduler refuses (unknown queue, a quota) raises.  ``after``: jobs it waits for
+        (queued until all have exited 0; cancelled if one ends otherwise).  ``name``:
+        unique among the owner's queued and running jobs (else L{errors.BadRequest});
+        ``labels``: ``key=value`` each."""
         self.check_admission()
+        if name is not None:
+            taken = self._names.get((owner, name))
+            if taken is not None:
+                raise errors.BadRequest(f"you have a {taken.state} job named {name!r} "
+                                        f"already ({taken.id}): names are unique among "
+                                        "your queued and running jobs")
+        self.scheduler.check(owner, role, queue, priority)
         # Above a maximum: refused (BadRequest naming it), not a failed job.
         limits = self._limits.resolve(memory, cpu, pids, io_read, io_write)
         job = self._new_job(job_id or self.new_id(), owner, command, args, dir, timeout,
@@ -266,6 +386,34 @@ class JobManager(service.Service):
         job.isolate = list(effective(isolate)) or None
         if limits:
             job.limits = limits.wire()
+        job.queue, job.priority, job.role = queue, priority, role
+        job.state = QUEUED
+        job.after = [dep.id for dep in after] or None
+        job.name = name
+        job.labels = dict(label.partition("=")[::2] for label in labels) or None
+        waiting_for, failed = _dependencies(after)
+        try:
+            placed = not waiting_for and failed is None and self.scheduler.place(job)
+        except errors.JobWorkerError:
+            if self._cgroups is not None:
+                self._cgroups.unused(job.id)
+            raise
+        if placed:
+            job.state = RUNNING
+            job.log_dir = self._log_store.dir_for(job.id, job.started)
+        else:
+            job.queued_at = iso8601(job.started)  # its log folder is named when it starts
+            job.launch_spec = _pack_launch(env, creds, role)
+            # A cgroup made ahead for its id (new_id) is kept for its start: let go and
+            # made again, its removal could come after the new one was made.
+            self._prepare_ahead()
+        self._held.add(job)
+        self._store.add(job)
+        self._name(job)
+        if failed is not None:
+            job.cancel(failed)
+        elif waiting_for:
+            self.scheduler.hold(job, waiting_for)
         return job
 
     def launch(self, job: Job, env: list[str] | None = None,
@@ -275,6 +423,11 @@ class JobManager(service.Service):
         if self._shutting_down:
             job.fail("the daemon is shutting down")
             return
+        assert job.log_dir is not None  # named by admit, or when it left the queue
+        if job.queued_at is not None:
+            # From the queue: it starts now, after the commit of its leaving the queue
+            # (its log folder keeps the name given then).
+            job.started = self._reactor.seconds()
         try:
             # Created and opened once (ahead of time when a spare is ready): these
             # descriptors become the child's stdout/stderr.
@@ -292,10 +445,60 @@ class JobManager(service.Service):
             self.observer.job_started(job)
         if not job.ended:
             self._store.running(job)
+        job.fire_started()
+
+    def _dequeued(self, job: Job) -> None:
+        """The scheduler gave a queued job its slot: record it running (pid null, its log
+        folder named now) and launch it, without waiting for that commit: its log folder
+        is made before it is spawned, and a restarted daemon treats a queued job with a
+        log folder as one being launched (``_recover``), so nothing is launched twice."""
+        spec = job.launch_spec
+        env, creds, _ = _unpack_launch(spec)
+        job.launch_spec = None
+        job.state = RUNNING
+        job.started = self._reactor.seconds()
+        job.log_dir = self._log_store.dir_for(job.id, job.started)
+        self._store.changed(job)
+        # Its cgroup was made ahead (else it is made now, in a thread: waited for).
+        prepared = self._prepared.pop(job.id, None)
+        if self._cgroups is not None and prepared is None:
+            prepared = self._cgroups.prepare(job.id)
+        self._prepare_ahead()
+
+        def go(_: object = None) -> None:
+            if self._shutting_down:
+                # Stopping while its cgroup was made: it never ran, so it stays queued
+                # for the next daemon (no log folder was made).
+                job.state, job.log_dir, job.launch_spec = QUEUED, None, spec
+                self._store.changed(job)
+                return
+            self.launch(job, env, creds)
+
+        if prepared is None or prepared.called:
+            go()
+            return
+        prepared.addCallback(go).addErrback(
+            lambda f: self.log.failure("{event} job={job_id}", f, event="job.launch_bug",
+                                       job_id=job.id))
+
+    def _prepare_ahead(self) -> None:
+        """Make the cgroups of the next few queued jobs now, off the reactor thread, so
+        that a slot freeing does not wait for one."""
+        if self._cgroups is None or not self.scheduler.queued:
+            return
+        for job in self.scheduler.upcoming(AHEAD):
+            if job.id not in self._prepared:
+                self._prepared[job.id] = self._cgroups.prepare(job.id)
+
+    @property
+    def queued(self) -> int:
+        """How many jobs wait in the queues now."""
+        return self.scheduler.queued
 
     def new_id(self) -> str:
-        """A fresh job id (one whose cgroup is made already, when one is ready)."""
-        if self._cgroups is not None:
+        """A fresh job id (one whose cgroup is made already, when one is ready and the
+        job is likely to start at once rather than queue)."""
+        if self._cgroups is not None and not self.scheduler.busy:
             ready = self._cgroups.new_id()
             if ready is not None:
                 return ready
@@ -361,6 +564,13 @@ class JobManager(service.Service):
         """Fires once every change so far is durable; None if nothing is waiting."""
         return self._store.pending()
 
+    def by_name(self, owner: str, name: str) -> Job | StoredJob:
+        """``owner``'s job named ``name``: its queued or running one, else its newest."""
+        job = self._names.get((owner, name))
+        if job is not None:
+            return job
+        return self._store.by_name(owner, name)  # type: ignore[no-any-return]
+
     def find(self, ref: str | int) -> Job | StoredJob:
         """By id, or by pid: the running job with that pid, else the newest that had it."""
         if type(ref) is str and not ref.isdecimal():  # an id: the usual case
@@ -387,7 +597,8 @@ class JobManager(service.Service):
     def _new_job(self, job_id: str, owner: str, command: str, args: list[str],
                  dir: str | None, timeout: float | None,
                  request: tuple[str, bytes] | None = None) -> Job:
-        """A new job, in the store, not started yet."""
+        """A new job, not started yet, its log folder not named yet (``admit`` names it
+        if the job starts at once)."""
         started = self._reactor.seconds()
         job = Job(
             self._reactor,
@@ -396,7 +607,7 @@ class JobManager(service.Service):
             command=command,
             args=list(args),
             dir=os.path.abspath(dir) if dir is not None else os.getcwd(),
-            log_dir=self._log_store.dir_for(job_id, started),
+            log_dir=None,
             started=started,
             timeout=timeout,
             timeout_grace=self.grace,
@@ -404,8 +615,6 @@ class JobManager(service.Service):
             on_ended=self._job_ended,
         )
         job.request = request
-        self._held.add(job)
-        self._store.add(job)
         return job
 
     def _launch(self, job: Job, env: list[str] | None, out: int, err: int,
@@ -542,12 +751,66 @@ class JobManager(service.Service):
             raise ProcessLookupError(f"adopted job {job.id} has ended")
         self._killpg(pid, signum)
 
+    def _name(self, job: Job) -> None:
+        if job.name is not None and not job.ended:
+            self._names[job.owner, job.name] = job
+
+    def _unused(self, _: object, job_id: str) -> None:
+        if self._cgroups is not None:
+            self._cgroups.unused(job_id)
+
     def _job_ended(self, job: Job) -> None:
+        if job.name is not None and self._names.get((job.owner, job.name)) is job:
+            del self._names[job.owner, job.name]
         self._store.ended(job)
         # A job with a cgroup is reported twice: once ended, once more with its final
         # usage (its cgroup released then): the observer hears of the end once.
         if job.cgroup is not None or job.usage is None:
             self.observer.job_ended(job)
         if self._cgroups is not None and job.cgroup is None and not job.adopted:
-            # Ended without taking the cgroup made for its id (it failed to start).
-            self._cgroups.unused(job.id)
+            # Ended without taking the cgroup made for its id (it failed to start, or was
+            # cancelled in the queue).
+            made = self._prepared.pop(job.id, None)
+            if made is None or made.called:
+                self._cgroups.unused(job.id)
+            else:  # being made: let it go once it is
+                made.addCallback(self._unused, job.id)
+        self.scheduler.ended(job)  # its slot (or place in the queue) goes to the next
+
+
+def _launching(q: Queued, log_dir: str) -> Unfinished:
+    """A queued row whose launch had begun, as a job recorded running without a pid."""
+    record = decode(q.record)
+    record.update(state=RUNNING, log_dir=log_dir)
+    return Unfinished(q.seq, q.id, None, None, None, q.started, encode(record))
+
+
+def _dependencies(after: Sequence[Any]) -> tuple[list[Any], str | None]:
+    """The jobs of ``after`` still to end, and why the dependant is cancelled at once
+    (one ended other than exiting 0), if so."""
+    waiting = []
+    for dep in after:
+        if not dep.ended:
+            waiting.append(dep)
+        elif not (dep.state == EXITED and dep.exit_code == 0):
+            return [], dependency_failed(dep)
+    return waiting, None
+
+
+def _pack_launch(env: list[str] | None, creds: Credentials | None,
+                 role: str | None) -> bytes:
+    """What a queued job's launch needs, for the table: it must survive a restart."""
+    who = None if creds is None else [creds.uid, creds.gid, list(creds.groups), creds.user,
+                                      creds.home]
+    return encode({"env": list(env or []), "creds": who, "role": role})
+
+
+def _unpack_launch(packed: bytes | None
+                   ) -> tuple[list[str] | None, Credentials | None, str | None]:
+    if packed is None:
+        return None, None, None
+    spec = decode(packed)
+    who = spec.get("creds")
+    creds = None if who is None else Credentials(who[0], who[1], tuple(who[2]), who[3],
+                                                 who[4])
+    return spec.get("env"), creds, spec.get("role")

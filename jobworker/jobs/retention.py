@@ -22,12 +22,13 @@ INTERVAL = 60.0
 BATCH = 1000
 
 
-def remove_log_dirs(root: str, dirs: list[str]) -> int:
-    """In a worker thread: remove each job log folder that lies under ``root``; how many."""
+def remove_log_dirs(root: str, dirs: list[str | None]) -> int:
+    """In a worker thread: remove each job log folder that lies under ``root``; how many.
+    None: the job had none (it was cancelled in the queue)."""
     removed = 0
     prefix = os.path.join(os.path.realpath(root), "")
     for path in dirs:
-        if not os.path.realpath(path).startswith(prefix):
+        if path is None or not os.path.realpath(path).startswith(prefix):
             continue  # never anything outside the logs folder, whatever a row says
         shutil.rmtree(path, ignore_errors=True)
         removed += 1

@@ -37,6 +37,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_state ON jobs (state);
     CREATE INDEX jobs_ended ON jobs (ended) WHERE ended IS NOT NULL;
     """,
+    # 2: scheduling.  ``started`` of a queued job is when it was admitted, until it starts.
+    """
+    ALTER TABLE jobs ADD COLUMN launch BLOB;  -- a queued job's env and credentials (msgpack)
+    ALTER TABLE jobs ADD COLUMN name TEXT;
+    ALTER TABLE jobs ADD COLUMN labels TEXT;  -- "\nkey=value\n..." for list's filter
+    CREATE INDEX jobs_name ON jobs (owner, name) WHERE name IS NOT NULL;
+    """,
 )
 VERSION = len(MIGRATIONS)
 
@@ -59,6 +66,9 @@ class Row(NamedTuple):
     request_id: str | None
     request_digest: bytes | None
     record: bytes
+    launch: bytes | None = None
+    name: str | None = None
+    labels: str | None = None
 
 
 class Unfinished(NamedTuple):
@@ -124,11 +134,12 @@ def _statements(script: str) -> list[str]:
 
 _UPSERT = """
     INSERT INTO jobs (id, owner, state, pid, proc_start, proc_start_hi, started, ended,
-                      request_id, request_digest, record)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      request_id, request_digest, record, launch, name, labels)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
         state = excluded.state, pid = excluded.pid, proc_start = excluded.proc_start,
-        proc_start_hi = excluded.proc_start_hi, ended = excluded.ended, record = excluded.record
+        proc_start_hi = excluded.proc_start_hi, started = excluded.started,
+        ended = excluded.ended, record = excluded.record, launch = excluded.launch
 """
 
 
@@ -186,6 +197,8 @@ def page(
     state: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    name: str | None = None,
+    labels: Sequence[str] = (),
 ) -> list[tuple[int, str, str, bytes]]:
     """Up to ``limit`` jobs, newest first, older than cursor ``before``: (seq, id, state,
     record) each."""
@@ -206,6 +219,12 @@ def page(
     if until is not None:
         where.append("started < ?")
         args.append(until)
+    if name is not None:
+        where.append("name = ?")
+        args.append(name)
+    for label in labels:  # whole labels: each is kept between line breaks
+        where.append("instr(labels, ?) > 0")
+        args.append(f"\n{label}\n")
     sql = "SELECT seq, id, state, record FROM jobs"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -214,11 +233,35 @@ def page(
     return conn.execute(sql, args).fetchall()
 
 
+def record_by_name(conn: sqlite3.Connection, owner: str, name: str) -> bytes | None:
+    """``owner``'s newest job named ``name``."""
+    row = conn.execute("SELECT record FROM jobs WHERE owner = ? AND name = ?"
+                       " ORDER BY seq DESC LIMIT 1", (owner, name)).fetchone()
+    return row[0] if row is not None else None
+
+
 def unfinished(conn: sqlite3.Connection) -> list[Unfinished]:
     """Every job recorded running, oldest first."""
     return [Unfinished(*row) for row in conn.execute(
         "SELECT seq, id, pid, proc_start, proc_start_hi, started, record FROM jobs"
         " WHERE state = 'running' ORDER BY seq")]
+
+
+class Queued(NamedTuple):
+    """A job the table says was queued: to put back in its queue at start-up."""
+
+    seq: int
+    id: str
+    started: float
+    record: bytes
+    launch: bytes | None
+
+
+def queued(conn: sqlite3.Connection) -> list[Queued]:
+    """Every job recorded queued, oldest first."""
+    return [Queued(*row) for row in conn.execute(
+        "SELECT seq, id, started, record, launch FROM jobs WHERE state = 'queued'"
+        " ORDER BY seq")]
 
 
 def ended_before(conn: sqlite3.Connection, when: float, limit: int

@@ -13,9 +13,10 @@ from typing import Any, NamedTuple, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from jobworker.jobs.job import Job
-from jobworker.jobs.sql import Row, Unfinished
+from jobworker.jobs.sql import Queued, Row, Unfinished
 from jobworker.wire.codec import Encoded
 from jobworker.wire.errors import NotFound
+from jobworker.wire.record import QUEUED
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ListQuery:
     state: str | None = None
     since: float | None = None
     until: float | None = None
+    name: str | None = None
+    labels: tuple[str, ...] = ()
 
 
 class Page(NamedTuple):
@@ -47,6 +50,16 @@ class JobStore(Protocol):
 
     def adopt(self, job: Job) -> None:
         """A running job of an earlier daemon, taken over."""
+
+    def queued(self) -> list[Queued]:
+        """At start-up: the queued jobs an earlier daemon left, oldest first (record and
+        what their launch needs)."""
+
+    def requeue(self, job: Job) -> None:
+        """A queued job of an earlier daemon, rebuilt."""
+
+    def changed(self, job: Job) -> None:
+        """``job`` left the queue; ``pending`` covers it."""
 
     def close(self) -> Deferred[None]:
         """Write what is left and close; fires once done."""
@@ -72,6 +85,9 @@ class JobStore(Protocol):
     def ids_by_prefix(self, prefix: str, owner: str | None, limit: int) -> list[str]:
         """Up to ``limit`` ids starting with ``prefix``, of ``owner``'s jobs (None: all)."""
 
+    def by_name(self, owner: str, name: str) -> Any:
+        """``owner``'s newest job named ``name``, or L{NotFound}."""
+
     def running_with_pid(self, pid: int) -> Job | None:
         """The running job whose process has this pid, if any."""
 
@@ -92,7 +108,7 @@ class JobStore(Protocol):
         """Why new jobs are refused (the store is short of space), or None."""
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         """Delete ended jobs that ended before ``before`` or lie past the newest ``keep``
         ended ones, except ``spared``; fires with (id, log_dir) of each, ``batch`` at most."""
 
@@ -122,6 +138,15 @@ class MemoryStore:
 
     def adopt(self, job: Job) -> None:
         raise AssertionError("a memory store has no earlier jobs")
+
+    def queued(self) -> list[Queued]:
+        return []
+
+    def requeue(self, job: Job) -> None:
+        raise AssertionError("a memory store has no earlier jobs")
+
+    def changed(self, job: Job) -> None:
+        pass
 
     def close(self) -> Deferred[None]:
         return succeed(None)
@@ -166,6 +191,12 @@ class MemoryStore:
         return sorted(job_id for job_id, job in self._by_id.items()
                       if job_id.startswith(prefix) and owner in (None, job.owner))[:limit]
 
+    def by_name(self, owner: str, name: str) -> Job:
+        for job in reversed(self._history):
+            if job is not None and job.owner == owner and job.name == name:
+                return job
+        raise NotFound(f"no such job: {name}")
+
     def by_request(self, owner: str, request_id: str) -> tuple[Job, bytes] | None:
         job = self._requests.get((owner, request_id))
         if job is None or job.request is None:
@@ -173,7 +204,8 @@ class MemoryStore:
         return job, job.request[1]
 
     def running_jobs(self) -> list[Job]:
-        return [j for j in reversed(self._history) if j is not None and not j.ended]
+        return [j for j in reversed(self._history)
+                if j is not None and not j.ended and j.state != QUEUED]
 
     def newest_first(self) -> list[Job]:
         return [j for j in reversed(self._history) if j is not None]
@@ -198,7 +230,7 @@ class MemoryStore:
     short = None
 
     def expire(self, before: float | None, keep: int | None, spared: frozenset[str],
-               batch: int = 1000) -> Deferred[list[tuple[str, str]]]:
+               batch: int = 1000) -> Deferred[list[tuple[str, str | None]]]:
         ended = [job for job in self._history
                  if job is not None and job.ended and job.id not in spared]
         victims = [job for job in ended if before is not None
@@ -230,4 +262,11 @@ def matches(job: Any, query: ListQuery) -> bool:
     return ((query.owner is None or job.owner == query.owner)
             and (query.state is None or job.state == query.state)
             and (query.since is None or job.started >= query.since)
-            and (query.until is None or job.started < query.until))
+            and (query.until is None or job.started < query.until)
+            and (query.name is None or job.name == query.name)
+            and all(_has_label(job.labels, label) for label in query.labels))
+
+
+def _has_label(labels: dict[str, str] | None, label: str) -> bool:
+    key, _, value = label.partition("=")
+    return labels is not None and labels.get(key) == value

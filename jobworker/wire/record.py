@@ -9,13 +9,19 @@ from typing import Any
 
 # Job states.  ``lost``: the daemon can no longer account for the job's end (its exit
 # status was taken elsewhere; later, a job a restarted daemon cannot re-adopt).
+# ``queued``: admitted, waiting for a slot (docs/jobs.md); ``cancelled``: ended while
+# queued, never started.
+QUEUED = "queued"
 RUNNING = "running"
 EXITED = "exited"
 STOPPED = "stopped"
 FAILED = "failed"
 LOST = "lost"
-STATES = (RUNNING, EXITED, STOPPED, FAILED, LOST)
-ENDED_STATES = (EXITED, STOPPED, FAILED, LOST)
+CANCELLED = "cancelled"
+STATES = (QUEUED, RUNNING, EXITED, STOPPED, FAILED, LOST, CANCELLED)
+ENDED_STATES = (EXITED, STOPPED, FAILED, LOST, CANCELLED)
+#: The queue of a start that names none.
+DEFAULT_QUEUE = "default"
 #: The namespaces a job may be started in (start's ``isolate``, the record's field).
 ISOLATE = ("pid", "net", "mount")
 
@@ -34,9 +40,9 @@ class JobRecord:
     exit_code: int | None
     signal: str | None
     error: str | None
-    started_at: str
+    started_at: str | None  # null while queued, and for a job cancelled in the queue
     ended_at: str | None
-    log_dir: str
+    log_dir: str | None  # named when the job starts
     timed_out: bool = False
     timeout: float | None = None
     uid: int | None = None  # whom the job ran as (null: it never started)
@@ -53,6 +59,16 @@ class JobRecord:
     # The kernel killed a process of the job for want of memory (under its memory limit);
     # the daemon then ended the rest of the job.
     oom_killed: bool = False
+    # Scheduling (docs/jobs.md): when it was admitted (null: it never waited in a queue),
+    # its queue and priority.
+    queued_at: str | None = None
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    # The jobs it waits for (start's ``after``): it starts once all have exited 0.
+    after: list[str] | None = None
+    # Its name (unique among its owner's queued and running jobs) and labels (key: value).
+    name: str | None = None
+    labels: dict[str, str] | None = None
 
     @property
     def ended(self) -> bool:

@@ -87,6 +87,47 @@ def subset_of(*choices: str) -> Check:
     return check
 
 
+def mapping() -> Check:
+    """A map, checked no further here (its handler validates each one)."""
+
+    def check(name: str, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise BadRequest(f"'{name}' must be a map")
+        return v
+
+    return check
+
+
+def label() -> Check:
+    """``key=value``: a key of letters, digits and ``._-/`` (1-63), a value of at most 256
+    characters with no line break (a list filter matches whole labels)."""
+    text = string(320, nonempty=True)
+
+    def check(name: str, v: Any) -> str:
+        key, sep, value = text(name, v).partition("=")
+        if (not sep or not 0 < len(key) <= 63 or len(value) > 256
+                or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in key)
+                or "\n" in value or "\r" in value):
+            raise BadRequest(f"'{name}' must be key=value (a key of letters, digits and "
+                             "._-/, up to 63; a value up to 256 characters, one line)")
+        return v  # type: ignore[no-any-return]
+
+    return check
+
+
+def job_name() -> Check:
+    """A job's name: 1-128 characters, one line, not all digits (those name a pid)."""
+    text = string(128, nonempty=True)
+
+    def check(name: str, v: Any) -> str:
+        value: str = text(name, v)
+        if value.isdecimal() or "\n" in value or "\r" in value:
+            raise BadRequest(f"'{name}' must be one line, and not all digits")
+        return value
+
+    return check
+
+
 def job_ref() -> Check:
     """A job id (string) or a pid (integer)."""
     as_str, as_int = string(64, nonempty=True), integer(1, 2**31)

@@ -98,6 +98,20 @@ def test_the_retry_digest_covers_isolate_and_keeps_earlier_digests() -> None:
     assert a == b != start_digest(plain)
 
 
+@pytest.mark.parametrize("limit", [{"memory": 64 << 20}, {"cpu": 0.5}, {"pids": 16},
+                                   {"io_read": 1 << 20}, {"io_write": 1 << 20}])
+def test_the_retry_digest_covers_each_limit(limit: dict[str, Any]) -> None:
+    """A retry asking for another limit under the same request_id is a different start
+    (refused), not the first job silently; one asking for the same limit matches."""
+    start = SCHEMAS["start"]
+    plain = start_digest(start.validate({"command": "x"}))
+    limited = start_digest(start.validate({"command": "x", **limit}))
+    assert limited != plain
+    assert limited == start_digest(start.validate({"command": "x", **limit}))
+    other = {k: v * 2 for k, v in limit.items()}
+    assert start_digest(start.validate({"command": "x", **other})) != limited
+
+
 def test_jwclient_isolate_option() -> None:
     """``--isolate pid,net`` becomes a list; unknown names are a usage error."""
     args = build_parser().parse_args(["start", "--isolate", "pid,net,pid", "true"])

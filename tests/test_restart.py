@@ -34,13 +34,15 @@ def pids() -> Iterator[list[int]]:
             pass
 
 
-def start_json(d: Daemon, *args: str, identity: str = "alice") -> dict[str, Any]:
+def start_json(d: Daemon, *args: str, identity: str = "alice", **params: Any
+               ) -> dict[str, Any]:
     """Start a job over the wire (jwclient's own start is tested elsewhere: a process
     each would cost this file most of its time)."""
     conn = Conn(d, identity)
     try:
         conn.hello()
-        return conn.call("start", {"command": args[0], "args": list(args[1:])})  # type: ignore[no-any-return]
+        return conn.call("start", {"command": args[0], "args": list(args[1:]),  # type: ignore[no-any-return]
+                                   **params})
     finally:
         conn.close()
 
@@ -75,7 +77,9 @@ def test_sigkill_then_restart_adopts_running_jobs_and_marks_gone_ones_lost(
     """SIGKILL the daemon with 10 jobs running: the next daemon lists every one, adopts the
     8 still running (stoppable, followable) and records the 2 that ended meanwhile lost."""
     d = Daemon(test_pki, state).start()
-    jobs = [start_json(d, "sleep", "300") for _ in range(8)]
+    jobs = [start_json(d, "sleep", "300") for _ in range(7)]
+    jobs.append(start_json(d, "sleep", "300", memory=64 << 20, pids=32))
+    assert jobs[-1]["limits"]["memory"] == 64 << 20
     short = [start_json(d, "sleep", "301") for _ in range(2)]
     ended = start_json(d, "echo", "history")
     wait_for(lambda: status(d, ended["id"])["state"] == "exited", what="echo to end")
@@ -94,6 +98,7 @@ def test_sigkill_then_restart_adopts_running_jobs_and_marks_gone_ones_lost(
             s = status(d2, j["id"])
             assert (s["state"], s["pid"], s["started_at"]) == ("running", j["pid"],
                                                                 j["started_at"])
+            assert s["limits"] == j["limits"]  # what its cgroup still applies
         for j in short:
             s = status(d2, j["id"])
             assert s["state"] == "lost" and s["ended_at"] and "exit status" in s["error"]

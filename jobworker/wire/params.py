@@ -111,4 +111,7 @@ def start_digest(params: dict[str, Any]) -> bytes:
         asked.append([str(ref) for ref in params["after"]])
     if params.get("queue", DEFAULT_QUEUE) != DEFAULT_QUEUE or params.get("priority"):
         asked.append([params.get("queue", DEFAULT_QUEUE), params.get("priority", 0)])
+    limits = [params.get(k) for k in ("memory", "cpu", "pids", "io_read", "io_write")]
+    if any(v is not None for v in limits):
+        asked.append(["limits", *limits])
     return hashlib.blake2b(encode(asked), digest_size=16).digest()

@@ -21,14 +21,18 @@ from jobworker.daemon.startup import fail
 
 class Listener(service.Service):
     """Listens on the endpoint and logs where.  ``listen`` is called from ``makeService``,
-    so a port that cannot be had stops start-up with one line before twistd daemonizes."""
+    so a port that cannot be had stops start-up with one line before twistd daemonizes.
+    The RPC port (``--listen``) and the metrics port (``--metrics``) are both one."""
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, description: str,
+                 option: str = "--listen", event: str = "jobworker.listening") -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._description = description
+        self._option = option
+        self._event = event
         self._port: Any = None
 
     def listen(self) -> None:
@@ -37,7 +41,7 @@ class Listener(service.Service):
             return
         outcome: list[Any] = []
         self._endpoint.listen(self._factory).addBoth(outcome.append)
-        where = f"--listen {self._description}"
+        where = f"{self._option} {self._description}"
         if not outcome:  # an endpoint that listens asynchronously
             fail(f"{where}: the endpoint did not listen at once")
         if isinstance(outcome[0], Failure):
@@ -50,9 +54,10 @@ class Listener(service.Service):
         self._port = outcome[0]
         host = self._port.getHost()
         if not isinstance(host, IPv4Address | IPv6Address) or host.type != "TCP":
-            # jwclient's --server is HOST:PORT over TCP: nothing else could reach us.
+            # jwclient's --server is HOST:PORT over TCP (and a scrape is HTTP over TCP):
+            # nothing else could reach us.
             self._port.stopListening()
-            fail(f"{where}: not a TCP port, which is all jwclient can reach")
+            fail(f"{where}: not a TCP port, which is all a client can reach")
 
     @property
     def address(self) -> str:
@@ -65,8 +70,8 @@ class Listener(service.Service):
         super().privilegedStartService()
         self.listen()
         host = self._port.getHost()
-        self.log.info("jobworker.listening host={host} port={port} version={version}",
-                      host=host.host, port=host.port, version=__version__)
+        self.log.info("{event} host={host} port={port} version={version}",
+                      event=self._event, host=host.host, port=host.port, version=__version__)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -405,7 +405,7 @@ def makeService(config: Options) -> service.MultiService:
         fail(f"--listen {config['listen']}: {e}")
 
     metrics = Metrics()  # counts nothing
-    scrape: service.Service | None = None
+    scrape: Listener | None = None
     if config["metrics"] is not None:
         try:
             metrics_endpoint = endpoints.serverFromString(reactor, config["metrics"])
@@ -415,7 +415,7 @@ def makeService(config: Options) -> service.MultiService:
         from prometheus_client import disable_created_metrics
 
         from jobworker.daemon.prometheus import PrometheusMetrics
-        from jobworker.daemon.scrape import ScrapeEndpoint, metrics_site
+        from jobworker.daemon.scrape import metrics_site
 
         # Process-wide, and this is the daemon's process: no *_created series (a
         # timestamp per counter that doubles the scrape and that nobody graphs).
@@ -426,8 +426,8 @@ def makeService(config: Options) -> service.MultiService:
                          handshaking=lambda: rpc.handshaking,
                          audit_failures=lambda: audit.failures,
                          queued=lambda: jobs.queued)
-        scrape = ScrapeEndpoint(metrics_endpoint, metrics_site(prometheus.registry),
-                                config["metrics"])
+        scrape = Listener(metrics_endpoint, metrics_site(prometheus.registry),
+                          config["metrics"], option="--metrics", event="metrics.listening")
         scrape.listen()  # here, before twistd daemonizes, as --listen's port
         metrics = prometheus
 

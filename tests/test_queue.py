@@ -5,14 +5,13 @@ SIGKILL and a graceful restart (nothing runs twice, nothing is forgotten)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PKI, TEST_IDENTITIES, Daemon, wait_for
+from conftest import PKI, TEST_IDENTITIES, Daemon, child_pids, dead, wait_for
 from test_restart import list_all
 from test_robustness import Conn
 
@@ -47,18 +46,7 @@ def connect(d: Daemon, identity: str = "alice") -> Conn:
 def children(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid``: the daemon's jobs, read from
     /proc, not from the daemon."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [child for child in child_pids(pid) if not dead(child)]
 
 
 def test_never_more_than_max_running_under_concurrent_starts(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -448,3 +452,33 @@ def daemon(test_pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     d = Daemon(test_pki, tmp_path_factory.mktemp("daemon") / "state").start()
     yield d
     d.stop()
+
+
+@contextlib.contextmanager
+def daemon_as_nobody(test_pki: PKI, tmp_path: Path, **kw: Any
+                     ) -> Iterator[tuple[Daemon, pwd.struct_passwd]]:
+    """A real ``twistd -u nobody -g nogroup jobworker`` (the standard privilege drop), its
+    state directory in a folder nobody can reach (pytest's tmp dirs are 0700), stopped and
+    removed after; ``kw`` goes to ``Daemon``."""
+    nobody = pwd.getpwnam("nobody")
+    reachable = Path(tempfile.mkdtemp(prefix="jw-nobody-"))
+    reachable.chmod(0o755)
+    d = Daemon(test_pki, reachable / "state", **kw)
+    d.log_path = tmp_path / "twistd.log"
+    log = open(d.log_path, "ab")
+    proc = subprocess.Popen(
+        [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "-u", str(nobody.pw_uid), "-g",
+         str(nobody.pw_gid), "jobworker", "--pki", str(test_pki.dir), "--state-dir",
+         str(d.state_dir), "--listen", "tcp:0:interface=127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, cwd=str(tmp_path))
+    try:
+        d.port = wait_for(lambda: (m := re.search(r"listening host=\S+ port=(\d+)",
+                                                  d.log())) and int(m.group(1)),
+                          20, what="the daemon to listen")
+        yield d, nobody
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+        shutil.rmtree(reachable, ignore_errors=True)

@@ -572,10 +572,7 @@ def test_daemon_logs_cgroups_and_a_job_is_in_its_cgroup_before_exec(
                                  "io_write_bytes"}
     assert rec["usage"]["cpu_seconds"] > 0 and rec["usage"]["memory_peak"] > 0
     # Removed once the job ended (in a batch, shortly after).
-    until_gone = time.monotonic() + 10
-    while job_procs(d, job_id) is not None:
-        assert time.monotonic() < until_gone, "the job's cgroup was not removed"
-        time.sleep(0.02)
+    wait_for(lambda: job_procs(d, job_id) is None, 10, what="the job's cgroup to be removed")
 
 
 @real

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import BIN, PKI, Daemon, wait_for
+from conftest import PKI, Daemon, daemon_as_nobody, wait_for
 from test_robustness import Conn
 
 from jobworker.client.cli import build_parser
@@ -419,31 +417,9 @@ def test_a_daemon_that_gave_up_root_refuses_isolation(test_pki: PKI, tmp_path: P
     run as before."""
     if os.geteuid() != 0:
         pytest.skip("needs root to start a daemon that drops to nobody")
-    nobody = pwd.getpwnam("nobody")
-    reachable = Path(tempfile.mkdtemp(prefix="jw-nobody-"))  # pytest's tmp dirs are 0700
-    reachable.chmod(0o755)
-    d = Daemon(test_pki, reachable / "state")
-    d.log_path = tmp_path / "twistd.log"
-    log = open(d.log_path, "ab")
-    proc = subprocess.Popen(
-        [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "-u", str(nobody.pw_uid), "-g",
-         str(nobody.pw_gid), "jobworker", "--pki", str(test_pki.dir), "--state-dir",
-         str(d.state_dir), "--listen", "tcp:0:interface=127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, cwd=str(tmp_path))
-    try:
-        import re
-
-        d.port = wait_for(lambda: (m := re.search(r"listening host=\S+ port=(\d+)",
-                                                  d.log())) and int(m.group(1)),
-                          20, what="the daemon to listen")
+    with daemon_as_nobody(test_pki, tmp_path) as (d, _):
         refused = d.jwclient("start", "--dir", "/", "--isolate", "net", "true")
         assert refused.returncode != 0
         assert b"not root" in refused.stderr and b"--isolate" in refused.stderr
         final, _, _ = run(d, "--dir", "/", "true")
         assert final["state"] == "exited" and final["isolate"] is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()
-        shutil.rmtree(reachable, ignore_errors=True)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, PKI, Daemon, wait_for
+from conftest import PKI, Daemon, daemon_as_nobody, wait_for
 from test_robustness import Conn
 
 from jobworker.daemon.runas import DynamicUids
@@ -123,38 +121,11 @@ def test_the_policy_maps_identities_to_users_and_root_only_explicitly(
 
 def test_twistd_dropping_to_nobody_runs_jobs_as_nobody(test_pki: PKI, tmp_path: Path) -> None:
     """``twistd -u nobody``: the state directory is handed over before the drop."""
-    import tempfile
-
-    nobody = pwd.getpwnam("nobody")
-    reachable = Path(tempfile.mkdtemp(prefix="jw-nobody-"))  # pytest's tmp dirs are 0700
-    reachable.chmod(0o755)
-    state = reachable / "state"
-    d = Daemon(test_pki, state, jobs_as_root=False)
-    d.log_path = tmp_path / "twistd.log"
-    log = open(d.log_path, "ab")
-    proc = subprocess.Popen(
-        [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "-u", str(nobody.pw_uid), "-g",
-         str(nobody.pw_gid), "jobworker", "--pki", str(test_pki.dir), "--state-dir",
-         str(state), "--listen", "tcp:0:interface=127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, cwd=str(tmp_path))
-    try:
-        import re
-
-        d.port = wait_for(lambda: (m := re.search(r"listening host=\S+ port=(\d+)",
-                                                  d.log())) and int(m.group(1)),
-                          20, what="the daemon to listen")
+    with daemon_as_nobody(test_pki, tmp_path, jobs_as_root=False) as (d, nobody):
         final, out = run(d, "--dir", "/", "id", "-u")
         assert int(out) == nobody.pw_uid == final["uid"]
         assert final["state"] == "exited"
-        assert state.stat().st_uid == nobody.pw_uid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()
-        import shutil
-
-        shutil.rmtree(reachable, ignore_errors=True)
+        assert d.state_dir.stat().st_uid == nobody.pw_uid
 
 
 def test_acting_as_changes_only_the_calling_thread() -> None:

@@ -304,3 +304,12 @@ def test_a_bad_reply_is_connection_lost_for_everything_in_flight(
             session.take(rid)
     with pytest.raises(ConnectionLost):
         session.send("status", {})
+
+
+def test_the_clients_start_many_size_is_the_daemons() -> None:
+    """jwclient keeps its own copy of start_many's limit (importing the schema costs it
+    start-up time): the two must agree."""
+    from jobworker.client import sync
+    from jobworker.wire.params import START_MANY
+
+    assert sync.START_MANY == START_MANY

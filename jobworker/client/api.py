@@ -20,7 +20,7 @@ from jobworker.client.sync import start_params
 from jobworker.rpc.correlation import RPCClientProtocol
 from jobworker.rpc.tls import ClientTLS
 from jobworker.rpc.transport import ClientTLSEndpoint
-from jobworker.wire.errors import ConnectionLost, JobWorkerError, error_from_wire
+from jobworker.wire.errors import ConnectionLost, JobWorkerError
 from jobworker.wire.hello import hello_params
 from jobworker.wire.record import JobRecord
 
@@ -66,14 +66,6 @@ class Client:
                               io_write=io_write, queue=queue, priority=priority or None,
                               after=after, name=name, labels=labels)
         return JobRecord.from_wire(await self.call("start", params))
-
-    async def start_many(self, starts: list[dict[str, Any]]
-                         ) -> list[JobRecord | JobWorkerError]:
-        """Many starts (``start_params`` maps, at most START_MANY) in one request: each
-        one's record, or its error, in order."""
-        reply = await self.call("start_many", {"jobs": starts})
-        return [error_from_wire(r["error"]["code"], r["error"]["message"])
-                if "state" not in r else JobRecord.from_wire(r) for r in reply["jobs"]]
 
     async def record(self, method: str, job: str | int, **extra: Any) -> JobRecord:
         params = {"job": job, **{k: v for k, v in extra.items() if v is not None}}

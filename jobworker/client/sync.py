@@ -22,9 +22,10 @@ from jobworker.wire.record import JobRecord
 
 #: Requests ``start_many`` and ``wait_many`` keep in flight: the daemon takes 256.
 IN_FLIGHT = 128
-#: Starts sent in one ``start_many`` request (the daemon takes up to 256), and about the
+#: Starts sent in one ``start_many`` request: the daemon's most (``wire.params.START_MANY``,
+#: not imported here: the schema module costs jwclient ~10 ms of start-up), and about the
 #: most bytes of them: under the daemon's default 64 KiB --max-frame.
-STARTS_PER_REQUEST = 256
+START_MANY = 256
 START_BYTES = 48 * 1024
 
 JobRef = str | int
@@ -281,7 +282,7 @@ def _chunks(starts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     size = 0
     for start in starts:
         one = len(codec.encode(start))
-        if chunks[-1] and (len(chunks[-1]) >= STARTS_PER_REQUEST or size + one > START_BYTES):
+        if chunks[-1] and (len(chunks[-1]) >= START_MANY or size + one > START_BYTES):
             chunks.append([])
             size = 0
         chunks[-1].append(start)

@@ -393,12 +393,10 @@ class FakeCgroups:
         return JobCgroup(self.reactor, files, atomic_kill=self.atomic_kill,
                          on_release=self._release, kill=self._kill)
 
-    def _release(self, files: Any) -> Deferred[dict[str, Any] | None]:
-        """As the pool does, but at once: the final usage, then the files closed."""
+    def _release(self, files: Any) -> None:
+        """As the pool does, but at once: the files closed."""
         self.released.append(files.name)
-        usage = files.usage()
         files.close()
-        return succeed(usage)
 
     def _kill(self, pid: int, signum: int) -> None:
         self.kills.append((pid, signum))

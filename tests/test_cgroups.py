@@ -236,10 +236,9 @@ def job_cgroup(clock: Clock, files: FakeCgroupFiles, atomic: bool = False
     sent: list[tuple[int, int]] = []
     released: list[str] = []
 
-    def release(f: Any) -> Deferred[dict[str, Any] | None]:
+    def release(f: Any) -> None:
         released.append(f.name)
         f.close()
-        return succeed(f.usage())
 
     cg = JobCgroup(clock, files, atomic_kill=atomic, on_release=release,
                    kill=lambda pid, sig: sent.append((pid, sig)))
@@ -302,7 +301,7 @@ def test_usage_is_read_at_most_once_per_ttl_and_finally_on_release() -> None:
     assert cg.usage()["cpu_seconds"] == 1.5 and files.usage_reads == 1
     files.counted["cpu_seconds"] = 2.0
     assert cg.usage()["cpu_seconds"] == 1.5 and files.usage_reads == 1
-    final = fired(cg.release())
+    final = cg.release()
     assert final["cpu_seconds"] == 2.0 and files.closed and released == [JOB]
     assert cg.usage()["cpu_seconds"] == 2.0
 
@@ -469,8 +468,11 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     cpuacct = driver.paths(JOB)[driver.controllers.index("cpuacct")]
     Path(cpuacct, "cpuacct.usage").write_text("1500000000\n")
     before = pool.ready
-    assert fired(other.release())["cpu_seconds"] == 1.5  # read just before it went
-    assert fired(cg.release())["cpu_seconds"] == 0.0
+    assert other.release()["cpu_seconds"] == 1.5  # read as it is handed back
+    assert cg.release()["cpu_seconds"] == 0.0
+    # Recycled or removed on the reactor thread at the end of the turn.
+    assert JOB in driver.children() and job_id in driver.children()
+    preactor.advance(0)
     assert JOB not in driver.children() and job_id not in driver.children()
     # v1: recycled as ready cgroups for new ids (counters reset) while there is room in
     # the pool (size 4); the rest removed.
@@ -487,6 +489,47 @@ def test_pool_sweeps_our_leftovers_prepares_ids_and_removes_after_the_job(
     driver.remove("busy-job")
     driver.teardown()
     assert not any(os.path.exists(r) for r in driver.roots)
+
+
+def test_pool_recycles_at_most_per_turn_and_retries_a_busy_cgroup(
+        tmp_path: Path, preactor: ProcessReactor, events: list[dict[str, Any]]) -> None:
+    """Ends are handled on the reactor thread, PER_TURN a turn (a burst of ends does not
+    hold the reactor); a cgroup still busy when removed is tried again after RETRY_AFTER."""
+    from jobworker.jobs.cgpool import PER_TURN, RETRY_AFTER
+
+    tree = FakeCgroupTree(str(tmp_path), "v1")
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    pool = CgroupPool(preactor, driver, run_in_thread=in_thread, size=2, batch=2)
+    pool.startService()
+    held = [pool.take(f"job-{i}") for i in range(PER_TURN + 3)]
+    busy = pool.take("busy")
+    assert all(held) and busy is not None
+    Path(driver.paths("busy")[0], "cgroup.procs").write_text("4242\n")
+    batches: list[int] = []
+    remove = pool._remove  # noqa: SLF001
+
+    def counted(driver: Any, batch: list[Any], recycle: int = 0) -> Any:
+        batches.append(len(batch))
+        return remove(driver, batch, recycle)
+
+    pool._remove = counted  # type: ignore[method-assign]  # noqa: SLF001
+    for cg in [*held, busy]:
+        cg.release()  # type: ignore[union-attr]
+    assert len(driver.children()) == PER_TURN + 4 + 2  # nothing yet (and the 2 spares)
+    preactor.advance(0)  # (a Clock runs the next turn's call at once too)
+    assert batches == [PER_TURN, 4]
+    # The pool was full: removed, not recycled; the busy one is left for now.
+    assert driver.children() == sorted(["busy", *pool_spares(pool)])
+    Path(driver.paths("busy")[0], "cgroup.procs").write_text("")
+    preactor.advance(RETRY_AFTER)
+    assert "busy" not in driver.children() and not named(events, "cgroups.remove_failed")
+    fired(pool.stopService())
+    assert not any(os.path.exists(r) for r in driver.roots)
+
+
+def pool_spares(pool: CgroupPool) -> list[str]:
+    return list(pool._spares)  # noqa: SLF001 (which names are spares)
 
 
 def test_pool_without_cgroups_logs_it_and_hands_out_none(
@@ -722,7 +765,8 @@ def test_pool_stop_waits_for_jobs_still_holding_a_cgroup(
     stopped = pool.stopService()
     assert not stopped.called
     usage = held.release()  # the job ended while the daemon stops
-    assert fired(usage)["cpu_seconds"] == 0.0
+    assert usage["cpu_seconds"] == 0.0
+    preactor.advance(0)
     assert stopped.called and not any(os.path.exists(r) for r in driver.roots)
 
 

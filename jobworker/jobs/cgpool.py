@@ -1,6 +1,7 @@
-"""Job cgroups made ahead of time and removed after the job, in a worker thread, so that a
-start only moves the reactor thread in and out instead of making six cgroups on the reactor
-thread; and the start-up report of what isolation this daemon has."""
+"""Job cgroups made ahead of time (in a worker thread), so that a start only moves the
+reactor thread in and out instead of making six cgroups there; recycled or removed after
+the job (on the reactor thread, a few per turn); and the start-up report of what isolation
+this daemon has."""
 
 from __future__ import annotations
 
@@ -23,11 +24,18 @@ from jobworker.jobs.jobcgroup import JobCgroup
 #: Runs ``f(*args)`` off the reactor thread; the Deferred fires on the reactor thread.
 ThreadRunner = Callable[..., "Deferred[Any]"]
 
-#: Cgroups kept ready.  On this host (v1, six hierarchies) making one job's cgroups costs
-#: ~390 us of CPU, opening their ``tasks`` files ~110 us and a rename ~150 us: all of it
-#: is done here, in a worker thread, for cgroups named by job ids not yet given out.
+#: Cgroups kept ready.  On this host (v1, four hierarchies for every job) making one job's
+#: cgroups and opening their files costs ~150 us of wall time: done in a worker thread,
+#: BATCH at a time, for cgroups named by job ids not yet given out.
 SIZE = 16
 BATCH = 8
+#: Recycled or removed per reactor turn, at most.  A job's end is handled on the reactor
+#: thread: recycling a v1 cgroup costs ~200 us (a new memory cgroup, two counters reset,
+#: three renames: kernfs calls, no disk I/O), removing one ~130 us, and the same work
+#: handed to a thread for each job cost the daemon ~700 us more CPU per job than it saved
+#: (the hand-offs, and the two threads taking the GIL from each other at every system
+#: call: ``bench/cgroups.py``).  So a burst of ends costs a turn ~2 ms at most.
+PER_TURN = 8
 #: A cgroup still busy when removed (its last task not yet detached) is tried again.
 RETRY_AFTER = 1.0
 RETRIES = 5
@@ -41,8 +49,8 @@ MAX_GIVEN = 4096
 
 
 class CgroupPool(service.Service):
-    """Hands each starting job its own cgroup (``take``) and removes it once the job has
-    ended (``JobCgroup.release`` -> ``_released``).
+    """Hands each starting job its own cgroup (``take``) and recycles or removes it once
+    the job has ended (``JobCgroup.release`` -> ``_released``).
 
     Job cgroups are named by job id, and a cgroup can be renamed only on v1 (and a rename
     costs about half a mkdir), so the pool makes cgroups for ids not given out yet: up to
@@ -78,9 +86,10 @@ class CgroupPool(service.Service):
         self._spares: dict[str, CgroupFiles] = {}  # made, id not given out (oldest first)
         self._given: dict[str, CgroupFiles] = {}  # id given out by new_id, not taken yet
         self._refill: Deferred[None] | None = None
-        self._doomed: list[_Doomed] = []  # to remove, in the next batch
-        self._removal: Deferred[None] | None = None
+        self._doomed: list[_Doomed] = []  # to recycle or remove, PER_TURN at a time
         self._remove_call: DelayedCall | None = None
+        self._busy: list[_Doomed] = []  # not empty yet: tried again after RETRY_AFTER
+        self._busy_call: DelayedCall | None = None
         self._ready = False
         # Cgroups handed to jobs and not released yet; at stop they are waited for.
         self._out: set[str] = set()
@@ -162,10 +171,11 @@ class CgroupPool(service.Service):
             w.callback(None)
 
     def _last_batch(self, d: Deferred[None]) -> None:
-        if self._remove_call is not None and self._remove_call.active():
-            self._remove_call.cancel()
-        self._remove_call = None
-        in_flight = [x for x in (self._refill, self._removal) if x is not None]
+        for call in (self._remove_call, self._busy_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._remove_call = self._busy_call = None
+        in_flight = [self._refill] if self._refill is not None else []
 
         def last(_: object = None) -> None:
             if in_flight:
@@ -173,11 +183,12 @@ class CgroupPool(service.Service):
                 return
             unused = {**self._spares, **self._given}
             self._spares, self._given = {}, {}
-            batch = [_Doomed(n, f, None, 1) for n, f in unused.items()] + self._doomed
-            self._doomed = []
+            batch = ([_Doomed(n, f, 1) for n, f in unused.items()] + self._doomed
+                     + self._busy)
+            self._doomed, self._busy = [], []
             self._serving = False
             self._in_thread(self._teardown, batch).addCallback(self._removed).addErrback(
-                self._bug, "_removal").chainDeferred(d)
+                self._bug).chainDeferred(d)
 
         last()
 
@@ -196,7 +207,7 @@ class CgroupPool(service.Service):
             # far above the starts that can be between new_id and take at once (each
             # waits there for its job's commit): an id still to be taken must not go.
             stale = next(iter(self._given))
-            self._doom(_Doomed(stale, self._given.pop(stale), None, RETRIES))
+            self._doom(_Doomed(stale, self._given.pop(stale), RETRIES))
         self._maybe_refill()
         return job_id
 
@@ -219,7 +230,7 @@ class CgroupPool(service.Service):
                 if self.running:
                     self._given[name] = files
                 else:
-                    self._doomed.append(_Doomed(name, files, None, 1))
+                    self._doomed.append(_Doomed(name, files, 1))
 
         return self._in_thread(self._make, driver, [job_id]).addCallback(made).addErrback(
             lambda f: self.log.failure("{event}", f, event="cgroups.bug"))
@@ -237,7 +248,7 @@ class CgroupPool(service.Service):
             try:
                 files = driver.open(job_id)
             except OSError:
-                self._doom(_Doomed(job_id, None, None, RETRIES))
+                self._doom(_Doomed(job_id, None, RETRIES))
                 raise
         self._out.add(job_id)
         return JobCgroup(self._reactor, files, atomic_kill=driver.atomic_kill,
@@ -248,7 +259,7 @@ class CgroupPool(service.Service):
         to start): the cgroup goes now, not when MAX_GIVEN is reached."""
         files = self._given.pop(job_id, None)
         if files is not None:
-            self._doom(_Doomed(job_id, files, None, RETRIES))
+            self._doom(_Doomed(job_id, files, RETRIES))
 
     def adopt(self, job_id: str) -> JobCgroup | None:
         """The cgroup an earlier daemon made for job ``job_id``, still holding its
@@ -299,7 +310,7 @@ class CgroupPool(service.Service):
         self._refill = None
         made, error = result
         if not self.running:
-            self._doomed.extend(_Doomed(name, files, None, 1) for name, files in made)
+            self._doomed.extend(_Doomed(name, files, 1) for name, files in made)
             return
         self._spares.update(made)
         if error is not None:
@@ -338,50 +349,47 @@ class CgroupPool(service.Service):
 
     # -- removal -------------------------------------------------------------------------
 
-    def _released(self, files: CgroupFiles) -> Deferred[dict[str, Any] | None]:
-        """From JobCgroup.release: the job is over and its cgroup empty.  Fires with its
-        final usage, read in the worker thread just before the cgroup is removed."""
-        d: Deferred[dict[str, Any] | None] = Deferred()
+    def _released(self, files: CgroupFiles) -> None:
+        """From JobCgroup.release: the job is over, its cgroup empty and its final usage
+        read; recycled or removed within a turn or two."""
         name = files.name  # before a recycle renames it
         self._out.discard(name)
-        self._doom(_Doomed(name, files, d, RETRIES))
+        self._doom(_Doomed(name, files, RETRIES))
         if not self._out and self._drained:
             waiters, self._drained = self._drained, []
             for w in waiters:
                 w.callback(None)
-        return d
 
     def _doom(self, doomed: _Doomed) -> None:
-        """Removed with the next batch: at once if no removal is under way (the batch is
-        whatever ended meanwhile), else when the one under way is done."""
+        """Recycled or removed at the end of this reactor turn, with whatever else ended
+        in it (PER_TURN at a time)."""
         self._doomed.append(doomed)
-        if self._remove_call is None and self._removal is None and self._serving:
-            self._remove_now()
+        if self._remove_call is None and self._serving:
+            self._remove_call = self._reactor.callLater(0, self._remove_now)
 
     def _remove_now(self) -> None:
         self._remove_call = None
         if not self._doomed or self.driver is None:
             return
-        batch, self._doomed = self._doomed, []
+        batch, self._doomed = self._doomed[:PER_TURN], self._doomed[PER_TURN:]
         room = (self._size - len(self._spares) - (self._batch if self._refill else 0)
                 if self.running else 0)
-        self._removal = d = self._in_thread(self._remove, self.driver, batch, max(room, 0))
-        d.addCallback(self._removed).addErrback(self._bug, "_removal")
+        try:
+            self._removed(self._remove(self.driver, batch, max(room, 0)))
+        except Exception:  # noqa: BLE001 (a bug: keep the traceback, go on with the rest)
+            self.log.failure("{event}", event="cgroups.bug")
+        if self._doomed and self._remove_call is None and self._serving:
+            self._remove_call = self._reactor.callLater(0, self._remove_now)
 
     @staticmethod
     def _remove(driver: CgroupDriver, batch: list[_Doomed], recycle: int = 0
                 ) -> list[_Doomed]:
-        """In the worker thread: read each cgroup's final usage, then recycle it under a
-        fresh id (up to ``recycle`` of them, where the kernel can) or close its files and
-        remove it; returns the batch with what happened to each."""
+        """Recycle each cgroup under a fresh id (up to ``recycle`` of them, where the
+        kernel can) or close its files and remove it; returns the batch with what happened
+        to each.  On the reactor thread, and at stop in the worker thread."""
         for doomed in batch:
             files = doomed.files
             if files is not None:
-                if doomed.d is not None:
-                    try:
-                        doomed.usage = files.usage()
-                    except OSError:
-                        doomed.usage = None
                 if recycle > 0:
                     fresh = str(uuid.uuid4())
                     try:
@@ -406,34 +414,30 @@ class CgroupPool(service.Service):
         return batch
 
     def _removed(self, batch: list[_Doomed]) -> None:
-        self._removal = None
-        retry = []
         for doomed in batch:
             if doomed.recycled is not None:
                 files, doomed.recycled = doomed.recycled, None
                 if self.running:
                     self._spares[files.name] = files
                 else:
-                    self._doomed.append(_Doomed(files.name, files, None, 1))
-            if doomed.d is not None:
-                d, doomed.d = doomed.d, None
-                d.callback(doomed.usage)
+                    self._doomed.append(_Doomed(files.name, files, 1))
             e = doomed.error
             if e is None:
                 continue
             if e.errno == errno.EBUSY and doomed.tries > 1 and self._serving:
                 doomed.tries -= 1
-                retry.append(doomed)
+                self._busy.append(doomed)
             else:
                 self.log.error("{event} cgroup={name}: {error}", event="cgroups.remove_failed",
                                name=doomed.name, error=e.strerror or str(e))
-        if not self._serving:
-            return
-        if retry:
-            self._doomed.extend(retry)
-            self._remove_call = self._reactor.callLater(RETRY_AFTER, self._remove_now)
-        elif self._doomed:
-            self._remove_now()
+        if self._busy and self._busy_call is None and self._serving:
+            self._busy_call = self._reactor.callLater(RETRY_AFTER, self._retry_busy)
+
+    def _retry_busy(self) -> None:
+        self._busy_call = None
+        busy, self._busy = self._busy, []
+        for doomed in busy:
+            self._doom(doomed)
 
     def _teardown(self, batch: list[_Doomed]) -> list[_Doomed]:
         """In the worker thread, at stop: the last batch, then the subtree if empty."""
@@ -451,27 +455,25 @@ class CgroupPool(service.Service):
             return self._run_in_thread(f, *args)
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
-    def _bug(self, failure: Failure, task: str) -> None:
+    def _bug(self, failure: Failure, task: str | None = None) -> None:
         """Not an OSError: a bug.  Keep the traceback; the task may run again."""
-        setattr(self, task, None)
+        if task is not None:
+            setattr(self, task, None)
         self.log.failure("{event}", failure, event="cgroups.bug")
 
 
 class _Doomed:
-    """A cgroup to remove: its files if still open, who waits for its final usage, how
-    many more tries a busy cgroup gets; then what the worker thread found."""
+    """A cgroup to recycle or remove: its files if still open, how many more tries a busy
+    cgroup gets; then what became of it."""
 
-    __slots__ = ("name", "files", "d", "tries", "usage", "error", "recycled")
+    __slots__ = ("name", "files", "tries", "error", "recycled")
 
-    def __init__(self, name: str, files: CgroupFiles | None,
-                 d: Deferred[dict[str, Any] | None] | None, tries: int) -> None:
+    def __init__(self, name: str, files: CgroupFiles | None, tries: int) -> None:
         self.name = name
         self.files = files
-        self.d = d
         self.tries = tries
-        self.usage: dict[str, Any] | None = None
         self.error: OSError | None = None
         self.recycled: CgroupFiles | None = None
 
 
-__all__ = ["BATCH", "SIZE", "CgroupPool", "ThreadRunner"]
+__all__ = ["BATCH", "PER_TURN", "SIZE", "CgroupPool", "ThreadRunner"]

@@ -84,8 +84,10 @@ class Job:
         timeout: float | None,
         timeout_grace: float,
         signal_group: Callable[[Job, int], None],
-        on_ended: Callable[[Job], None],
+        on_ended: Callable[[Job, bool], None],
     ) -> None:
+        """``on_ended(job, again)``: once when the job ends (``again`` False), and once
+        more (True) if its cgroup was still busy then, when its final usage is known."""
         self._reactor = reactor
         self.id = id
         self.owner = owner
@@ -515,7 +517,16 @@ class Job:
                           limit=(self.limits or {}).get("memory"))
         self.ended_time = self._reactor.seconds()
         self.ended_at = iso8601(self.ended_time)
-        self._on_ended(self)
+        pids: list[int] = []
+        if cgroup is not None:
+            pids = cgroup.pids()
+            if pids:
+                cgroup.refresh_usage()  # the ended record says what it used so far
+            else:
+                # The usual case, nothing left behind: the cgroup goes back now and the
+                # ended record has the final usage (one record, one write).
+                self._let_go(cgroup)
+        self._on_ended(self, False)
         if self._start_observers:
             self.fire_started()
         observers, self._observers = self._observers, []
@@ -526,16 +537,16 @@ class Job:
         if self.cgroup is None:
             self._fire_done()
         else:
-            self._end_rest(self.cgroup)
+            self._end_rest(self.cgroup, pids)
 
-    def _end_rest(self, cgroup: JobCgroup) -> None:
-        """The leader has ended: a job is its whole cgroup, so processes it left behind are
-        ended too (TERM now, KILL after the grace, as systemd's KillMode=control-group does
-        when a service's main process exits); once the cgroup is empty, the job is done."""
-        pids = cgroup.pids()
-        if pids and self.oom_killed:
+    def _end_rest(self, cgroup: JobCgroup, pids: list[int]) -> None:
+        """The leader has ended, leaving ``pids`` in its cgroup: a job is its whole
+        cgroup, so they are ended too (TERM now, KILL after the grace, as systemd's
+        KillMode=control-group does when a service's main process exits); once the cgroup
+        is empty, the job is done."""
+        if self.oom_killed:
             self._kill()  # out of memory: the rest goes at once, no grace
-        elif pids and not self._stopping:
+        elif not self._stopping:
             left = cgroup.signal_all(signal.SIGTERM, pids)
             if left:
                 self.log.info("{event} job={job_id} processes={count} grace={grace}",
@@ -546,9 +557,15 @@ class Job:
             lambda f: self.log.failure("{event} job={job_id}", f, event="job.cgroup_bug",
                                        job_id=self.id))
 
-    def _cgroup_empty(self, _: None, cgroup: JobCgroup) -> Deferred[None]:
-        """No process of the job is left: no more KILL; release the cgroup, and once its
-        final usage is read the job is done."""
+    def _cgroup_empty(self, _: None, cgroup: JobCgroup) -> None:
+        """The last of what the leader left behind has gone: the job is done."""
+        self._let_go(cgroup)
+        self._on_ended(self, True)  # the final usage: the store records the record again
+        self._fire_done()
+
+    def _let_go(self, cgroup: JobCgroup) -> None:
+        """No process of the job is left: no more KILL; the cgroup goes back to the pool
+        with its final usage read."""
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
@@ -556,14 +573,9 @@ class Job:
             self._stuck_call.cancel()
         self._stuck_call = None
         self._fire_kill_waiters()
-        return cgroup.release().addCallback(self._released, cgroup)
-
-    def _released(self, usage: dict[str, Any], cgroup: JobCgroup) -> None:
-        self._usage = usage
+        self._usage = cgroup.release()
         self.cgroup = None
         self._packed = None
-        self._on_ended(self)  # the final usage: the store records the record again
-        self._fire_done()
 
     def _fire_done(self) -> None:
         observers, self._done_observers = self._done_observers, []

@@ -45,7 +45,7 @@ class JobCgroup:
     log = Logger()
 
     def __init__(self, reactor: Any, files: CgroupFiles, *, atomic_kill: bool,
-                 on_release: Callable[[CgroupFiles], Deferred[dict[str, Any] | None]],
+                 on_release: Callable[[CgroupFiles], None],
                  kill: Kill = os.kill) -> None:
         self._reactor = reactor
         self._files = files
@@ -241,30 +241,32 @@ class JobCgroup:
             self._usage = (now, self._read_usage())
         return self._usage[1]
 
+    def refresh_usage(self) -> None:
+        """Read what the job has used now, whatever the last read's age (its leader has
+        ended: the ended record says what the job used up to then)."""
+        if not self._released:
+            self._usage = (self._reactor.seconds(), self._read_usage())
+
     def _read_usage(self) -> dict[str, Any]:
         try:
             return self._files.usage()
         except OSError:
             return self._usage[1]
 
-    def release(self) -> Deferred[dict[str, Any]]:
-        """The job is over and its cgroup empty: hand it back for removal; fires with the
-        final usage, read (off the reactor thread) just before the cgroup goes."""
+    def release(self) -> dict[str, Any]:
+        """The job is over and its cgroup empty: read the final usage (a few reads of
+        descriptors held open), then hand the cgroup back to be recycled or removed."""
         if self._released:
-            return succeed(self._usage[1])
-        self._released = True
+            return self._usage[1]
         for call in (self._poll_call, self._freeze_call, self._oom_call):
             if call is not None and call.active():
                 call.cancel()
         self._poll_call = self._freeze_call = self._oom_call = None
         self._stop_oom_reader()
-
-        def final(usage: dict[str, Any] | None) -> dict[str, Any]:
-            if usage is not None:
-                self._usage = (self._reactor.seconds(), usage)
-            return self._usage[1]
-
-        return self._on_release(self._files).addCallback(final)
+        self._usage = (self._reactor.seconds(), self._read_usage())
+        self._released = True
+        self._on_release(self._files)
+        return self._usage[1]
 
     def __repr__(self) -> str:
         return f"<JobCgroup {self.name}>"

@@ -759,17 +759,19 @@ class JobManager(service.Service):
         if self._cgroups is not None:
             self._cgroups.unused(job_id)
 
-    def _job_ended(self, job: Job) -> None:
+    def _job_ended(self, job: Job, again: bool) -> None:
+        """``job`` ended; ``again``: its cgroup, busy when it ended, has emptied since and
+        the record has its final usage (only the record is written again)."""
+        self._store.ended(job)
+        if again:
+            return
         if job.name is not None and self._names.get((job.owner, job.name)) is job:
             del self._names[job.owner, job.name]
-        self._store.ended(job)
-        # A job with a cgroup is reported twice: once ended, once more with its final
-        # usage (its cgroup released then): the observer hears of the end once.
-        if job.cgroup is not None or job.usage is None:
-            self.observer.job_ended(job)
-        if self._cgroups is not None and job.cgroup is None and not job.adopted:
+        self.observer.job_ended(job)
+        if (self._cgroups is not None and job.cgroup is None and job.usage is None
+                and not job.adopted):
             # Ended without taking the cgroup made for its id (it failed to start, or was
-            # cancelled in the queue).
+            # cancelled in the queue): a job that had one has its final usage now.
             made = self._prepared.pop(job.id, None)
             if made is None or made.called:
                 self._cgroups.unused(job.id)

@@ -650,6 +650,57 @@ def test_pids_are_read_anew_each_time(tmp_path: Path) -> None:
         driver.teardown()
 
 
+def _own_v2() -> str | None:
+    """This process's cgroup in a mounted v2 hierarchy (controllers or not), if any."""
+    members = read("/proc/self/cgroup").splitlines()
+    path = next((ln.split(":", 2)[2] for ln in members if ln.startswith("0::")), None)
+    if path is None:
+        return None
+    for line in read("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[sep + 1] == "cgroup2" and fields[3] == "/":
+            return fields[4] + (path if path != "/" else "")
+    return None
+
+
+_OWN_V2 = _own_v2() if os.geteuid() == 0 else None
+
+
+@pytest.mark.skipif(_OWN_V2 is None or not os.access(_OWN_V2 or "/", os.W_OK),
+                    reason="no writable cgroup v2 hierarchy for this process")
+def test_v2_driver_on_this_hosts_unified_tree() -> None:
+    """The v2 driver on this host's unified hierarchy (here without controllers, as a
+    hybrid host has it): the daemon moves itself in for a spawn and back, the child is
+    listed through the descriptor held open (v2 starts the list over at offset 0), its
+    cpu time is counted, cgroup.kill ends it and the list is then empty."""
+    import subprocess
+
+    assert _OWN_V2 is not None
+    driver = V2Driver(_OWN_V2, f"jwtest-v2-{os.getpid()}")
+    driver.setup()
+    driver.create(JOB)
+    files = driver.open(JOB)
+    try:
+        files.enter()
+        try:
+            child = subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do "
+                                      "i=$((i+1)); done; exec sleep 60"])
+        finally:
+            files.leave()
+        assert str(os.getpid()) not in read(f"{driver.paths(JOB)[0]}/cgroup.procs").split()
+        assert files.pids() == [child.pid] and files.pids() == [child.pid]
+        wait_for(lambda: (files.usage()["cpu_seconds"] or 0) > 0, 10, what="cpu time")
+        assert files.kill_all(os.kill) == -1  # cgroup.kill: no signal sent one by one
+        assert child.wait(10) == -signal.SIGKILL
+        wait_for(lambda: files.pids() == [], 10, what="the cgroup to empty")
+    finally:
+        files.close()
+        driver.remove(JOB)
+        driver.teardown()
+    assert not os.path.exists(driver.roots[0])
+
+
 @real
 def test_no_cgroups_flag_runs_jobs_without_them(make_daemon: Any) -> None:
     """--no-cgroups: logged at start, jobs run, no usage, no subtree made."""

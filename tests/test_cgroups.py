@@ -7,7 +7,6 @@ import errno
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,8 @@ def test_detect_v2_without_controllers_prefers_v1_on_a_hybrid_host(tmp_path: Pat
 
 
 def test_enter_and_leave_move_the_calling_thread(tree: FakeCgroupTree) -> None:
-    """v1 writes this thread's id into the job's ``tasks`` in every hierarchy, then into
-    the daemon's own; v2 moves the daemon's pid through ``cgroup.procs``."""
+    """v1 writes 0 (the calling thread) into the job's ``tasks`` in every hierarchy, then
+    into the daemon's own; v2 moves the daemon's pid through ``cgroup.procs``."""
     driver = tree.detect("jw").driver
     assert driver is not None
     driver.setup()
@@ -111,7 +110,7 @@ def test_enter_and_leave_move_the_calling_thread(tree: FakeCgroupTree) -> None:
     files.close()
     driver.teardown()
     if tree.version == "v1":
-        me = str(threading.get_native_id())
+        me = "0"  # the calling thread, to the kernel
         joined = len(driver.controllers)  # not cpu, pids: only jobs with such a limit
         for path in driver.paths(JOB)[:joined]:
             assert read(f"{path}/tasks") == me
@@ -205,7 +204,7 @@ def test_recycle_resets_counters_and_renames_on_v1_only(tree: FakeCgroupTree) ->
     assert read(f"{fresh['blkio']}/blkio.reset_stats") == "1"
     assert fresh["freezer"].endswith("/fresh")
     files.enter()  # the open tasks files followed the rename
-    assert read(f"{fresh['freezer']}/tasks") == str(threading.get_native_id())
+    assert read(f"{fresh['freezer']}/tasks") == "0"  # the calling thread
     files.close()
 
 

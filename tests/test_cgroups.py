@@ -617,13 +617,24 @@ def test_daemon_logs_cgroups_and_a_job_is_in_its_cgroup_before_exec(
     wait_for(lambda: job_procs(d, job_id) is None, 10, what="the job's cgroup to be removed")
 
 
+def spawn_inside(files: Any) -> Any:
+    """A child started with this thread (v2: process) inside ``files``' cgroup, as the
+    daemon spawns: it spins a little (cpu time to count), then sleeps."""
+    import subprocess
+
+    files.enter()
+    try:
+        return subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); "
+                                 "done; exec sleep 60"])
+    finally:
+        files.leave()
+
+
 @real
-def test_pids_are_read_anew_each_time(tmp_path: Path) -> None:
+def test_pids_are_read_anew_each_time() -> None:
     """The driver on this host's cgroups: ``pids`` lists a child spawned inside, and
     nothing once it has gone (v1 keeps serving an open cgroup.procs from a cached pid
     list: it must be read afresh), and the usage counters move."""
-    import subprocess
-
     found = detect(f"jwtest-pids-{os.getpid()}")
     driver = found.driver
     assert driver is not None
@@ -631,12 +642,7 @@ def test_pids_are_read_anew_each_time(tmp_path: Path) -> None:
     driver.create(JOB)
     files = driver.open(JOB)
     try:
-        files.enter()
-        try:
-            child = subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do "
-                                      "i=$((i+1)); done; exec sleep 60"])
-        finally:
-            files.leave()
+        child = spawn_inside(files)
         assert files.pids() == [child.pid]
         assert files.pids() == [child.pid]
         wait_for(lambda: (files.usage()["cpu_seconds"] or 0) > 0, 10, what="cpu time")
@@ -673,20 +679,13 @@ def test_v2_driver_on_this_hosts_unified_tree() -> None:
     hybrid host has it): the daemon moves itself in for a spawn and back, the child is
     listed through the descriptor held open (v2 starts the list over at offset 0), its
     cpu time is counted, cgroup.kill ends it and the list is then empty."""
-    import subprocess
-
     assert _OWN_V2 is not None
     driver = V2Driver(_OWN_V2, f"jwtest-v2-{os.getpid()}")
     driver.setup()
     driver.create(JOB)
     files = driver.open(JOB)
     try:
-        files.enter()
-        try:
-            child = subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do "
-                                      "i=$((i+1)); done; exec sleep 60"])
-        finally:
-            files.leave()
+        child = spawn_inside(files)
         assert str(os.getpid()) not in read(f"{driver.paths(JOB)[0]}/cgroup.procs").split()
         assert files.pids() == [child.pid] and files.pids() == [child.pid]
         wait_for(lambda: (files.usage()["cpu_seconds"] or 0) > 0, 10, what="cpu time")

@@ -381,27 +381,36 @@ def test_processes_left_by_an_exited_leader_are_ended_after_the_grace(
     KILL at the grace; the job stays ``exited`` and is done once the cgroup is empty."""
     job = manager.start("alice", "sleep", ["60"])
     files = cgroups.files[job.id]
-    done = job.when_done()
+    done, ended = job.when_done(), job.when_ended()
     files.procs = [4001]
+    files.counted["cpu_seconds"] = 0.25
     preactor.process(job.pid).exit(0)  # type: ignore[arg-type]
     assert job.state == EXITED and (4001, 15) in cgroups.kills and not done.called
+    assert fired(ended).usage["cpu_seconds"] == 0.25  # as of the leader's end
+    files.counted["cpu_seconds"] = 0.75
     assert named(events, "job.leftovers")[0]["count"] == 1
     preactor.advance(GRACE)
     assert (4001, 9) in cgroups.kills
     files.procs = []
     preactor.advance(jobcgroup.MAX_POLL)
-    assert fired(done).state == EXITED and cgroups.released == [job.id]
+    record = fired(done)
+    assert record.state == EXITED and cgroups.released == [job.id]
+    assert record.usage["cpu_seconds"] == 0.75  # final, once the rest has gone
 
 
 def test_a_job_that_ends_alone_releases_its_cgroup_at_once(
         manager: JobManager, cgroups: FakeCgroups, preactor: ProcessReactor) -> None:
-    """The usual case: nothing left behind, no timer, the cgroup goes back straight away
-    and the ended record (with its usage) is then encoded once and kept."""
+    """The usual case: nothing left behind, no timer, the cgroup goes back straight away;
+    the ended record (what ``wait`` returns) already has the final usage, read as the
+    job ended (not the figures cached up to USAGE_TTL before), and is encoded once."""
     job = manager.start("alice", "true", [])
+    ended = job.when_ended()
+    cgroups.files[job.id].counted["cpu_seconds"] = 0.5
     preactor.process(job.pid).exit(0)  # type: ignore[arg-type]
     assert job.done and cgroups.released == [job.id] and preactor.getDelayedCalls() == []
+    assert fired(ended).usage["cpu_seconds"] == 0.5
     assert job.packed() is job.packed()
-    assert fired(manager.stop(job)).usage == jobcgroup.ZERO_USAGE
+    assert fired(manager.stop(job)).usage["cpu_seconds"] == 0.5
 
 
 def test_a_running_job_reports_usage_and_a_record_is_not_cached_before_done(

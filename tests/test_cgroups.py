@@ -534,6 +534,36 @@ def test_pool_recycles_at_most_per_turn_and_retries_a_busy_cgroup(
     assert not any(os.path.exists(r) for r in driver.roots)
 
 
+def test_an_adopted_cgroup_is_removed_whole_not_recycled(
+        tmp_path: Path, preactor: ProcessReactor) -> None:
+    """A restarted daemon adopts a running job's cgroup; the earlier daemon had given the
+    job pids and cpu cgroups too (it had such limits), which the adopted files do not know
+    of: once the job is over every one of them goes, none is left to a later sweep."""
+    tree = FakeCgroupTree(str(tmp_path), "v1")
+    driver = tree.detect("jw").driver
+    assert driver is not None
+    driver.setup()
+    driver.create(JOB)
+    for root in driver.roots[len(driver.controllers):]:  # cpu, pids: made on demand
+        tree.mkdir(f"{root}/{JOB}")
+    for path in driver.paths(JOB):  # the job still runs: the start-up sweep keeps it
+        Path(path, "cgroup.procs").write_text("4242\n")
+    pool = CgroupPool(preactor, driver, run_in_thread=in_thread, size=4, batch=4)
+    pool.startService()
+    taken = pool.take(pool.new_id())  # type: ignore[arg-type]
+    assert taken is not None and pool.ready == 3  # room in the pool: it would recycle
+    adopted = pool.adopt(JOB)
+    assert adopted is not None
+    for path in driver.paths(JOB):
+        Path(path, "cgroup.procs").write_text("")
+    adopted.release()
+    preactor.advance(0)
+    assert not any(os.path.exists(p) for p in driver.paths(JOB))
+    assert JOB not in driver.children()
+    taken.release()
+    fired(pool.stopService())
+
+
 def pool_spares(pool: CgroupPool) -> list[str]:
     return list(pool._spares)  # noqa: SLF001 (which names are spares)
 

@@ -272,8 +272,11 @@ class CgroupPool(service.Service):
         except OSError:
             return None
         self._out.add(job_id)
+        # Removed, not recycled, once released: the earlier daemon may have given it
+        # cgroups in on-demand hierarchies (cpu, pids) that these files do not know of,
+        # and a removal takes those too (``CgroupDriver.paths``).
         return JobCgroup(self._reactor, files, atomic_kill=driver.atomic_kill,
-                         on_release=self._released, kill=self._kill)
+                         on_release=self._released_adopted, kill=self._kill)
 
     # -- spares ------------------------------------------------------------------------
 
@@ -349,16 +352,19 @@ class CgroupPool(service.Service):
 
     # -- removal -------------------------------------------------------------------------
 
-    def _released(self, files: CgroupFiles) -> None:
+    def _released(self, files: CgroupFiles, reuse: bool = True) -> None:
         """From JobCgroup.release: the job is over, its cgroup empty and its final usage
         read; recycled or removed within a turn or two."""
         name = files.name  # before a recycle renames it
         self._out.discard(name)
-        self._doom(_Doomed(name, files, RETRIES))
+        self._doom(_Doomed(name, files, RETRIES, reuse))
         if not self._out and self._drained:
             waiters, self._drained = self._drained, []
             for w in waiters:
                 w.callback(None)
+
+    def _released_adopted(self, files: CgroupFiles) -> None:
+        self._released(files, reuse=False)
 
     def _doom(self, doomed: _Doomed) -> None:
         """Recycled or removed at the end of this reactor turn, with whatever else ended
@@ -390,7 +396,7 @@ class CgroupPool(service.Service):
         for doomed in batch:
             files = doomed.files
             if files is not None:
-                if recycle > 0:
+                if recycle > 0 and doomed.reuse:
                     fresh = str(uuid.uuid4())
                     try:
                         files.recycle(fresh)
@@ -464,14 +470,16 @@ class CgroupPool(service.Service):
 
 class _Doomed:
     """A cgroup to recycle or remove: its files if still open, how many more tries a busy
-    cgroup gets; then what became of it."""
+    cgroup gets, whether it may be recycled; then what became of it."""
 
-    __slots__ = ("name", "files", "tries", "error", "recycled")
+    __slots__ = ("name", "files", "tries", "reuse", "error", "recycled")
 
-    def __init__(self, name: str, files: CgroupFiles | None, tries: int) -> None:
+    def __init__(self, name: str, files: CgroupFiles | None, tries: int,
+                 reuse: bool = True) -> None:
         self.name = name
         self.files = files
         self.tries = tries
+        self.reuse = reuse
         self.error: OSError | None = None
         self.recycled: CgroupFiles | None = None
 

@@ -1,7 +1,7 @@
 """A/B two versions of the daemon with paired, alternating windows.
 
 Run: .venv/bin/python bench/ab.py --a CHECKOUT [--b CHECKOUT] [--method start|status]
-         [--clients 1] [--inflight 1] [--rounds 12] [--window 0.5] [--env-b K=V ...]
+         [--limits] [--clients 1] [--inflight 1] [--rounds 12] [--window 0.5] [--env-b K=V ...]
 
 How: two real daemons (harness.Bench) on 127.0.0.1, A started with PYTHONPATH=<--a> and
 B with PYTHONPATH=<--b> (default: this checkout), so each runs that checkout's jobworker;
@@ -33,6 +33,9 @@ import harness
 from harness import TRUE, Bench, say
 
 _HZ = os.sysconf("SC_CLK_TCK")
+#: ``--limits``: what each start asks for (bench/cgroups.py's limited starts too): above
+#: what /bin/true needs, so only their cost shows.
+LIMITS = {"memory": 512 << 20, "cpu": 1.0, "pids": 64}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,6 +63,8 @@ async def measure(reactor: Any, a: Bench, b: Bench, opts: argparse.Namespace
     params: dict[str, dict[str, Any]] = {}
     for name, (_, clients) in sides.items():
         params[name] = {"command": TRUE, "args": []}
+        if opts.limits:
+            params[name].update(LIMITS)
         if opts.method == "status":
             record = await clients[0].call("start", params[name])
             params[name] = {"job": record["id"]}
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--env-a", action="append", default=[], metavar="K=V")
     parser.add_argument("--env-b", action="append", default=[], metavar="K=V")
     parser.add_argument("--method", choices=("start", "status"), default="start")
+    parser.add_argument("--limits", action="store_true",
+                        help="starts ask for memory+cpu+pids limits (as bench/cgroups.py's)")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--inflight", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)

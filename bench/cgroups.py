@@ -30,7 +30,7 @@ from harness import TRUE, Bench, Figure, Result, say
 from jobworker.jobs.cgroups import detect
 
 #: What the limited starts ask for: above what /bin/true needs, so only their cost shows.
-LIMITS = {"memory": 512 << 20, "cpu": 1.0, "pids": 64}
+LIMITS = ab.LIMITS
 
 
 async def paired(reactor: Any, sides: dict[str, tuple[Bench, dict[str, Any]]],

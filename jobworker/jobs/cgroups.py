@@ -155,13 +155,6 @@ def _read(path: str) -> str:
     return b"".join(chunks).decode("ascii", "replace")
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        return int(_read(path).split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _keep(path: str, flags: int = os.O_RDONLY) -> int:
     """A descriptor held open on a cgroup file that is read (or reset) again and again:
     one ``pread`` then costs ~2 us against ~30 us to open, read and close the file; -1

@@ -236,9 +236,8 @@ class JobCgroup:
 
     def usage(self) -> dict[str, Any]:
         """What the job has used so far (read at most every USAGE_TTL seconds)."""
-        now = self._reactor.seconds()
-        if now - self._usage[0] >= USAGE_TTL and not self._released:
-            self._usage = (now, self._read_usage())
+        if self._reactor.seconds() - self._usage[0] >= USAGE_TTL:
+            self.refresh_usage()
         return self._usage[1]
 
     def refresh_usage(self) -> None:
@@ -263,7 +262,7 @@ class JobCgroup:
                 call.cancel()
         self._poll_call = self._freeze_call = self._oom_call = None
         self._stop_oom_reader()
-        self._usage = (self._reactor.seconds(), self._read_usage())
+        self.refresh_usage()
         self._released = True
         self._on_release(self._files)
         return self._usage[1]
